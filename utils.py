@@ -1,0 +1,140 @@
+"""Turn a drawing into the 28x28 input the model was trained on.
+
+A canvas drawing is nothing like an MNIST digit until it is normalised the way MNIST was built:
+the ink is cropped to its bounding box, scaled so its longest side is 20 px (keeping the aspect
+ratio, anti-aliased), and placed in a 28x28 frame with its centre of mass in the middle. Resizing
+the whole canvas instead is why small or off-centre digits are misread by naive apps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+FRAME_SIZE = 28
+DIGIT_BOX = 20
+
+# Ink below this fraction of full contrast is treated as background (anti-aliasing, noise).
+INK_THRESHOLD = 0.2
+# A colour closer than this to the background is no ink at all.
+MIN_CONTRAST = 40 / 255
+# Ink whose bounding box is smaller than this fraction of the image is a speck, not a digit.
+MIN_DIGIT_FRACTION = 0.08
+
+
+class EmptyImageError(ValueError):
+    """The image holds no digit: nothing drawn, or only a speck."""
+
+
+class ImageFormatError(ValueError):
+    """The input is not an image this module can read."""
+
+
+def preprocess(image: np.ndarray | Image.Image) -> torch.Tensor:
+    """Return the normalised model input, shape (1, 1, 28, 28), float32.
+
+    Accepts a uint8 array of shape HxW, HxWx3 or HxWx4 (alpha respected), or a PIL image, of any
+    size, with light ink on a dark background or dark ink on a light one.
+    """
+    return normalize(center_digit(ink_map(image)))[None, None]
+
+
+def normalize(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Scale uint8 pixels (0 = background, 255 = ink) to the model's input range."""
+    tensor = torch.as_tensor(pixels).float().div_(255.0)
+    return tensor.sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+def to_pixels(model_input: torch.Tensor) -> np.ndarray:
+    """Undo `normalize`: the 28x28 uint8 image the model sees, for display."""
+    image = model_input.detach().reshape(FRAME_SIZE, FRAME_SIZE) * MNIST_STD + MNIST_MEAN
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def ink_map(image: np.ndarray | Image.Image) -> np.ndarray:
+    """Return a float32 HxW array in [0, 1]: how much ink each pixel holds.
+
+    Ink is whatever differs from the background, in any colour: the background colour is the
+    median of the image border, so white-on-black, black-on-white and coloured ink all work. With a
+    transparent background (RGBA), the opaque pixels are the ink.
+    """
+    array = _as_array(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    colour = array[:, :, :3].astype(np.int16)
+
+    if array.shape[2] == 4 and array[:, :, 3].min() < 255:
+        alpha = array[:, :, 3]
+        if alpha[_border_mask(alpha.shape)].mean() < 128:
+            return alpha / np.float32(255)
+        colour = (colour * alpha[:, :, None] + 127) // 255
+
+    background = np.median(colour[_border_mask(colour.shape)], axis=0).round().astype(np.int16)
+    contrast = np.abs(colour[:, :, 0] - background[0])
+    for channel in range(1, colour.shape[2]):
+        np.maximum(contrast, np.abs(colour[:, :, channel] - background[channel]), out=contrast)
+    return contrast / np.float32(255)
+
+
+def center_digit(ink: np.ndarray) -> np.ndarray:
+    """Crop, scale and centre an ink map as MNIST did; return a 28x28 uint8 array."""
+    peak = float(ink.max()) if ink.size else 0.0
+    if peak < MIN_CONTRAST:
+        raise EmptyImageError("Nothing is drawn yet: draw a digit on the canvas.")
+    ink = ink / peak
+
+    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    longest = max(bottom - top, right - left)
+    if longest < MIN_DIGIT_FRACTION * max(ink.shape) or (ink > INK_THRESHOLD).sum() < 2:
+        raise EmptyImageError("That is only a dot: draw a whole digit, a bit larger.")
+
+    digit = ink[top:bottom, left:right]
+    scale = DIGIT_BOX / longest
+    height = max(1, round(digit.shape[0] * scale))
+    width = max(1, round(digit.shape[1] * scale))
+    resized = Image.fromarray(digit.astype(np.float32), mode="F").resize(
+        (width, height), Image.Resampling.LANCZOS, reducing_gap=3.0
+    )
+    digit = np.clip(np.asarray(resized), 0.0, None)
+    digit /= max(float(digit.max()), 1e-6)
+
+    frame = np.zeros((FRAME_SIZE, FRAME_SIZE), dtype=np.float32)
+    ys, xs = np.indices(digit.shape)
+    mass = digit.sum()
+    centre_y, centre_x = (ys * digit).sum() / mass, (xs * digit).sum() / mass
+    top = int(np.clip(round(FRAME_SIZE / 2 - centre_y), 0, FRAME_SIZE - height))
+    left = int(np.clip(round(FRAME_SIZE / 2 - centre_x), 0, FRAME_SIZE - width))
+    frame[top : top + height, left : left + width] = digit
+    return (frame * 255).round().astype(np.uint8)
+
+
+def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        mode = "RGBA" if "A" in image.getbands() or image.mode == "P" else "RGB"
+        return np.asarray(image.convert("L" if image.mode in ("1", "L", "I", "F") else mode))
+    if not isinstance(image, np.ndarray):
+        kind = type(image).__name__
+        raise ImageFormatError(f"Expected a numpy array or a PIL image, got {kind}.")
+    if image.dtype != np.uint8:
+        raise ImageFormatError(f"Expected uint8 pixels (0-255), got dtype {image.dtype}.")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise ImageFormatError(
+            f"Expected an image of shape HxW, HxWx3 or HxWx4, got shape {image.shape}."
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise EmptyImageError("The image is empty (zero pixels).")
+    return image
+
+
+def _border_mask(shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.zeros(shape[:2], dtype=bool)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    return mask
