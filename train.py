@@ -261,11 +261,12 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
         first_epoch, first_step = state["epoch"], state["step"]
         history, trained_seconds = state["history"], state["trained_seconds"]
         log.info(
-            "resuming from epoch %d (step %d of %d) using %s",
-            first_epoch + 1 if first_step else first_epoch,
+            "resuming from epoch %d step %d (%s): continuing with epoch %d/%d",
+            first_epoch,
             first_step,
-            steps_per_epoch,
             state["path"].name,
+            first_epoch + 1,
+            args.epochs,
         )
     else:
         log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
@@ -289,10 +290,11 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
 
     dataset = TensorDataset(train_images, train_labels)
     session_start = time.perf_counter()
-    epoch, step = first_epoch, first_step
+    progress = Progress(epoch=first_epoch, step=first_step)
     try:
         for epoch in range(first_epoch, args.epochs):
-            order = epoch_order(len(dataset), args.seed, epoch)[step * args.batch_size :]
+            progress.epoch = epoch
+            order = epoch_order(len(dataset), args.seed, epoch)[progress.step * args.batch_size :]
             loader = DataLoader(
                 dataset,
                 batch_size=args.batch_size,
@@ -300,8 +302,8 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
                 num_workers=args.workers,
                 persistent_workers=False,
             )
-            step = train_one_epoch(
-                net, loader, optimizer, scheduler, device, args, epoch, step, steps_per_epoch, stop
+            train_one_epoch(
+                net, loader, optimizer, scheduler, device, args, progress, steps_per_epoch, stop
             )
             test_accuracy = mnist_accuracy(net, test_images, test_labels, device)
             rss, peak = memory_mb()
@@ -317,17 +319,17 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
                 peak,
                 trained_seconds + time.perf_counter() - session_start,
             )
-            step = 0
+            progress.step = 0
             path = save_checkpoint(epoch + 1, 0)
             log.info("checkpoint saved: %s", path)
     except StopRequested as stopped:
-        path = save_checkpoint(epoch, step)
+        path = save_checkpoint(progress.epoch, progress.step)
         log.warning(
             "%s received: checkpoint of epoch %d step %d saved to %s; run the same command "
             "to resume",
             stopped,
-            epoch + 1,
-            step,
+            progress.epoch + 1,
+            progress.step,
             path,
         )
         raise
@@ -341,10 +343,19 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
     return write_model(net, args, metrics, trained_seconds, started)
 
 
+@dataclass
+class Progress:
+    """Where training is: `epoch` epochs complete, `step` steps of the next one done."""
+
+    epoch: int
+    step: int
+
+
 def train_one_epoch(
-    net, loader, optimizer, scheduler, device, args, epoch, step, steps_per_epoch, stop: StopFlag
-) -> int:
-    """Train from `step` to the end of the epoch; return the number of steps done."""
+    net, loader, optimizer, scheduler, device, args, progress: Progress, steps_per_epoch, stop
+) -> None:
+    """Train from `progress.step` to the end of epoch `progress.epoch`, counting steps."""
+    epoch = progress.epoch
     net.train()
     last_log = time.perf_counter()
     samples, loss_sum, correct = 0, 0.0, 0
@@ -362,7 +373,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        step += 1
+        progress.step += 1
+        step = progress.step
 
         samples += len(labels)
         loss_sum += loss.item() * len(labels)
@@ -382,7 +394,6 @@ def train_one_epoch(
                 rss,
             )
             last_log, samples, loss_sum, correct = now, 0, 0.0, 0
-    return step
 
 
 def mnist_accuracy(net, images: torch.Tensor, labels: torch.Tensor, device) -> float:

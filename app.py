@@ -1,0 +1,462 @@
+"""MNIST Digit Classifier: draw a digit, see what the model makes of it, confirm or correct it.
+
+Run with ``streamlit run app.py``. Two pages: Draw (the default) and History.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+import torch
+from PIL import Image
+from psycopg.conninfo import conninfo_to_dict
+
+import db
+import feedback
+import model
+import utils
+
+if TYPE_CHECKING:
+    from streamlit_drawable_canvas import CanvasResult
+
+logger = logging.getLogger("app")
+
+CANVAS_SIZE = 280
+BRUSH_WIDTH = 18
+MODEL_VIEW_SIZE = 140  # the 28x28 model input, shown 5x larger
+HISTORY_LIMIT = 10_000
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# session_state keys
+CANVAS_GENERATION = "canvas_generation"  # int; the canvas key is f"canvas-{n}", bumped to clear it
+ANALYSIS = "analysis"  # Analysis of the last drawing seen, reused while the drawing is unchanged
+PENDING_SUBMISSION = "pending_submission"  # feedback.Submission not stored yet, kept for a retry
+FEEDBACK_ERROR = "feedback_error"  # str shown under the feedback row
+SAVED_MESSAGE = "saved_message"  # str shown after a stored answer, until the next drawing
+
+# widget keys
+TRUE_LABEL_INPUT = "true_label"
+CORRECT_BUTTON = "correct"
+SUBMIT_CORRECTION_BUTTON = "submit_correction"
+
+INSTRUCTIONS = (
+    "Draw one digit (0-9) in the black square. The model guesses it as soon as you lift the "
+    "mouse: press **Correct** if it is right, or type the digit you drew and press "
+    "**Submit correction**."
+)
+NOTHING_DRAWN = "Nothing drawn yet: the prediction appears here when you lift the mouse."
+DATABASE_DOWN_BANNER = (
+    "Database unreachable: predictions work, but feedback cannot be saved until it is back."
+)
+FEEDBACK_NOT_SAVED = (
+    "Feedback not saved: database unreachable. Your drawing and label are kept: "
+    "try again in a moment."
+)
+FEEDBACK_FAILED = "Feedback not saved: unexpected error (details in the server log)."
+HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
+HISTORY_FAILED = "History unavailable: unexpected database error (details in the server log)."
+NO_HISTORY = "No feedback stored yet: draw a digit, then press Correct or Submit correction."
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=2)
+def load_classifier(path: str, file_version: tuple[int, int] | None) -> model.DigitCNN:
+    """The model at *path*, loaded once per process and file version (reloaded after retraining)."""
+    # One small image at a time: more threads only add synchronisation, which costs up to
+    # ~150 ms per prediction when the CPU is shared (measured on 2 cores).
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    classifier = model.load_model(path)
+    # The first forward pass is ~200 ms slower than the next ones: pay it here, not on a drawing.
+    model.predict(classifier, utils.normalize(np.zeros((28, 28), dtype=np.uint8))[None, None])
+    logger.info("loaded model %s in %.0f ms", path, (time.perf_counter() - start) * 1000)
+    return classifier
+
+
+def current_classifier() -> model.DigitCNN:
+    """Raises model.ModelLoadError, saying how to train a model, if there is none."""
+    path = model.model_path()
+    try:
+        stat = path.stat()
+        file_version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        file_version = None  # load_model explains what is missing; errors are not cached
+    return load_classifier(str(path), file_version)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the app made of one drawing: a prediction, or a hint saying why there is none."""
+
+    drawing_digest: str
+    prediction: model.Prediction | None = None
+    model_view_png: bytes | None = None
+    hint: str | None = None
+
+
+def drawing_digest(png: bytes) -> str:
+    return hashlib.blake2b(png, digest_size=16).hexdigest()
+
+
+def analyse(png: bytes, digest: str, classifier: model.DigitCNN) -> Analysis:
+    start = time.perf_counter()
+    try:
+        batch = utils.preprocess(np.asarray(Image.open(io.BytesIO(png))))
+    except utils.EmptyImageError as exc:
+        return Analysis(digest, hint=str(exc))
+    except (utils.ImageFormatError, OSError) as exc:
+        logger.warning("unreadable drawing: %s", exc)
+        return Analysis(digest, hint="The drawing could not be read: clear the canvas and retry.")
+    prepared = time.perf_counter()
+    prediction = model.predict(classifier, batch)
+    done = time.perf_counter()
+    logger.info(
+        "predicted %d (%.1f%%) in %.1f ms (preprocess %.1f ms, model %.1f ms)",
+        prediction.digit,
+        prediction.confidence * 100,
+        (done - start) * 1000,
+        (prepared - start) * 1000,
+        (done - prepared) * 1000,
+    )
+    return Analysis(digest, prediction, model_view_png(utils.to_pixels(batch)))
+
+
+def model_view_png(pixels: np.ndarray) -> bytes:
+    """The 28x28 input as a PNG upscaled with nearest neighbour, so every pixel stays crisp."""
+    image = Image.fromarray(pixels).resize((MODEL_VIEW_SIZE, MODEL_VIEW_SIZE), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def current_analysis(canvas: CanvasResult, classifier: model.DigitCNN) -> Analysis | None:
+    """The analysis of the drawing on the canvas; None while nothing is drawn.
+
+    Computed once per drawing: reruns that leave the drawing unchanged reuse it.
+    """
+    if not (canvas.json_data or {}).get("objects"):
+        return None
+    png = canvas.image_bytes
+    if not png:
+        return None
+    digest = drawing_digest(png)
+    cached = st.session_state.get(ANALYSIS)
+    if cached is not None and cached.drawing_digest == digest:
+        return cached
+    analysis = analyse(png, digest, classifier)
+    st.session_state[ANALYSIS] = analysis
+    # Messages about the previous drawing no longer apply.
+    st.session_state.pop(FEEDBACK_ERROR, None)
+    st.session_state.pop(SAVED_MESSAGE, None)
+    return analysis
+
+
+# --- database ------------------------------------------------------------------------------
+
+
+@dataclass
+class DatabaseStatus:
+    """Shared by all sessions: whether the database was reachable at the last attempt."""
+
+    ready: bool = False
+
+
+@st.cache_resource(show_spinner=False)
+def database_status() -> DatabaseStatus:
+    """Initialises the database once per process, at startup.
+
+    If it is unreachable then, the app still predicts; the next feedback retries.
+    """
+    status = DatabaseStatus()
+    try:
+        connect_database(status)
+    except db.DatabaseUnavailable as exc:
+        logger.warning("starting without a database: %s", exc)
+    except Exception:
+        logger.exception("starting without a database: it could not be initialised")
+    return status
+
+
+def connect_database(status: DatabaseStatus) -> None:
+    """Create the table if needed and log which database is used; raises DatabaseUnavailable."""
+    db.init_db()
+    status.ready = True
+    logger.info("using PostgreSQL %s", database_location())
+
+
+def database_location() -> str:
+    """user@host:port/dbname of the database in use (never the password)."""
+    params = conninfo_to_dict(db.get_pool().conninfo)
+    user, dbname = params.get("user", ""), params.get("dbname", "")
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f"{user}@{host}:{params.get('port') or 5432}/{dbname}"
+
+
+def store(submission: feedback.Submission) -> int:
+    """Store one answer (once, whatever the retries); raises db.DatabaseUnavailable."""
+    status = database_status()
+    start = time.perf_counter()
+    try:
+        if not status.ready:
+            connect_database(status)
+        row_id = db.log_prediction(
+            submission.predicted_digit,
+            submission.true_label,
+            submission.confidence,
+            submission_id=submission.submission_id,
+        )
+    except db.DatabaseUnavailable:
+        status.ready = False
+        raise
+    logger.info(
+        "stored feedback id=%d (predicted %d, true label %d) in %.1f ms",
+        row_id,
+        submission.predicted_digit,
+        submission.true_label,
+        (time.perf_counter() - start) * 1000,
+    )
+    return row_id
+
+
+# --- feedback callbacks (run before the rerun they trigger) ----------------------------------
+
+
+def confirm_prediction(analysis: Analysis) -> None:
+    """The Correct button: the model was right."""
+    save_feedback(analysis, analysis.prediction.digit)
+
+
+def submit_correction(analysis: Analysis) -> None:
+    """The Submit correction button: the typed label is the true one."""
+    try:
+        true_label = feedback.parse_true_label(st.session_state.get(TRUE_LABEL_INPUT))
+    except feedback.InvalidLabel as exc:
+        st.session_state[FEEDBACK_ERROR] = str(exc)
+        return
+    save_feedback(analysis, true_label)
+
+
+def save_feedback(analysis: Analysis, true_label: int) -> None:
+    state = st.session_state
+    prediction = analysis.prediction
+    submission = feedback.submission_for(
+        state.get(PENDING_SUBMISSION),
+        analysis.drawing_digest,
+        prediction.digit,
+        prediction.confidence,
+        true_label,
+    )
+    state[PENDING_SUBMISSION] = submission
+    try:
+        store(submission)
+    except db.DatabaseUnavailable as exc:
+        logger.warning("feedback %s not saved: %s", submission.submission_id, exc)
+        state[FEEDBACK_ERROR] = FEEDBACK_NOT_SAVED
+        return
+    except Exception:
+        logger.exception("feedback %s not saved", submission.submission_id)
+        state[FEEDBACK_ERROR] = FEEDBACK_FAILED
+        return
+    state[SAVED_MESSAGE] = saved_message(submission)
+    start_new_drawing()
+
+
+def saved_message(submission: feedback.Submission) -> str:
+    return (
+        f"Saved: you drew a {submission.true_label} "
+        f"(model said {submission.predicted_digit}, {submission.confidence:.1%})."
+    )
+
+
+def start_new_drawing() -> None:
+    """Clear the canvas (a new key), the prediction and the inputs."""
+    state = st.session_state
+    state[CANVAS_GENERATION] += 1
+    state[TRUE_LABEL_INPUT] = ""
+    for key in (ANALYSIS, PENDING_SUBMISSION, FEEDBACK_ERROR):
+        state.pop(key, None)
+
+
+# --- pages ---------------------------------------------------------------------------------
+
+
+def draw_page() -> None:
+    st.title("MNIST Digit Classifier")
+    st.markdown(INSTRUCTIONS)
+    try:
+        classifier = current_classifier()
+    except model.ModelLoadError as exc:
+        show_model_missing(exc)
+        return
+    if not database_status().ready:
+        st.warning(DATABASE_DOWN_BANNER)
+    if message := st.session_state.get(SAVED_MESSAGE):
+        st.success(message)
+
+    st.space("small")  # room for the canvas toolbar, which floats above it on hover
+    canvas_column, result_column = st.columns(2, gap="medium")
+    with canvas_column:
+        canvas = draw_canvas()
+    analysis = current_analysis(canvas, classifier)
+    with result_column:
+        show_analysis(analysis)
+    show_feedback_row(analysis)
+
+
+def show_model_missing(error: model.ModelLoadError) -> None:
+    st.error(str(error))
+    st.markdown("Train a model (a few minutes on a CPU), then reload this page:")
+    st.code(model.TRAIN_COMMAND, language="bash")
+
+
+def draw_canvas() -> CanvasResult:
+    # Imported here: the component registers itself on import, which needs a Streamlit runtime
+    # (tests import this module without one).
+    from streamlit_drawable_canvas import st_canvas
+
+    return st_canvas(
+        stroke_width=BRUSH_WIDTH,
+        stroke_color="#FFFFFF",
+        background_color="#000000",
+        update_streamlit=True,
+        height=CANVAS_SIZE,
+        width=CANVAS_SIZE,
+        drawing_mode="freedraw",
+        return_image_data=True,
+        key=f"canvas-{st.session_state[CANVAS_GENERATION]}",
+    )
+
+
+def show_analysis(analysis: Analysis | None) -> None:
+    if analysis is None or analysis.prediction is None:
+        st.info(analysis.hint if analysis else NOTHING_DRAWN)
+        return
+    prediction = analysis.prediction
+    st.subheader(f"Prediction: {prediction.digit}", anchor=False)
+    st.markdown(f"**Confidence: {prediction.confidence:.1%}**")
+    st.bar_chart(probability_table(prediction), height=180, x_label="digit", y_label="probability")
+    st.image(
+        analysis.model_view_png,
+        caption="What the model sees (28x28)",
+        width=MODEL_VIEW_SIZE,
+        output_format="PNG",  # "auto" would pick a lossy JPEG for an image without alpha
+    )
+
+
+def probability_table(prediction: model.Prediction) -> pd.DataFrame:
+    digits = pd.Index([str(digit) for digit in range(10)], name="digit")
+    return pd.DataFrame({"probability": prediction.probabilities}, index=digits)
+
+
+def show_feedback_row(analysis: Analysis | None) -> None:
+    has_prediction = analysis is not None and analysis.prediction is not None
+    correct_column, label_column, submit_column = st.columns(
+        [1, 1, 1.4], vertical_alignment="bottom"
+    )
+    correct_column.button(
+        "Correct",
+        key=CORRECT_BUTTON,
+        on_click=confirm_prediction,
+        args=(analysis,),
+        disabled=not has_prediction,
+        type="primary",
+        width="stretch",
+    )
+    label_column.text_input(
+        "True label", key=TRUE_LABEL_INPUT, placeholder="0-9", disabled=not has_prediction
+    )
+    submit_column.button(
+        "Submit correction",
+        key=SUBMIT_CORRECTION_BUTTON,
+        on_click=submit_correction,
+        args=(analysis,),
+        disabled=not has_prediction,
+        width="stretch",
+    )
+    if has_prediction and (error := st.session_state.get(FEEDBACK_ERROR)):
+        st.error(error)
+
+
+def history_page() -> None:
+    st.title("History")
+    try:
+        total = db.count_predictions()
+        rows = db.recent_predictions(limit=min(max(total, 1), HISTORY_LIMIT))
+    except db.DatabaseUnavailable as exc:
+        database_status().ready = False
+        logger.warning("history unavailable: %s", exc)
+        st.error(HISTORY_UNAVAILABLE)
+        return
+    except Exception:
+        logger.exception("history unavailable")
+        st.error(HISTORY_FAILED)
+        return
+    database_status().ready = True
+    if not rows:
+        st.info(NO_HISTORY)
+        return
+    show_summary(total, rows)
+    st.dataframe(
+        history_table(rows),
+        hide_index=True,
+        column_config={
+            "time": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
+            "confidence": st.column_config.NumberColumn(format="%.1f%%"),
+        },
+    )
+
+
+def show_summary(total: int, rows: list[dict]) -> None:
+    right = sum(row["predicted_digit"] == row["true_label"] for row in rows)
+    accuracy = right / len(rows)
+    answers_column, accuracy_column = st.columns(2)
+    answers_column.metric("Answers stored", total)
+    accuracy_column.metric("Model accuracy on your feedback", f"{accuracy:.1%}")
+    scope = f"the newest {len(rows)} answers" if len(rows) < total else "all answers"
+    st.caption(f"The model was right on {right} of {len(rows)} answers ({scope}).")
+
+
+def history_table(rows: list[dict]) -> pd.DataFrame:
+    """Newest first, as the rows come; confidence in percent."""
+    return pd.DataFrame(
+        {
+            "time": [row["created_at"] for row in rows],
+            "predicted": [row["predicted_digit"] for row in rows],
+            "true label": [row["true_label"] for row in rows],
+            "confidence": [row["confidence"] * 100 for row in rows],
+        }
+    )
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # pgserver (the embedded database) logs every command it runs at INFO.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+
+def main() -> None:
+    st.set_page_config(page_title="MNIST Digit Classifier", page_icon=":material/draw:")
+    configure_logging()
+    st.session_state.setdefault(CANVAS_GENERATION, 0)
+    database_status()  # initialise the database once per process
+    pages = st.navigation(
+        [
+            st.Page(draw_page, title="Draw", icon=":material/draw:", url_path="draw", default=True),
+            st.Page(history_page, title="History", icon=":material/history:", url_path="history"),
+        ]
+    )
+    pages.run()
+
+
+if __name__ == "__main__":
+    main()

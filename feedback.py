@@ -1,0 +1,66 @@
+"""The person's answer about a prediction: reading the true label, and naming each submission.
+
+Each answer gets a ``submission_id`` the first time it is sent. A retry of the same answer (same
+drawing, same label) reuses it, so ``db.log_prediction`` stores it once even if an earlier
+attempt reached the database but its reply was lost.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+DIGITS = "0123456789"
+
+
+class InvalidLabel(ValueError):
+    """The typed true label is not a single digit from 0 to 9."""
+
+
+def parse_true_label(text: str | None) -> int:
+    """The digit in *text*: exactly one ASCII digit, surrounding whitespace allowed."""
+    label = (text or "").strip()
+    if not label:
+        raise InvalidLabel("Type the true label first: one digit from 0 to 9.")
+    # Only ASCII: str.isdigit() would also accept "٧" or "７", which the database must not see.
+    if len(label) != 1 or label not in DIGITS:
+        raise InvalidLabel("The true label must be one digit from 0 to 9.")
+    return int(label)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One answer about one drawing, as it will be stored."""
+
+    drawing_digest: str
+    predicted_digit: int
+    true_label: int
+    confidence: float
+    submission_id: uuid.UUID
+
+    @property
+    def model_was_right(self) -> bool:
+        return self.predicted_digit == self.true_label
+
+
+def submission_for(
+    pending: Submission | None,
+    drawing_digest: str,
+    predicted_digit: int,
+    confidence: float,
+    true_label: int,
+) -> Submission:
+    """The pending submission if this is a retry of the same answer, else a new one."""
+    if (
+        pending is not None
+        and pending.drawing_digest == drawing_digest
+        and pending.true_label == true_label
+    ):
+        return pending
+    return Submission(
+        drawing_digest=drawing_digest,
+        predicted_digit=predicted_digit,
+        true_label=true_label,
+        confidence=confidence,
+        submission_id=uuid.uuid4(),
+    )

