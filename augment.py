@@ -44,14 +44,24 @@ def augment(
 
 
 def change_stroke_width(
-    images: torch.Tensor, thicken_probability: float, thin_probability: float
+    images: torch.Tensor,
+    thicken_probability: float,
+    thin_probability: float,
+    max_thicken: float = 2.0,
 ) -> torch.Tensor:
-    """Fatten or thin the strokes of a random part of the batch by a random fraction of a pixel."""
+    """Fatten strokes by up to `max_thicken` pixels on each side, or thin them by up to one,
+    for a random part of the batch: people draw with brushes of every width."""
     n = images.shape[0]
     choice = torch.rand(n, 1, 1, 1, device=images.device)
     amount = torch.rand(n, 1, 1, 1, device=images.device)
-    dilated = F.max_pool2d(images, 3, stride=1, padding=1)
+    dilated_once = F.max_pool2d(images, 3, stride=1, padding=1)
+    dilated_twice = F.max_pool2d(dilated_once, 3, stride=1, padding=1)
     eroded = -F.max_pool2d(-images, 3, stride=1, padding=1)
-    thicken = (choice < thicken_probability) * amount
+    thicken = (choice < thicken_probability) * amount * max_thicken
     thin = (choice >= 1 - thin_probability) * amount
-    return images + thicken * (dilated - images) - thin * (images - eroded)
+    return (
+        images
+        + thicken.clamp(max=1) * (dilated_once - images)
+        + (thicken - 1).clamp(min=0) * (dilated_twice - dilated_once)
+        - thin * (images - eroded)
+    )

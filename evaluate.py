@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,23 +46,28 @@ class DrawnDigit:
 
 def drawn_digits(
     images: torch.Tensor, labels: torch.Tensor, count: int = 2000, seed: int = 0
-) -> list[DrawnDigit]:
-    """Redraw `count` MNIST digits (picked with `seed`) as canvas drawings, styles in turn."""
+) -> Iterator[DrawnDigit]:
+    """Redraw `count` MNIST digits (picked with `seed`) as canvas drawings, styles in turn.
+
+    A generator: a canvas is 300 KB, so the set is drawn one at a time, never held whole.
+    """
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(images), size=min(count, len(images)), replace=False)
-    return [
-        draw_on_canvas(images[index].numpy(), int(labels[index]), DRAWN_STYLES[i % 8], rng)
-        for i, index in enumerate(picks)
-    ]
+    for i, index in enumerate(picks):
+        style = DRAWN_STYLES[i % len(DRAWN_STYLES)]
+        yield draw_on_canvas(images[index].numpy(), int(labels[index]), style, rng)
 
 
 def draw_on_canvas(
     digit: np.ndarray, label: int, style: str, rng: np.random.Generator
 ) -> DrawnDigit:
     """Redraw one 28x28 MNIST digit on a 280x280 canvas with a solid brush."""
-    size = {"small": (40, 80), "large": (200, 250)}.get(style, (90, 200))
-    brush = {"thick brush": (22, 32), "thin brush": (5, 9)}.get(style, (10, 22))
-    ink = _solid_strokes(digit, int(rng.integers(*size)), int(rng.integers(*brush)))
+    size = int(rng.integers(*{"small": (40, 80), "large": (200, 250)}.get(style, (90, 200))))
+    # Brush width relative to the digit: what a person gets by drawing that large with the
+    # app's brush. Wider than ~30% of the digit, strokes merge into blobs nobody can read.
+    relative = {"thick brush": (0.18, 0.3), "thin brush": (0.03, 0.07)}.get(style, (0.07, 0.2))
+    brush = max(2, round(size * rng.uniform(*relative)))
+    ink = _solid_strokes(digit, size, brush)
     ink = ink[:CANVAS_SIZE, :CANVAS_SIZE]
 
     h, w = ink.shape
@@ -102,7 +107,7 @@ def _solid_strokes(digit: np.ndarray, size: int, brush: int) -> np.ndarray:
     scale = size / max(crop.shape)
     shape = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
     big = Image.fromarray(crop).resize(shape, Image.Resampling.BICUBIC)
-    strokes = torch.from_numpy(np.asarray(big) > 150).float()[None, None]
+    strokes = torch.from_numpy(np.asarray(big) > 100).float()[None, None]
     eroded = -F.max_pool2d(-strokes, 3, stride=1, padding=1)
     boundary = float((strokes - eroded).sum())
     width = 2 * float(strokes.sum()) / max(boundary, 1.0)
@@ -113,29 +118,36 @@ def _solid_strokes(digit: np.ndarray, size: int, brush: int) -> np.ndarray:
     return F.avg_pool2d(strokes, 3, stride=1, padding=1)[0, 0].numpy()
 
 
-def accuracy(
-    net: torch.nn.Module,
-    images: Iterable[np.ndarray],
-    labels: Sequence[int],
-    batch_size: int = 500,
-) -> float:
-    """Fraction right when each raw image goes through `utils.preprocess` and `predict_batch`.
+def predicted_digits(
+    net: torch.nn.Module, images: Iterable[np.ndarray], batch_size: int = 500
+) -> list[int | None]:
+    """The digit the app would show for each raw image (None where `preprocess` sees no digit):
+    each image through `utils.preprocess`, then `predict_batch` in batches."""
+    digits: list[int | None] = []
+    pending: list[tuple[int, torch.Tensor]] = []
 
-    An image that `preprocess` rejects as empty counts as wrong.
-    """
-    inputs, kept_labels = [], []
-    for image, label in zip(images, labels, strict=True):
+    def flush() -> None:
+        predictions = model_lib.predict_batch(net, torch.cat([batch for _, batch in pending]))
+        for (position, _), prediction in zip(pending, predictions, strict=True):
+            digits[position] = prediction.digit
+        pending.clear()
+
+    for image in images:
+        digits.append(None)
         try:
-            inputs.append(utils.preprocess(image))
-            kept_labels.append(label)
+            pending.append((len(digits) - 1, utils.preprocess(image)))
         except utils.EmptyImageError:
-            pass
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        predictions = model_lib.predict_batch(net, torch.cat(inputs[start : start + batch_size]))
-        truth = kept_labels[start : start + batch_size]
-        correct += sum(p.digit == t for p, t in zip(predictions, truth, strict=True))
-    return correct / max(1, len(labels))
+            continue
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return digits
+
+
+def accuracy(predicted: Sequence[int | None], labels: Sequence[int]) -> float:
+    """Fraction right; an image seen as empty counts as wrong."""
+    return sum(p == t for p, t in zip(predicted, labels, strict=True)) / max(1, len(labels))
 
 
 def evaluate(
@@ -144,23 +156,32 @@ def evaluate(
     test_labels: torch.Tensor,
     drawn_count: int = 2000,
     log: Callable[[str], None] = print,
-) -> dict[str, float]:
-    """MNIST test accuracy and drawn-digit accuracy, both through `utils.preprocess`."""
+) -> dict:
+    """MNIST test accuracy and drawn-digit accuracy (overall and per style), both through
+    `utils.preprocess`."""
     started = time.perf_counter()
-    test_accuracy = accuracy(net, (image.numpy() for image in test_images), test_labels.tolist())
-    drawn = drawn_digits(test_images, test_labels, count=drawn_count)
-    drawn_accuracy = accuracy(net, (d.image for d in drawn), [d.label for d in drawn])
-    by_style = {
-        style: accuracy(
-            net,
-            [d.image for d in drawn if d.style == style],
-            [d.label for d in drawn if d.style == style],
+    test_accuracy = accuracy(
+        predicted_digits(net, (image.numpy() for image in test_images)), test_labels.tolist()
+    )
+    labels, styles = [], []
+
+    def drawings() -> Iterator[np.ndarray]:
+        for drawn in drawn_digits(test_images, test_labels, count=drawn_count):
+            labels.append(drawn.label)
+            styles.append(drawn.style)
+            yield drawn.image
+
+    drawn_predicted = predicted_digits(net, drawings())
+    drawn_accuracy = accuracy(drawn_predicted, labels)
+    by_style = {}
+    for style in DRAWN_STYLES:
+        picked = [i for i, s in enumerate(styles) if s == style]
+        by_style[style] = accuracy(
+            [drawn_predicted[i] for i in picked], [labels[i] for i in picked]
         )
-        for style in DRAWN_STYLES
-    }
     log(
         f"test accuracy {test_accuracy:.2%} on {len(test_labels)} MNIST test images; "
-        f"drawn-digit accuracy {drawn_accuracy:.2%} on {len(drawn)} canvas drawings "
+        f"drawn-digit accuracy {drawn_accuracy:.2%} on {len(labels)} canvas drawings "
         f"({time.perf_counter() - started:.1f} s)"
     )
     log("  by style: " + ", ".join(f"{s} {a:.1%}" for s, a in by_style.items()))
@@ -169,6 +190,17 @@ def evaluate(
         "drawn_accuracy": drawn_accuracy,
         "drawn_accuracy_by_style": by_style,
     }
+
+
+def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None:
+    """Write two rows of eight drawn digits as one PNG, to look at what the set holds."""
+    tiles = []
+    for drawn in drawn_digits(images, labels, count=16):
+        tile = Image.fromarray(drawn.image)
+        if drawn.style == "transparent":
+            tile = Image.alpha_composite(Image.new("RGBA", tile.size, "white"), tile)
+        tiles.append(np.asarray(tile.convert("RGB")))
+    Image.fromarray(np.vstack([np.hstack(tiles[:8]), np.hstack(tiles[8:])])).save(path)
 
 
 def main() -> None:
@@ -181,18 +213,7 @@ def main() -> None:
     net = model_lib.load_model(args.model)
     images, labels = mnist.load_split(args.data_dir or mnist.data_dir_from_env(), "test")
     if args.save_examples:
-        examples = drawn_digits(images, labels, count=16)
-        grid = [d.image if d.image.ndim == 3 else np.dstack([d.image] * 3) for d in examples]
-        rgb = [
-            g[:, :, :3]
-            if g.shape[2] == 4 and g[:, :, 3].min() == 255
-            else np.dstack([g[:, :, 3]] * 3)
-            if g.shape[2] == 4
-            else g
-            for g in grid
-        ]
-        rows = [np.hstack(rgb[i : i + 8]) for i in (0, 8)]
-        Image.fromarray(np.vstack(rows).astype(np.uint8)).save(args.save_examples)
+        save_examples(images, labels, args.save_examples)
     evaluate(net, images, labels, drawn_count=args.drawn)
 
 

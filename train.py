@@ -46,9 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=int, default=14, help="passes over the training set")
+    parser.add_argument("--epochs", type=int, default=12, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=128, help="images per training step")
-    parser.add_argument("--lr", type=float, default=0.01, help="peak learning rate (one-cycle)")
+    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (one-cycle)")
     parser.add_argument("--seed", type=int, default=1, help="random seed")
     parser.add_argument(
         "--data-dir",

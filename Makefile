@@ -1,0 +1,52 @@
+# One command for each thing a newcomer does. Everything runs in ./.venv, created on first use.
+#   make run     the app on http://localhost:8501 (embedded PostgreSQL unless DATABASE_URL is set)
+#   make test    ruff + the whole test suite (needs Chromium: see README)
+#   make train   train models/model.pth (MNIST from MNIST_DIR, or downloaded into data/mnist)
+#   make bench   the benchmark table
+# Outside this project's CI machines, PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# keeps pip from downloading the CUDA build of torch on Linux.
+
+PYTHON ?= python3
+VENV ?= .venv
+PIP_ARGS ?=
+BIN := $(VENV)/bin
+PORT ?= 8501
+
+.PHONY: run test lint format train bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet $(PIP_ARGS) -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet $(PIP_ARGS) -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.runtime
+	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+train: $(VENV)/.runtime
+	$(BIN)/python train.py --download
+
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts
