@@ -298,11 +298,6 @@ def draw_page() -> None:
     except model.ModelLoadError as exc:
         show_model_missing(exc)
         return
-    if not database_status().ready:
-        st.warning(DATABASE_DOWN_BANNER)
-    if message := st.session_state.get(SAVED_MESSAGE):
-        st.success(message)
-
     st.space("small")  # room for the canvas toolbar, which floats above it on hover
     canvas_column, result_column = st.columns(2, gap="medium")
     with canvas_column:
@@ -311,6 +306,12 @@ def draw_page() -> None:
     with result_column:
         show_analysis(analysis)
     show_feedback_row(analysis)
+    # Below the canvas, never above it: an element appearing or vanishing before the canvas
+    # would make Streamlit re-create the canvas, wiping the drawing in progress.
+    if not database_status().ready:
+        st.warning(DATABASE_DOWN_BANNER)
+    if message := st.session_state.get(SAVED_MESSAGE):
+        st.success(message)
 
 
 def show_model_missing(error: model.ModelLoadError) -> None:
