@@ -32,6 +32,7 @@ logger = logging.getLogger("app")
 CANVAS_SIZE = 280
 BRUSH_WIDTH = 18
 MODEL_VIEW_SIZE = 140  # the 28x28 model input, shown 5x larger
+MAX_DRAWING_SIDE = 4 * CANVAS_SIZE  # room for high-DPI screens, far below a memory hog
 HISTORY_LIMIT = 10_000
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -111,10 +112,10 @@ def drawing_digest(png: bytes) -> str:
 def analyse(png: bytes, digest: str, classifier: model.DigitCNN) -> Analysis:
     start = time.perf_counter()
     try:
-        batch = utils.preprocess(np.asarray(Image.open(io.BytesIO(png))))
+        batch = utils.preprocess(decode_drawing(png))
     except utils.EmptyImageError as exc:
         return Analysis(digest, hint=str(exc))
-    except (utils.ImageFormatError, OSError) as exc:
+    except (utils.ImageFormatError, OSError, Image.DecompressionBombError) as exc:
         logger.warning("unreadable drawing: %s", exc)
         return Analysis(digest, hint="The drawing could not be read: clear the canvas and retry.")
     prepared = time.perf_counter()
@@ -129,6 +130,15 @@ def analyse(png: bytes, digest: str, classifier: model.DigitCNN) -> Analysis:
         (done - prepared) * 1000,
     )
     return Analysis(digest, prediction, model_view_png(utils.to_pixels(batch)))
+
+
+def decode_drawing(png: bytes) -> np.ndarray:
+    """The canvas PNG as an array; anything far larger than the canvas is refused before
+    decoding (a client could send a tiny PNG that claims to be gigapixels)."""
+    image = Image.open(io.BytesIO(png))
+    if max(image.size) > MAX_DRAWING_SIDE:
+        raise utils.ImageFormatError(f"A drawing of {image.size} pixels is too large.")
+    return np.asarray(image)
 
 
 def model_view_png(pixels: np.ndarray) -> bytes:

@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import os
+import struct
 import threading
 import time
 import uuid
@@ -229,7 +230,9 @@ def _check_confidence(value: object) -> float:
     result = float(value)
     if not (math.isfinite(result) and 0.0 <= result <= 1.0):
         raise ValueError(f"confidence must be from 0 to 1, got {value!r}")
-    return result
+    # The column is a 4-byte real: round here, or PostgreSQL rejects values below its range
+    # (e.g. 1e-46) as an underflow instead of storing them as 0.
+    return struct.unpack("f", struct.pack("f", result))[0]
 
 
 def log_prediction(

@@ -411,6 +411,9 @@ def mnist_accuracy(net, images: torch.Tensor, labels: torch.Tensor, device) -> f
 
 def write_model(net, args, metrics: dict, trained_seconds: float, started: float) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in (args.out.name, args.out.with_suffix(".json").name):
+        for stale in args.out.parent.glob(f".{name}.*.tmp"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
     atomic_save(net.state_dict(), args.out)
     _, peak = memory_mb()
     info = {

@@ -1,0 +1,104 @@
+"""The app in a browser: cold start of ``streamlit run`` and stroke-to-prediction latency."""
+
+from __future__ import annotations
+
+import time
+
+from bench.common import Row, at_most, percentile, postgres_server
+
+SECTION = "App"
+COLD_STARTS = 3
+DRAWINGS = 20
+# One-stroke digits, so that every drawing is sent once, 200 ms after its only mouse-up.
+# (Multi-stroke drawings right after a saved answer can lose their strokes: the canvas is
+# re-mounted when the "Saved" message above it goes away; see tests/test_browser.py.)
+ONE_STROKE_DIGITS = [
+    [[(150, 52), (146, 100), (141, 150), (137, 200), (134, 236)]],  # 1
+    [[(74, 64), (134, 59), (194, 58), (208, 60), (190, 98), (154, 176), (128, 238)]],  # 7
+]
+
+
+def cold_start(browser, database_url: str) -> tuple[float, float]:
+    """Seconds from spawning ``streamlit run app.py`` to a healthy /_stcore/health, and to
+    the first prediction shown in the (already running) browser."""
+    from browser import AppPage, AppProcess
+
+    app = AppProcess(database_url)
+    start = time.perf_counter()
+    try:
+        app.start()
+        healthy = time.perf_counter() - start
+        with AppPage.open(browser, app.url) as page:
+            page.draw(ONE_STROKE_DIGITS[1])
+            page.wait_for_prediction()
+            shown = time.perf_counter() - start
+    finally:
+        app.stop()
+    return healthy, shown
+
+
+# Records (page time) the first animation frame after an <h3> "Prediction: N" is in the DOM.
+_WATCH_PREDICTION = """() => {
+  window.__predictionShownMs = null;
+  const shown = () => [...document.querySelectorAll('h3')]
+    .some((h) => h.textContent.includes('Prediction:'));
+  const observer = new MutationObserver(() => {
+    if (!shown()) return;
+    observer.disconnect();
+    requestAnimationFrame(() => { window.__predictionShownMs = performance.now(); });
+  });
+  observer.observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def stroke_latencies(
+    browser, database_url: str, count: int = DRAWINGS
+) -> tuple[list[float], list[float]]:
+    """For *count* drawings in one session (each answered with Correct, which clears the
+    canvas): milliseconds from the last mouse-up to the prediction on screen (the first frame
+    with the "Prediction: N" heading), and from the page's request to the end of that run."""
+    from browser import DIGIT_STROKES, AppPage, AppProcess
+
+    drawings = [DIGIT_STROKES[0], *ONE_STROKE_DIGITS]  # DIGIT_STROKES[0]: one closed oval
+    latencies, runs = [], []
+    with AppProcess(database_url) as app, AppPage.open(browser, app.url) as page:
+        page.draw(drawings[0])  # warm-up: the first drawing of a process is slower
+        page.click_correct()
+        for n in range(count):
+            assert page.prediction() is None
+            page.page.evaluate(_WATCH_PREDICTION)
+            run = page.draw(drawings[n % len(drawings)])
+            page.wait_for_prediction()
+            shown = page.page.evaluate("() => window.__predictionShownMs")
+            latencies.append(shown - page.last_pointer_up_ms())
+            runs.append(run.finished_ms - run.sent_ms)
+            page.click_correct()
+    return latencies, runs
+
+
+def run() -> list[Row]:
+    from browser import chromium
+
+    with postgres_server(durable=True) as server, chromium() as browser:
+        starts = [cold_start(browser, server.url) for _ in range(COLD_STARTS)]
+        latencies, runs = stroke_latencies(browser, server.url)
+    healthy = sorted(s[0] for s in starts)
+    shown = sorted(s[1] for s in starts)
+    all_starts = f"median of {COLD_STARTS} starts (all: {', '.join(f'{s:.1f}' for s in shown)} s)"
+    return [
+        Row(SECTION, "cold start: process start to /_stcore/health OK", percentile(healthy, 50),
+            "s", note=f"streamlit run app.py, given PostgreSQL; median of {COLD_STARTS}; "
+            "health polled every 0.1 s"),
+        at_most(SECTION, "cold start: process start to first prediction in a browser",
+                percentile(shown, 50), "s", 10,
+                note=f"{all_starts}; Chromium already running; includes drawing a one-stroke 7"),
+        at_most(SECTION, f"stroke end (mouse up) to prediction on screen, p50 of {DRAWINGS}",
+                percentile(latencies, 50), "ms", 300,
+                note="includes the canvas's own 200 ms debounce; headless Chromium on the "
+                "same 2 cores; 'on screen': first frame with the Prediction heading"),
+        Row(SECTION, f"stroke end to prediction on screen, p95 of {DRAWINGS}",
+            percentile(latencies, 95), "ms", note=f"max {max(latencies):.0f} ms"),
+        Row(SECTION, "page request to end of the script run, p50", percentile(runs, 50), "ms",
+            note="from the page sending the drawing to its receiving script_finished (the run "
+            "goes on after the prediction is shown: chart, image, feedback row)"),
+    ]  # fmt: skip

@@ -1,0 +1,152 @@
+"""Training: seconds per epoch and peak memory of train.py with its default settings.
+
+By default one epoch is measured (``train.py --epochs 1``, every other setting default: the full
+60,000 images, batch 128, all cores) and the default 12-epoch run is extrapolated from it;
+``--training full`` runs the real default training (about 4 minutes on 2 cores). Peak memory is
+also measured with ``--workers 2`` (one epoch): the main process plus its DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import ROOT, Row, child_env, mnist_dir
+
+SECTION = "Training"
+DEFAULT_EPOCHS = 12  # train.py's default
+DONE = re.compile(r"epoch (\d+)/(\d+) done")
+
+
+@dataclass
+class TrainRun:
+    returncode: int
+    seconds: float
+    lines: list[tuple[float, str]]  # (seconds since start, line)
+    peak_main_mb: float  # VmHWM of the train.py process
+    peak_tree_mb: float  # highest sum of RSS over train.py and its children (sampled)
+    threads: int | None = None
+    epoch_ends: list[float] = field(default_factory=list)
+
+    def first(self, text: str) -> float:
+        return next(t for t, line in self.lines if text in line)
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(child) for child in handle.read().split()]
+    except OSError:
+        return []
+
+
+def run_train(data: Path, *extra: str, timeout: float = 1800) -> TrainRun:
+    """Run train.py (defaults plus *extra*) in a temporary folder, sampling its memory."""
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        command = [
+            sys.executable, str(ROOT / "train.py"),
+            "--data-dir", str(data),
+            "--out", f"{tmp}/model.pth",
+            "--checkpoint-dir", f"{tmp}/checkpoints",
+            *extra,
+        ]  # fmt: skip
+        lines: list[tuple[float, str]] = []
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append((time.perf_counter() - start, line.rstrip("\n")))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        peak_main = peak_tree = 0
+        while process.poll() is None:
+            if time.perf_counter() - start > timeout:
+                process.kill()
+                raise RuntimeError(f"train.py took more than {timeout} s")
+            peak_main = max(peak_main, _status_kb(process.pid, "VmHWM"))
+            tree = [process.pid, *_children(process.pid)]
+            peak_tree = max(peak_tree, sum(_status_kb(pid, "VmRSS") for pid in tree))
+            time.sleep(0.1)
+        seconds = time.perf_counter() - start
+        reader.join(10)
+    result = TrainRun(process.returncode, seconds, lines, peak_main / 1024, peak_tree / 1024)
+    if result.returncode != 0:
+        tail = "\n".join(line for _, line in lines[-20:])
+        raise RuntimeError(f"train.py {' '.join(extra)} failed ({result.returncode}):\n{tail}")
+    for t, line in lines:
+        if DONE.search(line):
+            result.epoch_ends.append(t)
+        if m := re.search(r"with (\d+) threads", line):
+            result.threads = int(m.group(1))
+    return result
+
+
+def run(mode: str = "epoch") -> list[Row]:
+    if mode not in ("epoch", "full"):
+        raise ValueError(f"training mode must be 'epoch' or 'full', not {mode!r}")
+    data = mnist_dir()
+    if data is None:
+        return [Row(SECTION, "training", None, "", note="skipped: no MNIST (set MNIST_DIR)")]
+    rows = []
+    if mode == "full":
+        full = run_train(data)
+        begin = full.first("starting from scratch")
+        ends = [begin, *full.epoch_ends]
+        per_epoch = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        rows += [
+            Row(SECTION, "seconds per epoch (mean of 12, default run)",
+                sum(per_epoch) / len(per_epoch), "s",
+                note=f"min {min(per_epoch):.1f}, max {max(per_epoch):.1f}; "
+                f"{full.threads} threads; 60,000 images, batch 128"),
+            Row(SECTION, "default training, total (measured)", full.seconds, "s",
+                note="python train.py: 12 epochs + final evaluation, process start to exit"),
+            Row(SECTION, "peak RSS, default run (--workers 0)", full.peak_main_mb, "MB",
+                note="VmHWM of the train.py process"),
+        ]  # fmt: skip
+    else:
+        one = run_train(data, "--epochs", "1")
+        begin = one.first("starting from scratch")
+        epoch = one.epoch_ends[0] - begin
+        tail = one.seconds - one.epoch_ends[0]
+        total = begin + DEFAULT_EPOCHS * epoch + tail
+        rows += [
+            Row(SECTION, "seconds per epoch (1 epoch measured)", epoch, "s",
+                note=f"train.py --epochs 1, other settings default: {one.threads} threads, "
+                "60,000 images, batch 128"),
+            Row(SECTION, "default training, total (EXTRAPOLATED)", total, "s",
+                note=f"start-up {begin:.1f} s + 12 x epoch + final evaluation {tail:.1f} s; "
+                "`python -m bench --training full` measures it"),
+            Row(SECTION, "peak RSS, default settings (--workers 0)", one.peak_main_mb, "MB",
+                note="VmHWM of train.py over 1 epoch + final evaluation"),
+        ]  # fmt: skip
+    workers = run_train(data, "--epochs", "1", "--workers", "2")
+    worker_epoch = workers.epoch_ends[0] - workers.first("starting from scratch")
+    rows += [
+        Row(SECTION, "peak RSS with --workers 2 (main + workers)", workers.peak_tree_mb, "MB",
+            note=f"sum of VmRSS sampled every 0.1 s (shared pages counted per process); "
+            f"main process alone {workers.peak_main_mb:.0f} MB; 1 epoch {worker_epoch:.1f} s"),
+    ]  # fmt: skip
+    return rows
