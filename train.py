@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,11 +114,10 @@ class StopRequested(Exception):
 @dataclass
 class StopFlag:
     signal_name: str | None = None
-    previous: dict = field(default_factory=dict)
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame) -> None:
         self.signal_name = signal.Signals(signum).name

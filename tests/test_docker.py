@@ -8,7 +8,6 @@ model from a tiny MNIST-format dataset written by the test.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -16,7 +15,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -24,9 +22,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
+from mnist_files import copy_subset
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -758,25 +756,6 @@ def test_image_cmd_comes_up_and_passes_its_healthcheck(fresh_pg_server, tmp_path
     assert "Traceback" not in log_path.read_text(), log_path.read_text()
 
 
-def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def write_tiny_mnist(directory: Path, n_train: int = 600, n_test: int = 100) -> None:
-    """MNIST's four gzipped IDX files, with random images whose labels are learnable."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, size=n).astype(np.uint8)
-        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):  # a bright bar whose row encodes the label
-            images[i, 2 + 2 * label : 4 + 2 * label, 4:24] = 255
-        _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images, 0x00000803)
-        _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x00000801)
-
-
 def _set_option(argv: list[str], option: str, value: str) -> list[str]:
     """Replace `option value` / `option=value` in argv, or append it."""
     out, i, found = [], 0, False
@@ -798,7 +777,7 @@ def test_train_service_command_trains_a_model_on_the_host(tmp_path: Path) -> Non
     command = services()["train"]["command"]
     argv = command if isinstance(command, list) else shlex.split(command)
     data_dir, out, checkpoints = tmp_path / "mnist", tmp_path / "out" / "model.pth", tmp_path / "ck"
-    write_tiny_mnist(data_dir)
+    copy_subset(data_dir)
     for option, value in (
         ("--data-dir", str(data_dir)),
         ("--out", str(out)),
