@@ -101,9 +101,11 @@ def _start_embedded(pgdata: Path) -> str:
         "DATABASE_URL and POSTGRES_HOST are unset: using the embedded PostgreSQL in %s", pgdata
     )
     try:
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
-        # cleanup_mode=None: the server outlives this process. pgserver serialises start-up
-        # with an inter-process lock and reuses a server already running on the same pgdata.
+        # Created here, tolerantly: pgserver checks for the folder, then creates it, outside its
+        # lock, so two processes starting at once could fail with FileExistsError.
+        pgdata.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: the server outlives this process. pgserver serialises initdb and
+        # start-up with an inter-process lock and reuses a server running on the same pgdata.
         server = pgserver.get_server(pgdata, cleanup_mode=None)
         if not (server.pgdata / "postmaster.pid").exists():
             # Stopped since get_server() cached it for this process: start it again.
