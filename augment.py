@@ -18,10 +18,12 @@ def augment(
     scale_range: tuple[float, float] = (0.85, 1.15),
     max_shear: float = 0.3,
     max_shift: float = 2.0,
-    thicken_probability: float = 0.3,
+    thicken_probability: float = 0.2,
     thin_probability: float = 0.15,
+    restroke_probability: float = 0.3,
 ) -> torch.Tensor:
-    """Randomly distort a batch of (N, 1, 28, 28) images with values in [0, 1]."""
+    """Randomly distort a batch of (N, 1, 28, 28) images with values in [0, 1]: an affine
+    transform, then stroke width, then for part of the batch solid canvas-like strokes."""
     n = images.shape[0]
     rotation = torch.empty(n).uniform_(-max_rotation, max_rotation) * (math.pi / 180)
     scale = torch.empty(n).uniform_(*scale_range)
@@ -40,7 +42,8 @@ def augment(
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    return change_stroke_width(images, thicken_probability, thin_probability)
+    images = change_stroke_width(images, thicken_probability, thin_probability)
+    return restroke(images, restroke_probability)
 
 
 def change_stroke_width(
@@ -49,19 +52,68 @@ def change_stroke_width(
     thin_probability: float,
     max_thicken: float = 2.0,
 ) -> torch.Tensor:
-    """Fatten strokes by up to `max_thicken` pixels on each side, or thin them by up to one,
-    for a random part of the batch: people draw with brushes of every width."""
+    """Fatten strokes by up to `max_thicken` pixels on each side, or thin them, for a random
+    part of the batch: people draw with brushes of every width.
+
+    Thinning raises the ink threshold (up to half the full value) instead of eroding: most MNIST
+    strokes are two or three pixels wide, and an erosion would leave a faint ghost of the digit
+    that the app, which scales every drawing's darkest ink to full, never shows the model."""
     n = images.shape[0]
     choice = torch.rand(n, 1, 1, 1, device=images.device)
     amount = torch.rand(n, 1, 1, 1, device=images.device)
-    dilated_once = F.max_pool2d(images, 3, stride=1, padding=1)
-    dilated_twice = F.max_pool2d(dilated_once, 3, stride=1, padding=1)
-    eroded = -F.max_pool2d(-images, 3, stride=1, padding=1)
+    dilated_once = dilate(images)
+    dilated_twice = dilate(dilated_once)
     thicken = (choice < thicken_probability) * amount * max_thicken
-    thin = (choice >= 1 - thin_probability) * amount
-    return (
+    threshold = (choice >= 1 - thin_probability) * amount * 0.5
+    thickened = (
         images
         + thicken.clamp(max=1) * (dilated_once - images)
         + (thicken - 1).clamp(min=0) * (dilated_twice - dilated_once)
-        - thin * (images - eroded)
     )
+    return ((thickened - threshold) / (1 - threshold)).clamp(min=0)
+
+
+def dilate(images: torch.Tensor) -> torch.Tensor:
+    """3x3 grey dilation of an (N, C, H, W) batch: `max_pool2d(images, 3, 1, 1)`, computed
+    as the maximum of shifted slices, which is several times faster on a CPU for C = 1."""
+    padded = F.pad(images, (1, 1, 1, 1))
+    rows = torch.maximum(torch.maximum(padded[..., :-2], padded[..., 1:-1]), padded[..., 2:])
+    return torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
+
+
+def restroke(
+    images: torch.Tensor, probability: float, levels: tuple[float, float] = (0.15, 0.55)
+) -> torch.Tensor:
+    """Redraw a random part of the batch with solid, more even strokes, as a canvas draws them.
+
+    MNIST strokes were scanned from paper: soft-edged, and of varying width; a canvas stroke is
+    solid and even. Blurring a digit and cutting the blur at one level gives solid strokes whose
+    widths are closer together, and whose overall width follows the level: a low level gives a
+    fat brush (loops may close, as they do when people draw fat), a high one a thin pen. The cut
+    is a steep sigmoid, so edges stay anti-aliased.
+    """
+    n = images.shape[0]
+    picked = torch.rand(n, 1, 1, 1, device=images.device) < probability
+    sigma = torch.empty(n, device=images.device).uniform_(0.7, 1.3)
+    blurred = _gaussian_blur(images, sigma)
+    blurred = blurred / blurred.amax((2, 3), keepdim=True).clamp(min=1e-3)
+    level = torch.empty(n, 1, 1, 1, device=images.device).uniform_(*levels)
+    steepness = 12.0
+    stroke = torch.sigmoid((blurred - level) * steepness)
+    floor = torch.sigmoid(-level * steepness)
+    top = torch.sigmoid((1 - level) * steepness)
+    stroke = ((stroke - floor) / (top - floor)).clamp(0, 1)
+    return torch.where(picked, stroke, images)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image of an (N, 1, H, W) batch with its own Gaussian (5x5, separable)."""
+    n, _, height, width = images.shape
+    offsets = torch.arange(-2, 3, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    rows = F.conv2d(
+        images.reshape(1, n, height, width), kernel[:, None, None, :], padding=(0, 2), groups=n
+    )
+    both = F.conv2d(rows, kernel[:, None, :, None], padding=(2, 0), groups=n)
+    return both.reshape(n, 1, height, width)

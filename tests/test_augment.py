@@ -1,0 +1,93 @@
+"""augment.py: training-time distortions keep a digit a digit."""
+
+import pytest
+import torch
+from mnist_files import SUBSET
+
+import augment
+import mnist
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, _ = mnist.load_split(SUBSET, "train")
+    return images[:64].unsqueeze(1).float() / 255
+
+
+def _centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    ys = torch.arange(28.0).view(1, 1, 28, 1)
+    xs = torch.arange(28.0).view(1, 1, 1, 28)
+    mass = images.sum((2, 3))
+    return torch.stack([(images * ys).sum((2, 3)) / mass, (images * xs).sum((2, 3)) / mass])
+
+
+def test_augment_keeps_shape_range_and_the_digit_near_the_middle(digits):
+    torch.manual_seed(0)
+    out = augment.augment(digits)
+    assert out.shape == digits.shape
+    assert out.dtype == torch.float32
+    assert out.min() >= -1e-5 and out.max() <= 1 + 1e-5
+    assert (out.sum((1, 2, 3)) > 0.3 * digits.sum((1, 2, 3))).all(), "no digit is lost"
+    shift = (_centre_of_mass(out) - _centre_of_mass(digits)).abs()
+    assert shift.max() < 6
+
+
+def test_augment_changes_the_images_and_is_repeatable_with_a_seed(digits):
+    torch.manual_seed(1)
+    first = augment.augment(digits)
+    torch.manual_seed(1)
+    second = augment.augment(digits)
+    assert torch.equal(first, second)
+    assert (first - digits).abs().mean() > 0.01
+
+
+def test_thickening_adds_ink_and_thinning_removes_it(digits):
+    thick = augment.change_stroke_width(digits, thicken_probability=1.0, thin_probability=0.0)
+    thin = augment.change_stroke_width(digits, thicken_probability=0.0, thin_probability=1.0)
+    ink = digits.sum((1, 2, 3))
+    assert (thick.sum((1, 2, 3)) >= ink - 1e-3).all()
+    assert thick.sum() > 1.2 * ink.sum()
+    assert (thin.sum((1, 2, 3)) <= ink + 1e-3).all()
+    assert thin.sum() < 0.9 * ink.sum()
+    unchanged = augment.change_stroke_width(digits, thicken_probability=0, thin_probability=0)
+    assert torch.equal(unchanged, digits)
+
+
+def test_thinning_never_erases_a_one_pixel_line():
+    line = torch.zeros(4, 1, 28, 28)
+    line[:, :, 4:24, 14] = 1.0
+    thinned = augment.change_stroke_width(line, thicken_probability=0.0, thin_probability=1.0)
+    assert torch.equal(thinned, line)
+
+
+def _row_width(image: torch.Tensor, columns: slice) -> float:
+    """Ink across the middle row within `columns`, in pixels of full ink."""
+    return float(image[0, 0, 14, columns].sum())
+
+
+def test_restroke_brings_stroke_widths_closer():
+    bars = torch.zeros(1, 1, 28, 28)
+    bars[:, :, 4:24, 6:8] = 1.0  # a 2 px stroke
+    bars[:, :, 4:24, 16:20] = 1.0  # a 4 px stroke
+    before = _row_width(bars, slice(14, 22)) / _row_width(bars, slice(2, 12))
+    even = augment.restroke(bars, probability=1.0, levels=(0.3, 0.3))
+    after = _row_width(even, slice(14, 22)) / _row_width(even, slice(2, 12))
+    assert before == 2.0
+    assert after < 1.85
+    assert even.max() == pytest.approx(1.0, abs=1e-3)
+    assert even.min() >= 0
+
+
+def test_restroke_keeps_the_digit_and_touches_only_the_picked_part(digits):
+    torch.manual_seed(0)
+    assert torch.equal(augment.restroke(digits, probability=0.0), digits)
+    even = augment.restroke(digits, probability=1.0)
+    assert not torch.equal(even, digits)
+    assert (even.amax((1, 2, 3)) > 0.99).all()
+    shift = (_centre_of_mass(even) - _centre_of_mass(digits)).abs()
+    assert shift.max() < 2.5, "whole strokes are kept, not a part of the digit"
+
+
+def test_dilate_is_a_3x3_max_filter(digits):
+    expected = torch.nn.functional.max_pool2d(digits, 3, stride=1, padding=1)
+    assert torch.equal(augment.dilate(digits), expected)
