@@ -82,6 +82,7 @@ def test_full_run_learns_and_writes_model_and_report(tmp_path, data):
     report = json.loads((tmp_path / "out" / "model.json").read_text())
     assert report["test_accuracy"] > 0.85  # 2,000 real digits, 3 epochs, 500 test digits
     assert 0 <= report["drawn_accuracy"] <= 1
+    assert 0 <= report["pen_accuracy"] <= 1
     assert report["epochs"] == 3 and report["training_images"] == 2000
     assert report["torch_version"] == torch.__version__
     assert report["parameters"] == sum(p.numel() for p in net.parameters())

@@ -1,0 +1,104 @@
+"""evaluate.py: the drawn and pen sets, and accuracy measured through the app's own path."""
+
+import numpy as np
+import pytest
+import torch
+from mnist_files import SUBSET
+
+import evaluate
+import mnist
+import model
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return mnist.load_split(SUBSET, "test")
+
+
+def _ink_rows(image: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((image[:, :, :3] > 127).any(axis=(1, 2)))
+
+
+def test_skeleton_of_a_thick_bar_is_one_pixel_wide_and_inside_it():
+    bar = np.zeros((40, 60), dtype=bool)
+    bar[15:25, 10:50] = True
+    thin = evaluate.skeleton(bar)
+    assert not (thin & ~bar).any()
+    middle = thin[:, 20:40]
+    assert (middle.sum(axis=0) == 1).all(), "one pixel per column along the bar"
+    assert 10 <= thin.sum() <= 45
+
+
+def test_skeleton_of_a_ring_keeps_its_hole():
+    ys, xs = np.indices((60, 60))
+    radius = np.hypot(ys - 30, xs - 30)
+    ring = (radius > 12) & (radius < 22)
+    thin = evaluate.skeleton(ring)
+    assert not thin[25:36, 25:36].any()
+    for side in (thin[:, :30], thin[:, 30:], thin[:30], thin[30:]):
+        assert side.any(), "the loop is closed all round"
+    assert thin.sum() < ring.sum() / 4
+
+
+def test_pen_digits_are_opaque_canvases_with_strokes_of_the_brush_width(subset):
+    images, labels = subset
+    drawn = list(evaluate.pen_digits(images, labels, count=12, seed=3))
+    assert len(drawn) == 12
+    low, high = evaluate.PEN_BRUSH_WIDTHS
+    for digit in drawn:
+        assert digit.style == "pen"
+        assert digit.image.shape == (evaluate.CANVAS_SIZE, evaluate.CANVAS_SIZE, 4)
+        assert digit.image.dtype == np.uint8
+        assert (digit.image[:, :, 3] == 255).all()
+        rows = _ink_rows(digit.image)
+        height = rows[-1] - rows[0] + 1
+        assert low <= height <= evaluate.PEN_DIGIT_SIZES[1] + 2
+        # Every stroke is the brush's width: no ink run across a row is thinner than the
+        # narrowest brush, except where a stroke's round end is cut.
+        ink = digit.image[:, :, 0] > 127
+        runs = np.diff(np.flatnonzero(np.diff(np.pad(ink[rows[len(rows) // 2]], 1))))[::2]
+        assert runs.max() >= low - 2
+    labels_seen = [digit.label for digit in drawn]
+    again = [d.label for d in evaluate.pen_digits(images, labels, count=12, seed=3)]
+    assert labels_seen == again, "the same seed picks the same digits"
+
+
+def test_drawn_digits_take_every_style_in_turn(subset):
+    images, labels = subset
+    drawn = list(evaluate.drawn_digits(images, labels, count=16, seed=0))
+    assert [d.style for d in drawn] == list(evaluate.DRAWN_STYLES) * 2
+    for digit in drawn:
+        assert digit.image.shape[:2] == (evaluate.CANVAS_SIZE, evaluate.CANVAS_SIZE)
+        assert digit.image.dtype == np.uint8
+
+
+def test_an_empty_drawing_counts_as_wrong():
+    net = model.DigitCNN().eval()
+    blank = np.zeros((280, 280, 4), dtype=np.uint8)
+    blank[:, :, 3] = 255
+    predicted = evaluate.predicted_digits(net, [blank])
+    assert predicted == [None]
+    assert evaluate.accuracy(predicted, [0]) == 0.0
+    assert evaluate.accuracy([1, 2, None, 4], [1, 2, 3, 5]) == 0.5
+
+
+def test_the_shipped_model_reads_the_subset_through_the_app_path(subset):
+    """The committed weights and `utils.preprocess` together: MNIST digits, canvas drawings
+    and pen tracings of the committed test subset are mostly read right."""
+    images, labels = subset
+    torch.manual_seed(0)
+    report = evaluate.evaluate(model.load_model(), images, labels, drawn_count=200, log=print)
+    assert report["test_accuracy"] >= 0.98
+    assert report["drawn_accuracy"] >= 0.95
+    assert report["pen_accuracy"] >= 0.93
+    assert set(report["drawn_accuracy_by_style"]) == set(evaluate.DRAWN_STYLES)
+
+
+def test_an_untrained_model_does_not_pass_for_a_trained_one(subset):
+    images, labels = subset
+    torch.manual_seed(0)
+    report = evaluate.evaluate(
+        model.DigitCNN().eval(), images[:100], labels[:100], drawn_count=50, log=print
+    )
+    assert report["test_accuracy"] < 0.5
+    assert report["pen_accuracy"] < 0.5
