@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmarks, print one Markdown table, write bench/results.json.
 
-    python -m bench                      # everything; training: 1 epoch measured, 12 extrapolated
+    python -m bench                      # everything; training: 1 epoch, the rest extrapolated
     python -m bench --training full      # the real default training run (~4 min on 2 cores)
     python -m bench --only inference database
     python -m bench --skip browser training

@@ -1,7 +1,7 @@
 """Training: seconds per epoch and peak memory of train.py with its default settings.
 
 By default one epoch is measured (``train.py --epochs 1``, every other setting default: the full
-60,000 images, batch 128, all cores) and the default 12-epoch run is extrapolated from it;
+60,000 images, the default batch size, all cores) and the default run is extrapolated from it;
 ``--training full`` runs the real default training (about 4 minutes on 2 cores). Peak memory is
 also measured with ``--workers 2`` (one epoch): the main process plus its DataLoader workers.
 """
@@ -20,7 +20,6 @@ from pathlib import Path
 from bench.common import ROOT, Row, child_env, mnist_dir
 
 SECTION = "Training"
-DEFAULT_EPOCHS = 12  # train.py's default
 DONE = re.compile(r"epoch (\d+)/(\d+) done")
 
 
@@ -104,9 +103,18 @@ def run_train(data: Path, *extra: str, timeout: float = 1800) -> TrainRun:
     return result
 
 
+def train_defaults() -> tuple[int, int]:
+    """train.py's default epochs and batch size, read from its own argument parser."""
+    import train
+
+    defaults = train.parse_args([])
+    return defaults.epochs, defaults.batch_size
+
+
 def run(mode: str = "epoch") -> list[Row]:
     if mode not in ("epoch", "full"):
         raise ValueError(f"training mode must be 'epoch' or 'full', not {mode!r}")
+    epochs, batch = train_defaults()
     data = mnist_dir()
     if data is None:
         return [Row(SECTION, "training", None, "", note="skipped: no MNIST (set MNIST_DIR)")]
@@ -117,12 +125,12 @@ def run(mode: str = "epoch") -> list[Row]:
         ends = [begin, *full.epoch_ends]
         per_epoch = [b - a for a, b in zip(ends, ends[1:], strict=False)]
         rows += [
-            Row(SECTION, "seconds per epoch (mean of 12, default run)",
+            Row(SECTION, f"seconds per epoch (mean of {epochs}, default run)",
                 sum(per_epoch) / len(per_epoch), "s",
                 note=f"min {min(per_epoch):.1f}, max {max(per_epoch):.1f}; "
-                f"{full.threads} threads; 60,000 images, batch 128"),
+                f"{full.threads} threads; 60,000 images, batch {batch}"),
             Row(SECTION, "default training, total (measured)", full.seconds, "s",
-                note="python train.py: 12 epochs + final evaluation, process start to exit"),
+                note=f"python train.py: {epochs} epochs + final evaluation, process start to exit"),
             Row(SECTION, "peak RSS, default run (--workers 0)", full.peak_main_mb, "MB",
                 note="VmHWM of the train.py process"),
         ]  # fmt: skip
@@ -131,13 +139,13 @@ def run(mode: str = "epoch") -> list[Row]:
         begin = one.first("starting from scratch")
         epoch = one.epoch_ends[0] - begin
         tail = one.seconds - one.epoch_ends[0]
-        total = begin + DEFAULT_EPOCHS * epoch + tail
+        total = begin + epochs * epoch + tail
         rows += [
             Row(SECTION, "seconds per epoch (1 epoch measured)", epoch, "s",
                 note=f"train.py --epochs 1, other settings default: {one.threads} threads, "
-                "60,000 images, batch 128"),
+                f"60,000 images, batch {batch}"),
             Row(SECTION, "default training, total (EXTRAPOLATED)", total, "s",
-                note=f"start-up {begin:.1f} s + 12 x epoch + final evaluation {tail:.1f} s; "
+                note=f"start-up {begin:.1f} s + {epochs} x epoch + final evaluation {tail:.1f} s; "
                 "`python -m bench --training full` measures it"),
             Row(SECTION, "peak RSS, default settings (--workers 0)", one.peak_main_mb, "MB",
                 note="VmHWM of train.py over 1 epoch + final evaluation"),
