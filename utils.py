@@ -73,6 +73,8 @@ def ink_map(image: np.ndarray | Image.Image) -> np.ndarray:
             return alpha / np.float32(255)
         colour = ((colour.astype(np.uint16) * alpha[:, :, None] + 127) // 255).astype(np.uint8)
 
+    if colour.shape[2] == 3 and _is_grey(colour):
+        colour = colour[:, :, :1]  # the app's white-on-black canvas: one channel says it all
     background = np.median(_border(colour), axis=0).round().astype(np.int16)
     # Per channel, |value - background| through a 256-entry table: much faster than int16 maths.
     values = np.arange(256, dtype=np.int16)
@@ -136,6 +138,12 @@ def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise EmptyImageError("The image is empty (zero pixels).")
     return image
+
+
+def _is_grey(colour: np.ndarray) -> bool:
+    return np.array_equal(colour[:, :, 0], colour[:, :, 1]) and np.array_equal(
+        colour[:, :, 1], colour[:, :, 2]
+    )
 
 
 def _border(array: np.ndarray) -> np.ndarray:

@@ -113,6 +113,16 @@ def test_any_ink_colour_on_any_background(ink, background):
     assert _overlap(reference, coloured) > 0.9
 
 
+def test_ink_in_one_channel_only_is_found_on_a_grey_background():
+    """Grey images take a one-channel shortcut; ink that differs in one channel must not."""
+    grey = np.full((280, 280, 3), 100, dtype=np.uint8)
+    seven = draw_seven()[:, :, 0] > 127
+    grey[seven, 2] = 250  # blue ink: red and green stay at the background's 100
+    assert _overlap(pixels(draw_seven()), pixels(grey)) > 0.9
+    rgba = np.dstack([grey, np.full(grey.shape[:2], 255, np.uint8)])
+    assert _overlap(pixels(draw_seven()), pixels(rgba)) > 0.9
+
+
 def test_rgba_with_transparent_background_uses_alpha_as_ink():
     rgb = draw_seven()
     rgba = np.zeros((*rgb.shape[:2], 4), dtype=np.uint8)
