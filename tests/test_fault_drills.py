@@ -158,25 +158,23 @@ def choose_kill(rng: random.Random, index: int) -> tuple[str, str, float]:
     logged a few milliseconds before its checkpoint is renamed into place, (2) in epoch 3 or in
     the final evaluation.
     """
-    if index == 0:
+
+    def in_epoch(epoch: int) -> tuple[str, str, float]:
         step = rng.randint(1, STEPS)
         delay = rng.uniform(0, 0.3)
         return (
-            f"epoch 1 after step {step} + {delay * 1000:.0f} ms",
-            rf"epoch 1/3 step {step}/",
+            f"epoch {epoch} after step {step} + {delay * 1000:.0f} ms",
+            rf"epoch {epoch}/3 step {step}/",
             delay,
         )
+
+    if index == 0:
+        return in_epoch(1)
     if index == 1:
         delay = rng.uniform(0, 0.015)
         return f"'epoch 2/3 done' + {delay * 1000:.1f} ms", r"epoch 2/3 done", delay
     if rng.random() < 0.5:
-        step = rng.randint(1, STEPS)
-        delay = rng.uniform(0, 0.3)
-        return (
-            f"epoch 3 after step {step} + {delay * 1000:.0f} ms",
-            rf"epoch 3/3 step {step}/",
-            delay,
-        )
+        return in_epoch(3)
     delay = rng.uniform(0, 0.5)
     return f"final evaluation + {delay * 1000:.0f} ms", r"training done in", delay
 
