@@ -78,16 +78,13 @@ def draw_on_canvas(
     ink = _solid_strokes(digit, size, brush)
     ink = ink[:CANVAS_SIZE, :CANVAS_SIZE]
 
-    h, w = ink.shape
-    room_y, room_x = CANVAS_SIZE - h, CANVAS_SIZE - w
     if style == "off-centre":
         corner = int(rng.integers(0, 4))
-        top = room_y if corner >= 2 else 0
-        left = room_x if corner % 2 else 0
+        top = CANVAS_SIZE - ink.shape[0] if corner >= 2 else 0
+        left = CANVAS_SIZE - ink.shape[1] if corner % 2 else 0
+        canvas = _on_canvas(ink, top, left)
     else:
-        top, left = int(rng.integers(0, room_y + 1)), int(rng.integers(0, room_x + 1))
-    canvas = np.zeros((CANVAS_SIZE, CANVAS_SIZE), dtype=np.float32)
-    canvas[top : top + h, left : left + w] = ink
+        canvas = _anywhere_on_canvas(ink, rng)
 
     if style == "dark on light":
         image = ((1 - canvas) * 255).round().astype(np.uint8)
@@ -101,9 +98,28 @@ def draw_on_canvas(
         image[:, :, :3] = (40, 40, 200)
         image[:, :, 3] = (canvas * 255).round().astype(np.uint8)
     else:
-        grey = (canvas * 255).round().astype(np.uint8)
-        image = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+        image = _app_canvas_image(canvas)
     return DrawnDigit(image=image, label=label, style=style)
+
+
+def _anywhere_on_canvas(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`ink` pasted at a random place where it fits whole."""
+    top = int(rng.integers(0, CANVAS_SIZE - ink.shape[0] + 1))
+    left = int(rng.integers(0, CANVAS_SIZE - ink.shape[1] + 1))
+    return _on_canvas(ink, top, left)
+
+
+def _on_canvas(ink: np.ndarray, top: int, left: int) -> np.ndarray:
+    """An empty canvas's ink map (0 = background, 1 = ink) with `ink` pasted at top, left."""
+    canvas = np.zeros((CANVAS_SIZE, CANVAS_SIZE), dtype=np.float32)
+    canvas[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
+    return canvas
+
+
+def _app_canvas_image(canvas: np.ndarray) -> np.ndarray:
+    """An ink map as the app's canvas sends it: opaque RGBA, white ink on black."""
+    grey = (canvas * 255).round().astype(np.uint8)
+    return np.dstack([grey, grey, grey, np.full_like(grey, 255)])
 
 
 def _solid_strokes(digit: np.ndarray, size: int, brush: int) -> np.ndarray:
@@ -137,12 +153,7 @@ def pen_digits(
         size = int(rng.integers(*PEN_DIGIT_SIZES))
         brush = int(rng.integers(*PEN_BRUSH_WIDTHS))
         ink = _pen_strokes(images[index].numpy(), size, brush)[:CANVAS_SIZE, :CANVAS_SIZE]
-        h, w = ink.shape
-        top = int(rng.integers(0, CANVAS_SIZE - h + 1))
-        left = int(rng.integers(0, CANVAS_SIZE - w + 1))
-        grey = np.zeros((CANVAS_SIZE, CANVAS_SIZE), dtype=np.uint8)
-        grey[top : top + h, left : left + w] = (ink * 255).round().astype(np.uint8)
-        image = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+        image = _app_canvas_image(_anywhere_on_canvas(ink, rng))
         yield DrawnDigit(image=image, label=int(labels[index]), style="pen")
 
 
