@@ -9,13 +9,18 @@ A third set, "pen", traces each digit's centre line with a round brush of one wi
 trajectory drawn on the canvas looks: even strokes, round ends, no pressure. MNIST digits were
 scanned from paper, so their strokes vary in width; what people draw in the app does not.
 
-    python evaluate.py                          # the shipped model on all three sets
+The fourth set, "styles", owes nothing to MNIST: hand-made pen templates of the ways people write
+each digit, some of them rare in MNIST (a 1 with a flag and a base, a crossed 7, a closed 4, a
+slashed 0), drawn with the app's 18 px brush, jittered, slanted and sized at random.
+
+    python evaluate.py                          # the shipped model on all four sets
     python evaluate.py --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +38,7 @@ CANVAS_SIZE = 280
 # The app draws with an 18 px brush; pen digits use widths around it (px on the 280 px canvas).
 PEN_BRUSH_WIDTHS = (10, 26)
 PEN_DIGIT_SIZES = (80, 250)
+APP_BRUSH_WIDTH = 18
 DRAWN_STYLES = (
     "small",
     "large",
@@ -206,6 +212,104 @@ def skeleton(mask: np.ndarray) -> np.ndarray:
     return image[1:-1, 1:-1].astype(bool)
 
 
+def _arc(
+    centre: tuple[float, float], radii: tuple[float, float], degrees: tuple[float, float]
+) -> list[tuple[float, float]]:
+    """Points along an elliptic arc, clockwise on screen from `degrees[0]` to `degrees[1]`."""
+    steps = max(2, round(abs(degrees[1] - degrees[0]) / 15) + 1)
+    return [
+        (centre[0] + radii[0] * math.cos(angle), centre[1] + radii[1] * math.sin(angle))
+        for angle in np.radians(np.linspace(*degrees, steps))
+    ]
+
+
+# How people write each digit: strokes (pen down to pen up) as points in a unit box, x to the
+# right and y down. Several are rare in MNIST, whose writers were American.
+Stroke = list[tuple[float, float]]
+# fmt: off
+WRITING_STYLES: dict[str, tuple[int, list[Stroke]]] = {
+    "0 oval": (0, [_arc((0.5, 0.5), (0.45, 0.5), (-90, 270))]),
+    "0 slashed": (0, [_arc((0.5, 0.5), (0.45, 0.5), (-90, 270)), [(0.9, 0.1), (0.1, 0.9)]]),
+    "1 bar": (1, [[(0.5, 0.0), (0.5, 1.0)]]),
+    "1 flag": (1, [[(0.2, 0.3), (0.55, 0.0), (0.55, 1.0)]]),
+    "1 flag and base": (1, [[(0.2, 0.3), (0.55, 0.0), (0.55, 1.0)], [(0.2, 1.0), (0.9, 1.0)]]),
+    "2 plain": (2, [[*_arc((0.5, 0.28), (0.4, 0.28), (180, 360)), (0.75, 0.55), (0.05, 1.0),
+                     (0.95, 1.0)]]),
+    "2 looped": (2, [[*_arc((0.5, 0.28), (0.4, 0.28), (180, 360)), (0.75, 0.55), (0.05, 1.0),
+                      (0.2, 0.85), (0.35, 0.97), (0.95, 1.0)]]),
+    "3 round": (3, [[*_arc((0.45, 0.25), (0.4, 0.25), (200, 450)),
+                     *_arc((0.45, 0.75), (0.45, 0.25), (-90, 160))]]),
+    "3 flat top": (3, [[(0.1, 0.0), (0.9, 0.0), (0.4, 0.4),
+                        *_arc((0.45, 0.7), (0.45, 0.3), (-90, 150))]]),
+    "4 closed": (4, [[(0.75, 1.0), (0.75, 0.0), (0.0, 0.65), (1.0, 0.65)]]),
+    "4 open": (4, [[(0.15, 0.0), (0.1, 0.6), (0.95, 0.6)], [(0.7, 0.1), (0.7, 1.0)]]),
+    "5 one stroke": (5, [[(0.9, 0.0), (0.2, 0.0), (0.15, 0.45),
+                          *_arc((0.47, 0.7), (0.42, 0.3), (-120, 150))]]),
+    "5 top bar apart": (5, [[(0.2, 0.0), (0.15, 0.45),
+                             *_arc((0.47, 0.7), (0.42, 0.3), (-120, 150))],
+                            [(0.2, 0.0), (0.9, 0.0)]]),
+    "6 round": (6, [[*_arc((0.6, 0.45), (0.45, 0.45), (-100, -180)),
+                     *_arc((0.5, 0.72), (0.42, 0.28), (180, 540))]]),
+    "7 plain": (7, [[(0.05, 0.0), (0.95, 0.0), (0.4, 1.0)]]),
+    "7 crossed": (7, [[(0.05, 0.0), (0.95, 0.0), (0.4, 1.0)], [(0.3, 0.5), (0.9, 0.5)]]),
+    "7 hooked": (7, [[(0.05, 0.15), (0.05, 0.0), (0.95, 0.0), (0.4, 1.0)]]),
+    "8 one stroke": (8, [[*_arc((0.5, 0.25), (0.35, 0.25), (90, 450)),
+                          *_arc((0.5, 0.75), (0.45, 0.25), (-90, 270))]]),
+    "8 two loops": (8, [_arc((0.5, 0.24), (0.33, 0.24), (-90, 270)),
+                        _arc((0.5, 0.74), (0.45, 0.26), (-90, 270))]),
+    "9 straight": (9, [_arc((0.45, 0.27), (0.4, 0.27), (0, 360)), [(0.85, 0.27), (0.85, 1.0)]]),
+    "9 curved": (9, [_arc((0.45, 0.27), (0.4, 0.27), (0, 360)),
+                     [(0.85, 0.27), (0.8, 0.8), (0.5, 1.0)]]),
+}
+# fmt: on
+
+
+def styled_digits(count: int = 2000, seed: int = 0) -> Iterator[DrawnDigit]:
+    """Draw `count` digits from `WRITING_STYLES` in turn, each with its own jitter, slant, size
+    and place, as white pen strokes of the app's brush on the app's black canvas."""
+    rng = np.random.default_rng(seed)
+    names = list(WRITING_STYLES)
+    for i in range(count):
+        name = names[i % len(names)]
+        label, strokes = WRITING_STYLES[name]
+        ink = _pen_trajectory(strokes, rng)
+        image = _app_canvas_image(_anywhere_on_canvas(ink, rng))
+        yield DrawnDigit(image=image, label=label, style=name)
+
+
+def _pen_trajectory(
+    strokes: list[Stroke], rng: np.random.Generator, brush: int = APP_BRUSH_WIDTH
+) -> np.ndarray:
+    """One hand's version of a template: bent by a smooth random warp, each stroke put down a
+    little off, the whole slanted, then drawn 110-240 px tall with a round brush, anti-aliased
+    by drawing at twice the size."""
+    height = rng.uniform(110, 240)
+    width = height * rng.uniform(0.55, 0.8)
+    slant = rng.uniform(-0.15, 0.35)
+    # The warp: two waves across the box, each moving points by up to 4% of the digit's size.
+    frequencies = rng.uniform(-2 * math.pi, 2 * math.pi, (2, 2, 2))
+    phases = rng.uniform(0, 2 * math.pi, (2, 2))
+    amplitudes = rng.uniform(-0.04, 0.04, (2, 2))
+    lines = []
+    for stroke in strokes:
+        points = np.asarray(stroke)
+        waves = np.sin(np.einsum("pd,wcd->pwc", points, frequencies) + phases)
+        points = points + (amplitudes * waves).sum(axis=1) + rng.normal(0, 0.015, 2)
+        xs = points[:, 0] * width + (1 - points[:, 1]) * slant * height
+        lines.append(np.stack([xs, points[:, 1] * height], axis=1))
+    everything = np.concatenate(lines)
+    origin = everything.min(axis=0) - brush / 2 - 1
+    size = np.ceil(everything.max(axis=0) - origin + brush / 2 + 1).astype(int)
+    pen = ImageDraw.Draw(image := Image.new("L", tuple(2 * size)))
+    for line in lines:
+        points = [tuple(point) for point in 2 * (line - origin)]
+        pen.line(points, fill=255, width=2 * brush, joint="curve")
+        for x, y in (points[0], points[-1]):
+            pen.ellipse([x - brush, y - brush, x + brush, y + brush], fill=255)
+    ink = np.asarray(image.resize(tuple(size), Image.Resampling.BOX)) / np.float32(255)
+    return ink[:CANVAS_SIZE, :CANVAS_SIZE]
+
+
 def predicted_digits(
     net: torch.nn.Module, images: Iterable[np.ndarray], batch_size: int = 500
 ) -> list[int | None]:
@@ -238,6 +342,18 @@ def accuracy(predicted: Sequence[int | None], labels: Sequence[int]) -> float:
     return sum(p == t for p, t in zip(predicted, labels, strict=True)) / max(1, len(labels))
 
 
+def accuracy_by_style(
+    predicted: Sequence[int | None], labels: Sequence[int], styles: Sequence[str]
+) -> dict[str, float]:
+    """Accuracy of each style, in the order the styles first appear."""
+    by_style: dict[str, tuple[list[int | None], list[int]]] = {}
+    for digit, label, style in zip(predicted, labels, styles, strict=True):
+        picked, truths = by_style.setdefault(style, ([], []))
+        picked.append(digit)
+        truths.append(label)
+    return {style: accuracy(*pairs) for style, pairs in by_style.items()}
+
+
 def evaluate(
     net: torch.nn.Module,
     test_images: torch.Tensor,
@@ -246,8 +362,8 @@ def evaluate(
     log: Callable[[str], None] = print,
     seed: int = 0,
 ) -> dict:
-    """MNIST test accuracy, drawn-digit accuracy (overall and per style) and pen-digit accuracy,
-    all through `utils.preprocess`."""
+    """MNIST test accuracy, drawn-digit accuracy (overall and per style), pen-digit accuracy and
+    writing-styles accuracy, all through `utils.preprocess`."""
     started = time.perf_counter()
     test_accuracy = accuracy(
         predicted_digits(net, (image.numpy() for image in test_images)), test_labels.tolist()
@@ -256,28 +372,32 @@ def evaluate(
         net, drawn_digits(test_images, test_labels, count=drawn_count, seed=seed)
     )
     drawn_accuracy = accuracy(drawn_predicted, drawn_labels)
-    by_style = {}
-    for style in DRAWN_STYLES:
-        picked = [i for i, s in enumerate(drawn_styles) if s == style]
-        by_style[style] = accuracy(
-            [drawn_predicted[i] for i in picked], [drawn_labels[i] for i in picked]
-        )
+    by_style = accuracy_by_style(drawn_predicted, drawn_labels, drawn_styles)
     pen_labels, _, pen_predicted = _predict_drawings(
         net, pen_digits(test_images, test_labels, count=drawn_count, seed=seed)
     )
     pen_accuracy = accuracy(pen_predicted, pen_labels)
+    styles_labels, writing_styles, styles_predicted = _predict_drawings(
+        net, styled_digits(count=drawn_count, seed=seed)
+    )
+    styles_accuracy = accuracy(styles_predicted, styles_labels)
     log(
         f"test accuracy {test_accuracy:.2%} on {len(test_labels)} MNIST test images; "
         f"drawn-digit accuracy {drawn_accuracy:.2%} on {len(drawn_labels)} canvas drawings; "
-        f"pen-digit accuracy {pen_accuracy:.2%} on {len(pen_labels)} pen tracings "
+        f"pen-digit accuracy {pen_accuracy:.2%} on {len(pen_labels)} pen tracings; "
+        f"writing-styles accuracy {styles_accuracy:.2%} on {len(styles_labels)} pen drawings "
         f"({time.perf_counter() - started:.1f} s)"
     )
     log("  drawn by style: " + ", ".join(f"{s} {a:.1%}" for s, a in by_style.items()))
+    by_writing = accuracy_by_style(styles_predicted, styles_labels, writing_styles)
+    hardest = sorted(by_writing.items(), key=lambda item: item[1])[:3]
+    log("  hardest writing styles: " + ", ".join(f"{s} {a:.1%}" for s, a in hardest))
     return {
         "test_accuracy": test_accuracy,
         "drawn_accuracy": drawn_accuracy,
         "drawn_accuracy_by_style": by_style,
         "pen_accuracy": pen_accuracy,
+        "styles_accuracy": styles_accuracy,
     }
 
 
@@ -299,9 +419,15 @@ def _predict_drawings(
 
 
 def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None:
-    """Write two rows of eight drawn digits and one of pen digits as a PNG, to look at."""
+    """Write two rows of eight drawn digits, one of pen digits and one of writing styles as a
+    PNG, to look at."""
     tiles = []
-    for drawn in [*drawn_digits(images, labels, count=16), *pen_digits(images, labels, count=8)]:
+    examples = [
+        *drawn_digits(images, labels, count=16),
+        *pen_digits(images, labels, count=8),
+        *styled_digits(count=8, seed=1),
+    ]
+    for drawn in examples:
         tile = Image.fromarray(drawn.image)
         if drawn.style == "transparent":
             tile = Image.alpha_composite(Image.new("RGBA", tile.size, "white"), tile)
@@ -314,7 +440,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model file (default models/model.pth)")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default MNIST_DIR)")
-    parser.add_argument("--drawn", type=int, default=2000, help="size of the drawn and pen sets")
+    parser.add_argument("--drawn", type=int, default=2000, help="size of each drawn set")
     parser.add_argument("--seed", type=int, default=0, help="which digits and drawings")
     parser.add_argument("--save-examples", default=None, help="write a PNG grid of drawings")
     args = parser.parse_args()

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--log-every", type=float, default=5.0, help="seconds between lines")
-    parser.add_argument("--drawn", type=int, default=2000, help="size of the drawn and pen sets")
+    parser.add_argument("--drawn", type=int, default=2000, help="size of each drawn set")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.keep < 1:
         parser.error("--epochs, --batch-size and --keep must be >= 1 and --lr > 0")
@@ -422,6 +422,7 @@ def write_model(net, args, metrics: dict, trained_seconds: float, started: float
             style: round(value, 4) for style, value in metrics["drawn_accuracy_by_style"].items()
         },
         "pen_accuracy": round(metrics["pen_accuracy"], 5),
+        "styles_accuracy": round(metrics["styles_accuracy"], 5),
         "measured_through": "utils.preprocess + model.predict_batch",
         "epochs": args.epochs,
         "batch_size": args.batch_size,

@@ -72,6 +72,34 @@ def test_drawn_digits_take_every_style_in_turn(subset):
         assert digit.image.dtype == np.uint8
 
 
+def test_writing_styles_cover_every_digit_drawn_with_the_app_brush():
+    import app
+
+    assert evaluate.APP_BRUSH_WIDTH == app.BRUSH_WIDTH
+    assert evaluate.CANVAS_SIZE == app.CANVAS_SIZE
+    count = 2 * len(evaluate.WRITING_STYLES)
+    drawn = list(evaluate.styled_digits(count=count, seed=4))
+    assert [d.style for d in drawn] == list(evaluate.WRITING_STYLES) * 2
+    assert {d.label for d in drawn} == set(range(10))
+    for digit in drawn:
+        assert digit.label == int(digit.style[0])
+        assert digit.image.shape == (evaluate.CANVAS_SIZE, evaluate.CANVAS_SIZE, 4)
+        assert (digit.image[:, :, 3] == 255).all()
+        rows = _ink_rows(digit.image)
+        assert 100 <= rows[-1] - rows[0] + 1 <= 280
+        ink = digit.image[:, :, 0] > 127
+        widths = np.diff(np.flatnonzero(np.diff(np.pad(ink[rows[len(rows) // 2]], 1))))[::2]
+        assert evaluate.APP_BRUSH_WIDTH - 3 <= widths.min(), "no stroke thinner than the brush"
+    again = [d.image for d in evaluate.styled_digits(count=count, seed=4)]
+    assert all(np.array_equal(a, d.image) for a, d in zip(again, drawn, strict=True))
+
+
+def test_accuracy_by_style_groups_in_order_of_appearance():
+    by_style = evaluate.accuracy_by_style([1, 2, None, 7], [1, 3, 0, 7], ["b", "a", "b", "a"])
+    assert by_style == {"b": 0.5, "a": 0.5}
+    assert list(by_style) == ["b", "a"]
+
+
 def test_an_empty_drawing_counts_as_wrong():
     net = model.DigitCNN().eval()
     blank = np.zeros((280, 280, 4), dtype=np.uint8)
@@ -91,6 +119,7 @@ def test_the_shipped_model_reads_the_subset_through_the_app_path(subset):
     assert report["test_accuracy"] >= 0.98
     assert report["drawn_accuracy"] >= 0.95
     assert report["pen_accuracy"] >= 0.93
+    assert report["styles_accuracy"] >= 0.93
     assert set(report["drawn_accuracy_by_style"]) == set(evaluate.DRAWN_STYLES)
 
 
@@ -102,3 +131,4 @@ def test_an_untrained_model_does_not_pass_for_a_trained_one(subset):
     )
     assert report["test_accuracy"] < 0.5
     assert report["pen_accuracy"] < 0.5
+    assert report["styles_accuracy"] < 0.5
