@@ -362,7 +362,7 @@ def train_one_epoch(
         stop.check()
         images = images.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
         labels = labels.to(device, non_blocking=True)
-        images = augment.augment(images)
+        images = augment.augment(augment.flag_ones(images, labels))
         inputs = images.sub_(utils.MNIST_MEAN).div_(utils.MNIST_STD)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
 

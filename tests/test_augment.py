@@ -91,3 +91,41 @@ def test_restroke_keeps_the_digit_and_touches_only_the_picked_part(digits):
 def test_dilate_is_a_3x3_max_filter(digits):
     expected = torch.nn.functional.max_pool2d(digits, 3, stride=1, padding=1)
     assert torch.equal(augment.dilate(digits), expected)
+
+
+def _upright_one() -> torch.Tensor:
+    one = torch.zeros(1, 1, 28, 28)
+    one[:, :, 4:24, 13:15] = 1.0
+    return one
+
+
+def test_a_flag_goes_from_the_top_of_an_upright_one_down_to_the_left():
+    torch.manual_seed(0)
+    ones = _upright_one().repeat(8, 1, 1, 1)
+    flagged = augment.flag_ones(ones, torch.ones(8, dtype=torch.long), probability=1.0)
+    added = (flagged - ones).clamp(min=0)[:, 0]
+    assert (added.sum((1, 2)) > 3).all(), "every 1 got a flag"
+    assert torch.equal(flagged.clamp(max=1), flagged) and torch.equal(flagged.max(ones), flagged)
+    ys, xs = torch.nonzero(added > 0.5, as_tuple=True)[1:]
+    assert xs.max() <= 13 and xs.min() >= 2, "left of the stem, inside the frame"
+    assert ys.min() >= 3 and ys.max() <= 4 + 0.45 * 20, "hangs from the top, no longer than asked"
+
+
+def test_only_ones_get_flags_and_a_blank_one_stays_blank():
+    torch.manual_seed(0)
+    images = torch.cat([_upright_one().repeat(3, 1, 1, 1), torch.zeros(1, 1, 28, 28)])
+    labels = torch.tensor([7, 4, 1, 1])
+    flagged = augment.flag_ones(images, labels, probability=1.0)
+    assert torch.equal(flagged[:2], images[:2])
+    assert flagged[2].sum() > images[2].sum()
+    assert torch.equal(flagged[3], images[3])
+    assert torch.equal(augment.flag_ones(images, labels, probability=0.0), images)
+
+
+def test_a_one_slanted_like_a_slash_gets_no_flag_that_would_make_it_a_seven():
+    slash = torch.zeros(1, 1, 28, 28)
+    for row in range(4, 24):
+        column = 20 - (row - 4) * 10 // 20
+        slash[0, 0, row, column : column + 2] = 1.0
+    flagged = augment.flag_ones(slash, torch.tensor([1]), probability=1.0)
+    assert torch.equal(flagged, slash)
