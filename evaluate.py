@@ -11,7 +11,7 @@ scanned from paper, so their strokes vary in width; what people draw in the app 
 
 The fourth set, "styles", owes nothing to MNIST: hand-made pen templates of the ways people write
 each digit, some of them rare in MNIST (a 1 with a flag and a base, a crossed 7, a closed 4, a
-slashed 0), drawn with the app's 18 px brush, jittered, slanted and sized at random.
+slashed 0), drawn with the app's 18 px brush, bent, slanted and sized at random.
 
     python evaluate.py                          # the shipped model on all four sets
     python evaluate.py --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
@@ -35,10 +35,10 @@ import model as model_lib
 import utils
 
 CANVAS_SIZE = 280
-# The app draws with an 18 px brush; pen digits use widths around it (px on the 280 px canvas).
+APP_BRUSH_WIDTH = 18
+# Pen digits use brush widths around the app's (px on the 280 px canvas).
 PEN_BRUSH_WIDTHS = (10, 26)
 PEN_DIGIT_SIZES = (80, 250)
-APP_BRUSH_WIDTH = 18
 DRAWN_STYLES = (
     "small",
     "large",
@@ -265,8 +265,8 @@ WRITING_STYLES: dict[str, tuple[int, list[Stroke]]] = {
 
 
 def styled_digits(count: int = 2000, seed: int = 0) -> Iterator[DrawnDigit]:
-    """Draw `count` digits from `WRITING_STYLES` in turn, each with its own jitter, slant, size
-    and place, as white pen strokes of the app's brush on the app's black canvas."""
+    """Draw `count` digits from `WRITING_STYLES` in turn, each bent, slanted, sized and placed
+    its own way, as white pen strokes of the app's brush on the app's black canvas."""
     rng = np.random.default_rng(seed)
     names = list(WRITING_STYLES)
     for i in range(count):
