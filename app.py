@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("app")
 
-CANVAS_SIZE = 280
-BRUSH_WIDTH = 18
+CANVAS_SIZE = utils.CANVAS_SIZE
+BRUSH_WIDTH = utils.BRUSH_WIDTH
 MODEL_VIEW_SIZE = 140  # the 28x28 model input, shown 5x larger
 MAX_DRAWING_SIDE = 4 * CANVAS_SIZE  # room for high-DPI screens, far below a memory hog
 HISTORY_LIMIT = 10_000

@@ -13,17 +13,25 @@ The fourth set, "styles", owes nothing to MNIST: hand-made pen templates of the 
 each digit, some of them rare in MNIST (a 1 with a flag and a base, a crossed 7, a closed 4, a
 slashed 0), drawn with the app's 18 px brush, bent, slanted and sized at random.
 
-    python evaluate.py                          # the shipped model on all four sets
+The fifth, "pen digits, writers not trained on", is real handwriting: the digits of the pen
+writers the model was trained without (`pen_held_out.writers` in its model.json), drawn from
+their recorded strokes with the app's brush exactly as train.py measured them, per digit and
+with the worst confusions.
+
+    python evaluate.py                          # the shipped model on all five sets
+    python evaluate.py --write                  # ... and the figures into models/model.json
     python evaluate.py --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,10 +40,12 @@ from PIL import Image, ImageDraw
 
 import mnist
 import model as model_lib
+import pendigits
+import train
 import utils
 
-CANVAS_SIZE = 280
-APP_BRUSH_WIDTH = 18
+CANVAS_SIZE = utils.CANVAS_SIZE
+APP_BRUSH_WIDTH = utils.BRUSH_WIDTH
 # Pen digits use brush widths around the app's (px on the 280 px canvas).
 PEN_BRUSH_WIDTHS = (10, 26)
 PEN_DIGIT_SIZES = (80, 250)
@@ -310,36 +320,9 @@ def _pen_trajectory(
     return ink[:CANVAS_SIZE, :CANVAS_SIZE]
 
 
-def predicted_digits(
-    net: torch.nn.Module, images: Iterable[np.ndarray], batch_size: int = 500
-) -> list[int | None]:
-    """The digit the app would show for each raw image (None where `preprocess` sees no digit):
-    each image through `utils.preprocess`, then `predict_batch` in batches."""
-    digits: list[int | None] = []
-    pending: list[tuple[int, torch.Tensor]] = []
-
-    def flush() -> None:
-        predictions = model_lib.predict_batch(net, torch.cat([batch for _, batch in pending]))
-        for (position, _), prediction in zip(pending, predictions, strict=True):
-            digits[position] = prediction.digit
-        pending.clear()
-
-    for image in images:
-        digits.append(None)
-        try:
-            pending.append((len(digits) - 1, utils.preprocess(image)))
-        except utils.EmptyImageError:
-            continue
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    return digits
-
-
 def accuracy(predicted: Sequence[int | None], labels: Sequence[int]) -> float:
     """Fraction right; an image seen as empty counts as wrong."""
-    return sum(p == t for p, t in zip(predicted, labels, strict=True)) / max(1, len(labels))
+    return train.accuracy_report(predicted, list(labels))["accuracy"]
 
 
 def accuracy_by_style(
@@ -366,7 +349,8 @@ def evaluate(
     writing-styles accuracy, all through `utils.preprocess`."""
     started = time.perf_counter()
     test_accuracy = accuracy(
-        predicted_digits(net, (image.numpy() for image in test_images)), test_labels.tolist()
+        train.predicted_digits(net, (image.numpy() for image in test_images)),
+        test_labels.tolist(),
     )
     drawn_labels, drawn_styles, drawn_predicted = _predict_drawings(
         net, drawn_digits(test_images, test_labels, count=drawn_count, seed=seed)
@@ -414,8 +398,20 @@ def _predict_drawings(
             styles.append(drawn.style)
             yield drawn.image
 
-    predicted = predicted_digits(net, images())
+    predicted = train.predicted_digits(net, images())
     return labels, styles, predicted
+
+
+def pen_writers_report(
+    net: torch.nn.Module, pen_file: str, writers: Sequence[int], seed: int
+) -> dict:
+    """The model on the pen digits of `writers`, drawn as train.py drew them for its own
+    measurement (one rendering each, the app's brush, `seed`), through `utils.preprocess`."""
+    _, held_out = pendigits.split_writers(pendigits.load(pen_file), writers)
+    pixels, labels = pendigits.render_for_training(held_out, 1, seed=seed, vary=False)
+    predicted = model_lib.predict_batch(net, utils.normalize(pixels)[:, None])
+    report = train.accuracy_report([p.digit for p in predicted], labels.tolist())
+    return {"writers": list(writers), **report}
 
 
 def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None:
@@ -443,12 +439,44 @@ def main() -> None:
     parser.add_argument("--drawn", type=int, default=2000, help="size of each drawn set")
     parser.add_argument("--seed", type=int, default=0, help="which digits and drawings")
     parser.add_argument("--save-examples", default=None, help="write a PNG grid of drawings")
+    parser.add_argument(
+        "--pen-file", default=None, help="pen digits file (default: PENDIGITS_DIR's, as train.py)"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="add these figures to the model's model.json"
+    )
     args = parser.parse_args()
-    net = model_lib.load_model(args.model)
+    path = model_lib.model_path() if args.model is None else Path(args.model)
+    net = model_lib.load_model(path)
     images, labels = mnist.load_split(args.data_dir or mnist.data_dir_from_env(), "test")
     if args.save_examples:
         save_examples(images, labels, args.save_examples)
-    evaluate(net, images, labels, drawn_count=args.drawn, seed=args.seed)
+    report = evaluate(net, images, labels, drawn_count=args.drawn, seed=args.seed)
+    info_path = path.with_suffix(".json")
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    writers = info.get("pen_held_out", {}).get("writers", pendigits.HELD_OUT_WRITERS)
+    if writers:
+        pen = pen_writers_report(
+            net, args.pen_file or pendigits.default_path(), writers, seed=info.get("seed", 1)
+        )
+        print(
+            f"pen digits, writers not trained on ({','.join(map(str, writers))}): "
+            f"{pen['accuracy']:.2%} of {pen['count']}"
+        )
+        print("  by digit: " + ", ".join(f"{d} {a:.1%}" for d, a in pen["by_digit"].items()))
+        confusions = ", ".join(f"{c} x{n}" for c, n in pen["confusions"].items())
+        print(f"  worst confusions: {confusions}")
+    else:
+        print("pen digits: the model was trained on every writer; none to measure it on")
+    if args.write:
+        lab = {
+            key: round(value, 5) if isinstance(value, float) else value
+            for key, value in report.items()
+            if key != "test_accuracy"
+        }
+        info.update({"evaluate": {"seed": args.seed, "drawn_count": args.drawn, **lab}})
+        train.atomic_write_text(json.dumps(info, indent=2) + "\n", info_path)
+        print(f"figures written to {info_path}")
 
 
 if __name__ == "__main__":

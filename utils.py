@@ -15,6 +15,10 @@ from PIL import Image
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
+# The app's drawing canvas (px, square) and its brush width (px).
+CANVAS_SIZE = 280
+BRUSH_WIDTH = 18
+
 FRAME_SIZE = 28
 DIGIT_BOX = 20
 

@@ -33,6 +33,10 @@ import db
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Tests never need the full pen digits file: train.py runs started by any test read the
+# committed subset unless PENDIGITS_DIR says otherwise (as MNIST tests pass the MNIST subset).
+os.environ.setdefault("PENDIGITS_DIR", str(ROOT / "tests" / "data" / "pendigits-subset"))
+
 _pgserver_spec = importlib.util.find_spec("pgserver")
 assert _pgserver_spec is not None and _pgserver_spec.submodule_search_locations
 PG_BIN = Path(_pgserver_spec.submodule_search_locations[0]) / "pginstall" / "bin"

@@ -188,7 +188,7 @@ def test_training_survives_sigkill_at_three_random_moments(tmp_path):
     command = [
         sys.executable, str(ROOT / "train.py"),
         "--data-dir", str(data), "--out", str(out), "--checkpoint-dir", str(ckpt),
-        "--limit", "2000", "--epochs", str(EPOCHS), "--drawn", "80", "--log-every", "0",
+        "--limit", "2000", "--epochs", str(EPOCHS), "--log-every", "0",
     ]  # fmt: skip
 
     records: list[RunRecord] = []

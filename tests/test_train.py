@@ -11,14 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mnist_files import copy_subset, write_random_mnist
 
 import train
-from model import load_model
+from model import DigitCNN, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
+PEN_SUBSET = ROOT / "tests" / "data" / "pendigits-subset" / "pendigits-orig.tra"
 
 
 def train_command(tmp_path: Path, *extra: str, data: Path | None = None) -> list[str]:
@@ -26,11 +28,11 @@ def train_command(tmp_path: Path, *extra: str, data: Path | None = None) -> list
         sys.executable,
         str(ROOT / "train.py"),
         "--data-dir", str(data or tmp_path / "data"),
+        "--pen-file", str(PEN_SUBSET),
         "--out", str(tmp_path / "out" / "model.pth"),
         "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--limit", "2000",
         "--epochs", "3",
-        "--drawn", "80",
         "--log-every", "0.2",
         *extra,
     ]  # fmt: skip
@@ -81,9 +83,13 @@ def test_full_run_learns_and_writes_model_and_report(tmp_path, data):
     assert sum(p.numel() for p in net.parameters()) > 0
     report = json.loads((tmp_path / "out" / "model.json").read_text())
     assert report["test_accuracy"] > 0.85  # 2,000 real digits, 3 epochs, 500 test digits
-    assert 0 <= report["drawn_accuracy"] <= 1
-    assert 0 <= report["pen_accuracy"] <= 1
-    assert report["epochs"] == 3 and report["training_images"] == 2000
+    # The subset's writers 3 and 8 are held out: 80 digits never trained on, 80 trained on.
+    pen = report["pen_held_out"]
+    assert pen["writers"] == [3, 8, 14, 19, 25, 30] and pen["count"] == 80
+    assert 0.3 < pen["accuracy"] <= 1 and set(pen["by_digit"]) == {str(d) for d in range(10)}
+    assert sum(pen["confusions"].values()) <= round(80 * (1 - pen["accuracy"]))
+    assert report["epochs"] == 3 and report["sources"] == ["mnist", "pen"]
+    assert report["training_images"] == {"mnist": 2000, "pen": 80 * 4}
     assert report["torch_version"] == torch.__version__
     assert report["parameters"] == sum(p.numel() for p in net.parameters())
     assert checkpoints(tmp_path) == [train.checkpoint_name(e, 0) for e in (3, 2, 1)]
@@ -100,6 +106,7 @@ def test_sigkill_after_first_checkpoint_resumes_from_it(tmp_path, data):
     assert process.returncode == -signal.SIGKILL
     saved = checkpoints(tmp_path)
     assert saved[-1] == train.checkpoint_name(1, 0)
+    assert "pen digits: 80 of 2 writers" in log.read_text()
 
     result = run(train_command(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -177,6 +184,23 @@ def test_checkpoints_of_another_run_are_not_mixed_in(tmp_path, data):
         train_command(tmp_path, "--epochs", "1", "--limit", "300", "--lr", "0.2", "--fresh")
     )
     assert fresh.returncode == 0, fresh.stdout
+
+
+def test_a_resume_with_other_sources_is_refused(tmp_path, data):
+    assert run(train_command(tmp_path, "--epochs", "1", "--limit", "300")).returncode == 0
+    result = run(train_command(tmp_path, "--epochs", "1", "--limit", "300", "--sources", "mnist"))
+    assert result.returncode == train.EXIT_BAD_INPUT
+    assert "trained on mnist+pen; this run asks for mnist" in result.stdout
+
+
+def test_an_empty_drawing_counts_as_wrong():
+    blank = np.zeros((280, 280, 4), dtype=np.uint8)
+    blank[:, :, 3] = 255
+    predicted = train.predicted_digits(DigitCNN().eval(), [blank])
+    assert predicted == [None]
+    report = train.accuracy_report([1, 2, None, 4], [1, 2, 3, 5])
+    assert report["accuracy"] == 0.5 and report["by_digit"] == {"1": 1, "2": 1, "3": 0, "5": 0}
+    assert report["confusions"] == {"3 read as nothing": 1, "5 read as 4": 1}
 
 
 def test_missing_data_is_a_clear_error_with_exit_code_2(tmp_path):
