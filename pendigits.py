@@ -44,7 +44,7 @@ URLS = (
 # it has never seen: 6 of the 30, spread over the ids.
 HELD_OUT_WRITERS = (3, 8, 14, 19, 25, 30)
 # Bump when `render` changes: cached renderings of another version are drawn again.
-RENDERING = 1
+RENDERING = 2
 
 _SEGMENT = re.compile(r'^\.SEGMENT\s+DIGIT\s+[\d-]+\s+\S+\s+"(.*)"\s*$')
 _POINT = re.compile(r"^\s*(-?\d+)\s+(-?\d+)\s*$")
@@ -163,7 +163,8 @@ def render(
     strokes: Sequence[np.ndarray], rng: np.random.Generator, vary: bool = True
 ) -> np.ndarray:
     """Draw a digit's strokes as the app's canvas would: white on black, 280x280 uint8, a round
-    brush (round caps and joins), anywhere on the canvas where the digit fits whole.
+    brush (round caps and joins) along the canvas's own curves (`canvas_path`), anywhere on the
+    canvas where the digit fits whole.
 
     With `vary`, each call draws it as another person or device might: brush 10-30 px around
     the app's 18 px, 70-250 px tall, slanted, rotated, stretched, each stroke put down a little
@@ -196,12 +197,41 @@ def render(
     pen = ImageDraw.Draw(canvas)
     radius = brush / 2
     for line in lines:
-        points = [tuple(point) for point in line * scale + offset]
-        if len(points) > 1:
-            pen.line(points, fill=255, width=round(brush), joint="curve")
-        for x, y in (points[0], points[-1]):
+        # Vertices at least a third of the brush apart, each stamped with the round brush: round
+        # caps and joins, and none of the spikes a wide line gets from many tiny segments.
+        path = _resample(canvas_path(line * scale + offset), spacing=max(1.0, brush / 3))
+        if len(path) > 1:
+            pen.line([tuple(point) for point in path], fill=255, width=round(brush))
+        for x, y in path:
             pen.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
     return np.asarray(canvas)
+
+
+def canvas_path(points: np.ndarray, steps: int = 4) -> np.ndarray:
+    """The path the canvas's pencil brush (fabric.js) draws through sampled points: a straight
+    start to the first midpoint, then quadratic curves from midpoint to midpoint with each
+    sampled point as control point, then straight to the last point. Pen points sampled every
+    100 ms would otherwise be joined by straight lines, with corners no canvas shows."""
+    if len(points) < 3:
+        return points
+    mids = (points[:-1] + points[1:]) / 2
+    t = np.linspace(0, 1, steps + 1)[1:, None, None]
+    start, control, end = mids[:-1], points[1:-1], mids[1:]
+    curves = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end  # (steps, n - 2, 2)
+    return np.concatenate(
+        [points[:1], mids[:1], curves.transpose(1, 0, 2).reshape(-1, 2), points[-1:]]
+    )
+
+
+def _resample(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Points along the polyline `points`, evenly `spacing` apart (ends kept)."""
+    lengths = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(points, axis=0).T))])
+    if lengths[-1] == 0:
+        return points[:1]
+    along = np.linspace(0, lengths[-1], max(2, int(lengths[-1] / spacing) + 1))
+    return np.stack(
+        [np.interp(along, lengths, points[:, 0]), np.interp(along, lengths, points[:, 1])], 1
+    )
 
 
 def render_for_training(

@@ -1,9 +1,10 @@
 """Training: seconds per epoch and peak memory of train.py with its default settings.
 
-By default one epoch is measured (``train.py --epochs 1``, every other setting default: the full
-60,000 images, the default batch size, all cores) and the default run is extrapolated from it;
-``--training full`` runs the real default training (about 4 minutes on 2 cores). Peak memory is
-also measured with ``--workers 2`` (one epoch): the main process plus its DataLoader workers.
+By default one epoch is measured (``train.py --epochs 1``, every other setting default: MNIST's
+60,000 images and the pen digits, the default batch size, all cores) and the default run is
+extrapolated from it; ``--training full`` runs the real default training. Both include the data
+preparation (drawing the pen digits). Peak memory is also measured with ``--workers 2`` (one
+epoch): the main process plus its DataLoader workers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bench.common import ROOT, Row, child_env, mnist_dir
 
 SECTION = "Training"
 DONE = re.compile(r"epoch (\d+)/(\d+) done")
+DREW = re.compile(r"drew (\d+) pen renderings in (\d+) s")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TrainRun:
     peak_tree_mb: float  # highest sum of RSS over train.py and its children (sampled)
     threads: int | None = None
     epoch_ends: list[float] = field(default_factory=list)
+    images_per_epoch: str = ""
 
     def first(self, text: str) -> float:
         return next(t for t, line in self.lines if text in line)
@@ -56,12 +59,13 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def run_train(data: Path, *extra: str, timeout: float = 1800) -> TrainRun:
+def run_train(data: Path, pen_file: Path, *extra: str, timeout: float = 1800) -> TrainRun:
     """Run train.py (defaults plus *extra*) in a temporary folder, sampling its memory."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         command = [
             sys.executable, str(ROOT / "train.py"),
             "--data-dir", str(data),
+            "--pen-file", str(pen_file),
             "--out", f"{tmp}/model.pth",
             "--checkpoint-dir", f"{tmp}/checkpoints",
             *extra,
@@ -100,6 +104,8 @@ def run_train(data: Path, *extra: str, timeout: float = 1800) -> TrainRun:
             result.epoch_ends.append(t)
         if m := re.search(r"with (\d+) threads", line):
             result.threads = int(m.group(1))
+        if m := re.search(r"data: (\d+) images per epoch \((.*)\)", line):
+            result.images_per_epoch = f"{int(m.group(1)):,} images per epoch ({m.group(2)})"
     return result
 
 
@@ -114,13 +120,20 @@ def train_defaults() -> tuple[int, int]:
 def run(mode: str = "epoch") -> list[Row]:
     if mode not in ("epoch", "full"):
         raise ValueError(f"training mode must be 'epoch' or 'full', not {mode!r}")
+    import pendigits
+
     epochs, batch = train_defaults()
     data = mnist_dir()
     if data is None:
         return [Row(SECTION, "training", None, "", note="skipped: no MNIST (set MNIST_DIR)")]
+    pen_file = pendigits.default_path()
+    pen_file = pen_file if pen_file.is_absolute() else ROOT / pen_file
+    if not pen_file.is_file():
+        note = f"skipped: no {pen_file} (set PENDIGITS_DIR)"
+        return [Row(SECTION, "training", None, "", note=note)]
     rows = []
     if mode == "full":
-        full = run_train(data)
+        full = run_train(data, pen_file)
         begin = full.first("starting from scratch")
         ends = [begin, *full.epoch_ends]
         per_epoch = [b - a for a, b in zip(ends, ends[1:], strict=False)]
@@ -128,14 +141,15 @@ def run(mode: str = "epoch") -> list[Row]:
             Row(SECTION, f"seconds per epoch (mean of {epochs}, default run)",
                 sum(per_epoch) / len(per_epoch), "s",
                 note=f"min {min(per_epoch):.1f}, max {max(per_epoch):.1f}; "
-                f"{full.threads} threads; 60,000 images, batch {batch}"),
+                f"{full.threads} threads; {full.images_per_epoch}, batch {batch}"),
+            _drawing_row(full),
             Row(SECTION, "default training, total (measured)", full.seconds, "s",
                 note=f"python train.py: {epochs} epochs + final evaluation, process start to exit"),
             Row(SECTION, "peak RSS, default run (--workers 0)", full.peak_main_mb, "MB",
                 note="VmHWM of the train.py process"),
         ]  # fmt: skip
     else:
-        one = run_train(data, "--epochs", "1")
+        one = run_train(data, pen_file, "--epochs", "1")
         begin = one.first("starting from scratch")
         epoch = one.epoch_ends[0] - begin
         tail = one.seconds - one.epoch_ends[0]
@@ -143,14 +157,16 @@ def run(mode: str = "epoch") -> list[Row]:
         rows += [
             Row(SECTION, "seconds per epoch (1 epoch measured)", epoch, "s",
                 note=f"train.py --epochs 1, other settings default: {one.threads} threads, "
-                f"60,000 images, batch {batch}"),
+                f"{one.images_per_epoch}, batch {batch}"),
+            _drawing_row(one),
             Row(SECTION, "default training, total (EXTRAPOLATED)", total, "s",
-                note=f"start-up {begin:.1f} s + {epochs} x epoch + final evaluation {tail:.1f} s; "
+                note=f"start-up and data {begin:.1f} s + {epochs} x epoch + final evaluation "
+                f"{tail:.1f} s; "
                 "`python -m bench --training full` measures it"),
             Row(SECTION, "peak RSS, default settings (--workers 0)", one.peak_main_mb, "MB",
                 note="VmHWM of train.py over 1 epoch + final evaluation"),
         ]  # fmt: skip
-    workers = run_train(data, "--epochs", "1", "--workers", "2")
+    workers = run_train(data, pen_file, "--epochs", "1", "--workers", "2")
     worker_epoch = workers.epoch_ends[0] - workers.first("starting from scratch")
     rows += [
         Row(SECTION, "peak RSS with --workers 2 (main + workers)", workers.peak_tree_mb, "MB",
@@ -158,3 +174,13 @@ def run(mode: str = "epoch") -> list[Row]:
             f"main process alone {workers.peak_main_mb:.0f} MB; 1 epoch {worker_epoch:.1f} s"),
     ]  # fmt: skip
     return rows
+
+
+def _drawing_row(result: TrainRun) -> Row:
+    """Data preparation: the seconds train.py took to draw the pen digits (both sets)."""
+    drawn = [
+        (int(m.group(1)), int(m.group(2))) for _, line in result.lines if (m := DREW.search(line))
+    ]
+    return Row(SECTION, "data preparation: drawing the pen digits", sum(s for _, s in drawn), "s",
+               note=f"{sum(n for n, _ in drawn):,} renderings through utils.preprocess, "
+               "cached in the checkpoint folder for a resume")  # fmt: skip
