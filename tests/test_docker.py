@@ -287,6 +287,7 @@ def test_training_finishes_with_two_workers_within_its_limits(trainer) -> None:
     assert wait_exit(trainer) == 0, trainer.logs("train")[-4000:]
     state = json.loads(trainer.inspect("train", "{{json .State}}"))
     assert not state["OOMKilled"]
+    assert state.get("Health") is None, "no health check: the image's polls Streamlit"
     limits = trainer.inspect("train", "{{.HostConfig.Memory}} {{.HostConfig.ShmSize}}")
     assert limits == f"{2 * 2**30} {2**30}"
     logs = trainer.run(TRAIN_LOGS).stdout
