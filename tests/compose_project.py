@@ -11,6 +11,7 @@ deploy guide says) or, run as another user, ``TRAIN_UID``/``TRAIN_GID`` name tha
 guide's commands, see test_docker.py) in that directory; ``compose(*args)`` is the same for
 arguments. ``psql(sql)`` runs SQL as the database superuser inside the ``db`` container.
 ``down()`` removes containers, volumes and networks; ``remove()`` also deletes the directory.
+A new project first takes down those of its prefix left by a killed run (``remove_stale``).
 
 On a machine without a container registry (``../shared/docker/offline-engine.sh``, which
 exports ``TORCH_INDEX_URL``), builds go through an override file that adds host networking and
@@ -78,8 +79,36 @@ def checkout_files(root: Path = ROOT) -> list[str]:
     return [name for name in listed.split("\0") if name and (root / name).is_file()]
 
 
+def remove_stale(prefix: str) -> None:
+    """Take down projects named *prefix*... whose directory is gone (a run killed mid-test)."""
+    label = "com.docker.compose.project"
+    template = f'{{{{.Label "{label}"}}}} {{{{.Label "{label}.working_dir"}}}}'
+    listed = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "--all",
+            "--filter",
+            "label=com.docker.compose.project",
+            "--format",
+            template,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for name, _, directory in sorted({tuple(line.partition(" ")) for line in listed.splitlines()}):
+        if name.startswith(prefix) and not Path(directory).exists():
+            subprocess.run(
+                ["docker", "compose", "-p", name, "down", "--volumes", "--remove-orphans"],
+                capture_output=True,
+                timeout=120,
+            )
+
+
 class ComposeProject:
     def __init__(self, prefix: str = "mnisttest", image: str | None = None):
+        remove_stale(prefix)
         self.name = f"{prefix}{secrets.token_hex(3)}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.dir.chmod(0o755)
