@@ -18,12 +18,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/python
-	$(BIN)/pip install --quiet $(PIP_ARGS) -r requirements.txt
+$(VENV)/.runtime: requirements.txt requirements-local.txt | $(BIN)/python
+	$(BIN)/pip install --quiet $(PIP_ARGS) -r requirements-local.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
-	$(BIN)/pip install --quiet $(PIP_ARGS) -r requirements.txt -r requirements-dev.txt
+$(VENV)/.dev: requirements.txt requirements-local.txt requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet $(PIP_ARGS) -r requirements-local.txt -r requirements-dev.txt
 	touch $@
 
 run: $(VENV)/.runtime

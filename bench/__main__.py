@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Row
 
-SECTIONS = ("footprint", "inference", "database", "browser", "training")
+SECTIONS = ("footprint", "inference", "database", "browser", "training", "containers")
 RESULTS = ROOT / "bench" / "results.json"
 
 
@@ -47,6 +47,10 @@ def section_runner(name: str, training_mode: str) -> Callable[[], list[Row]]:
         from bench import browser_app
 
         return browser_app.run
+    if name == "containers":
+        from bench import footprint
+
+        return footprint.containers
     if name == "training":
         from bench import training
 

@@ -10,7 +10,7 @@
 # create .env from .env.example with a generated POSTGRES_PASSWORD if it has none (an existing
 # password is never changed); make ./models and ./data writable by the containers' UID 1000;
 # allow SSH and the app port (or 80/443 with --https) in ufw and enable it;
-# `docker compose up -d --build`.
+# `docker compose up -d --build --wait`.
 #
 # DRY_RUN=1 (or --dry-run) prints every command that needs root or the network, prefixed with
 # "+ ", and runs none of them; it still creates .env and the data/models directories, which are
@@ -223,11 +223,11 @@ start_stack() {
         files+=(-f docker-compose.https.yml)
     fi
     if [ "$START" != 1 ]; then
-        log "Not starting (--no-start). Start with: docker compose ${files[*]} up -d --build"
+        log "Not starting (--no-start). Start with: docker compose ${files[*]} up -d --build --wait"
         return
     fi
     log "Building and starting the stack"
-    as_root docker compose "${files[@]}" up -d --build
+    as_root docker compose "${files[@]}" up -d --build --wait
 }
 
 main() {

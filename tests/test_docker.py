@@ -1,9 +1,15 @@
-"""The container setup: Dockerfile, .dockerignore, docker-compose.yml and the HTTPS override.
+"""The container promises, on a real Docker engine: the image, the compose stack, training.
 
-No Docker engine runs here, so the files are checked statically (hadolint, PyYAML), and the
-exact commands the image and compose run are executed on the host: the image's CMD must come up
-and answer the image's own HEALTHCHECK command, and the train service's command must train a
-model from a tiny MNIST-format dataset written by the test.
+Every test here but hadolint needs the engine (marker ``docker``): ``bash .ci/run`` starts one
+(../shared/docker/offline-engine.sh on a machine without a registry). Without an engine they
+fail under CI=true and are skipped, with the reason, elsewhere.
+
+One throwaway copy of the project (tests/compose_project.py) is built once and run under its own
+compose project name, image tag and free port on 127.0.0.1; the tests run the commands of the
+README and deploy guide (``DOCUMENTED``, checked against both files) and look at what a person
+would see: the page in Chromium, the rows in the compose database (read with psql as the
+superuser), the files on the host, exit codes and logs. The app tests share one running stack
+and leave it up and healthy; the training tests share the ``train`` service.
 """
 
 from __future__ import annotations
@@ -11,787 +17,307 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import browser
 import pytest
-import yaml
+from compose_project import ROOT, ComposeProject, engine_problem
 from mnist_files import copy_subset
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = ROOT / "Dockerfile"
-DOCKERIGNORE = ROOT / ".dockerignore"
-COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_HTTPS = ROOT / "docker-compose.https.yml"
-CADDYFILE = ROOT / "deploy" / "Caddyfile"
-ENV_EXAMPLE = ROOT / ".env.example"
-REQUIREMENTS = ROOT / "requirements.txt"
-STREAMLIT_CONFIG = ROOT / ".streamlit" / "config.toml"
+pytestmark = pytest.mark.docker
 
-# The interpreter running the tests is the project's virtualenv: its bin/ goes first on PATH so
-# that `python` and `streamlit` in the image's commands resolve to it.
-VENV_BIN = Path(sys.executable).parent
-CONTAINER_PORT = 8501
-HEALTH_PATH = "/_stcore/health"
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# The commands a person types, as README.md and deploy/README.md show them; tests run them.
+UP = "docker compose up -d --build --wait"
+DOWN = "docker compose down"
+DOWN_VOLUMES = "docker compose down -v"
+PS = "docker compose ps"
+RESTART_DB = "docker compose restart db"
+TRAIN = "docker compose --profile train up -d train"
+STOP_TRAIN = "docker compose stop train"
+TRAIN_LOGS = "docker compose logs train"
+DOCUMENTED = (UP, DOWN, DOWN_VOLUMES, PS, RESTART_DB, TRAIN, STOP_TRAIN, TRAIN_LOGS)
 
-
-# --------------------------------------------------------------------------------------------
-# Parsing helpers
-# --------------------------------------------------------------------------------------------
+# Short training that still has epochs long enough to be interrupted in (250 steps of 8).
+TRAIN_FLAGS = ["--workers", "2", "--epochs", "3", "--limit", "2000", "--batch-size", "8",
+               "--drawn", "50", "--log-every", "0.5"]  # fmt: skip
+PROGRESS = re.compile(r"epoch (\d+)/\d+ step (\d+)/(\d+) loss \S+ acc \S+ \S+ samples/s rss \d+ MB")
+RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+)")
 
 
-def dockerfile_instructions(text: str | None = None) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs: comments dropped, continuation lines joined."""
-    text = DOCKERFILE.read_text() if text is None else text
-    instructions: list[tuple[str, str]] = []
-    current = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue  # comments may sit between continuation lines, as in Docker
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        current += line
-        keyword, _, args = current.partition(" ")
-        instructions.append((keyword.upper(), args.strip()))
-        current = ""
-    assert not current, "Dockerfile ends with a line continuation"
-    return instructions
+def test_the_guides_show_the_commands_the_tests_run() -> None:
+    guides = (ROOT / "README.md").read_text() + (ROOT / "deploy" / "README.md").read_text()
+    missing = [command for command in DOCUMENTED if command not in guides]
+    assert not missing, f"README.md / deploy/README.md no longer show {missing}"
 
 
-def instructions_named(name: str) -> list[str]:
-    return [args for keyword, args in dockerfile_instructions() if keyword == name]
-
-
-def exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(a, str) for a in value), args
-    return value
-
-
-def dockerfile_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for args in instructions_named("ENV"):
-        for item in shlex.split(args):
-            key, sep, value = item.partition("=")
-            assert sep, f"use the ENV key=value form: {args}"
-            env[key] = value
-    return env
-
-
-def healthcheck() -> tuple[dict[str, str], list[str]]:
-    """The HEALTHCHECK's options and its exec-form command."""
-    (args,) = instructions_named("HEALTHCHECK")
-    options, cmd = {}, None
-    tokens = args.split(" ")
-    for i, token in enumerate(tokens):
-        if token == "CMD":
-            cmd = exec_form(" ".join(tokens[i + 1 :]))
-            break
-        key, _, value = token.partition("=")
-        options[key.lstrip("-")] = value
-    assert cmd is not None, "HEALTHCHECK needs an exec-form CMD [...]"
-    return options, cmd
-
-
-def image_cmd() -> list[str]:
-    cmds = instructions_named("CMD")
-    assert cmds, "the Dockerfile has no CMD"
-    return exec_form(cmds[-1])
-
-
-def seconds(duration: str | int) -> float:
-    """Docker/compose durations: 30s, 1m30s, 500ms, 1h."""
-    if isinstance(duration, int):
-        return float(duration)
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
-    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
-    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
-    return sum(float(n) * scale[u] for n, u in parts)
-
-
-def size_bytes(size: str | int) -> int:
-    """Compose byte sizes: 2g, 2gb, 1024m, 512mb, or a plain number of bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmg]?)b?", size.strip().lower())
-    assert match, f"bad size {size!r}"
-    scale = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-    return int(float(match[1]) * scale[match[2]])
-
-
-class Tagged:
-    """A value carrying a compose YAML tag such as !reset or !override."""
-
-    def __init__(self, tag: str, value: Any):
-        self.tag, self.value = tag, value
-
-
-class ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Tagged:
-    if isinstance(node, yaml.SequenceNode):
-        value: Any = loader.construct_sequence(node)
-    elif isinstance(node, yaml.MappingNode):
-        value = loader.construct_mapping(node)
-    else:
-        value = loader.construct_scalar(node)
-    return Tagged(node.tag, value)
-
-
-ComposeLoader.add_constructor("!reset", _tagged)
-ComposeLoader.add_constructor("!override", _tagged)
-
-
-def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
-    data = yaml.load(path.read_text(), Loader=ComposeLoader)  # noqa: S506 (SafeLoader subclass)
-    assert isinstance(data, dict)
-    return data
-
-
-class MissingVariable(Exception):
-    pass
-
-
-_VAR = re.compile(
-    r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
-    r"|(?P<bare>[A-Za-z_]\w*))"
-)
-
-
-def interpolate(value: Any, env: dict[str, str]) -> Any:
-    """Compose's variable interpolation, applied to every string value of a parsed file."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
-    if isinstance(value, Tagged):
-        return Tagged(value.tag, interpolate(value.value, env))
-    if not isinstance(value, str):
-        return value
-
-    def replace(match: re.Match[str]) -> str:
-        if match["escaped"]:
-            return "$"
-        name = match["name"] or match["bare"]
-        op, arg, current = match["op"], match["arg"] or "", env.get(name)
-        if op in (":?", "?") and (current is None or (op == ":?" and current == "")):
-            raise MissingVariable(f"{name}: {arg}")
-        if op == ":-":
-            return current or arg
-        if op == "-":
-            return arg if current is None else current
-        return current or ""
-
-    return _VAR.sub(replace, value)
-
-
-def compose_variables(text: str) -> dict[str, str | None]:
-    """Variable name -> its ${VAR<op>arg} operator (None for a bare ${VAR} or $VAR)."""
-    found: dict[str, str | None] = {}
-    for match in _VAR.finditer(text):
-        if match["escaped"]:
-            continue
-        found[match["name"] or match["bare"]] = match["op"]
-    return found
-
-
-def services() -> dict[str, dict[str, Any]]:
-    return load_compose()["services"]
-
-
-def memory_limit(service: dict[str, Any]) -> int:
-    limit = service.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory")
-    limit = limit or service.get("mem_limit")
-    assert limit, "no memory limit (deploy.resources.limits.memory)"
-    return size_bytes(limit)
-
-
-def short_volumes(service: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(source, target, mode) of each volume, short or long syntax."""
-    result = []
-    for volume in service.get("volumes", []):
-        if isinstance(volume, dict):
-            mode = "ro" if volume.get("read_only") else "rw"
-            result.append((volume["source"], volume["target"], mode))
-        else:
-            source, target, *rest = volume.split(":")
-            result.append((source, target, rest[0] if rest else "rw"))
-    return result
-
-
-def env_example() -> dict[str, str]:
-    values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep, f".env.example: not KEY=VALUE: {line!r}"
-            values[key.strip()] = value.strip()
-    return values
-
-
-def torch_pin() -> str:
-    pins = re.findall(r"^torch==([^\s;#]+)", REQUIREMENTS.read_text(), flags=re.MULTILINE)
-    assert len(pins) == 1, "requirements.txt must pin torch exactly once (torch==X.Y.Z)"
-    return pins[0]
-
-
-def find_tool(name: str) -> str:
-    path = shutil.which(name, path=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
-    assert path, f"{name} not found: pip install -r requirements-dev.txt"
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# Dockerfile
-# --------------------------------------------------------------------------------------------
-
-
-def test_hadolint_reports_no_warnings_or_errors(tmp_path: Path) -> None:
-    config = tmp_path / "hadolint.yaml"
-    config.write_text("{}\n")  # no config-file ignores: only justified inline pragmas count
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
+def test_hadolint_is_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run(
-        [find_tool("hadolint"), "--config", str(config), "--no-color", "-f", "json", "Dockerfile"],
+        [hadolint, "--no-color", "--failure-threshold", "style", "Dockerfile"],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    findings = json.loads(result.stdout or "[]")
-    serious = [f for f in findings if f["level"] in ("warning", "error")]
-    assert not serious, json.dumps(serious, indent=2)
-    assert result.returncode in (0, 1), result.stderr  # 1: only info/style findings
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_hadolint_ignores_are_justified() -> None:
-    lines = DOCKERFILE.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if "hadolint" in line and "ignore" in line:
-            assert re.fullmatch(r"# hadolint ignore=[A-Z]{2}\d{4}(,[A-Z]{2}\d{4})*", line.strip())
-            previous = lines[i - 1].strip() if i else ""
-            assert previous.startswith("#") and "hadolint" not in previous, (
-                f"line {i + 1}: explain an ignored hadolint rule in a comment just above it"
-            )
+# --- fixtures -------------------------------------------------------------------------------
 
 
-def test_base_image_is_a_pinned_python_311_slim() -> None:
-    (base,) = instructions_named("FROM")
-    assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?", base), base
-
-
-def test_runs_as_a_non_root_user_created_with_uid_1000() -> None:
-    keywords = [keyword for keyword, _ in dockerfile_instructions()]
-    users = instructions_named("USER")
-    assert users, "no USER: the container would run as root"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0"), user
-    assert keywords.index("CMD") > max(i for i, k in enumerate(keywords) if k == "USER")
-    # UID 1000 is what docker-compose.yml (TRAIN_UID), the docs and setup-server.sh chown to.
-    runs = " ".join(instructions_named("RUN"))
-    assert re.search(r"useradd\b.*--uid 1000\b", runs), "create the user with --uid 1000"
-    assert user in ("1000", "app"), user
-
-
-def test_environment_is_unbuffered_with_bounded_thread_counts() -> None:
-    env = dockerfile_env()
-    assert env.get("PYTHONUNBUFFERED") == "1"
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        assert env.get(name, "").isdigit() and 1 <= int(env[name]) <= 4, f"{name}={env.get(name)}"
-
-
-def test_torch_comes_from_the_cpu_index_at_the_requirements_version() -> None:
-    pin = torch_pin()
-    runs = instructions_named("RUN")
-    torch_runs = [r for r in runs if re.search(r"\btorch==", r)]
-    assert torch_runs, "install torch explicitly from the CPU index"
-    install = torch_runs[0]
-    versions = set(re.findall(r"\btorch==([^\s'\"]+)", " ".join(runs)))
-    assert versions == {pin}, f"Dockerfile torch {versions} != requirements.txt torch=={pin}"
-    assert re.search(rf"--(extra-)?index-url[ =]{re.escape(CPU_INDEX)}\b", install), install
-    # torch is installed before requirements.txt, so pip finds it satisfied and never pulls the
-    # CUDA build from PyPI.
-    text = " ".join(runs)
-    assert text.index("torch==") < text.index("-r requirements.txt")
-
-
-def test_no_cuda_in_the_image() -> None:
-    text = " ".join(f"{k} {a}" for k, a in dockerfile_instructions()).lower()
-    text = text.replace("torch.version.cuda", "")  # the build's own "no CUDA" assertion
-    for needle in ("nvidia", "/whl/cu", "cuda"):
-        assert needle not in text, needle
-
-
-def test_pip_installs_use_no_cache_dir() -> None:
-    installs = [r for r in instructions_named("RUN") if "pip install" in r]
-    assert installs
-    for run in installs:
-        for command in re.split(r"&&|;", run):
-            if "pip install" in command:
-                assert "--no-cache-dir" in command, command
-
-
-def test_dependencies_are_installed_before_the_code_is_copied() -> None:
-    instructions = dockerfile_instructions()
-    install = next(
-        i
-        for i, (k, a) in enumerate(instructions)
-        if k == "RUN" and "pip install" in a and "requirements" in a
-    )
-    copies_before = [a for k, a in instructions[:install] if k in ("COPY", "ADD")]
-    assert copies_before, "copy requirements.txt before installing"
-    for args in copies_before:
-        sources = [s for s in args.split() if not s.startswith("--")][:-1]
-        assert sources and all(re.fullmatch(r"requirements[\w.-]*\.txt", s) for s in sources), (
-            f"only requirement files may be copied before the dependency layer: COPY {args}"
-        )
-    copies_after = [a for k, a in instructions[install:] if k == "COPY"]
-    assert any(a.split()[0] in (".", "app.py") for a in copies_after), "no code layer"
-
-
-def test_healthcheck_polls_streamlit_with_python_and_patient_timings() -> None:
-    options, cmd = healthcheck()
-    assert cmd[0] == "python", "slim images have no curl/wget: use python"
-    assert f"localhost:{CONTAINER_PORT}{HEALTH_PATH}'" in " ".join(cmd)
-    # Streamlit answers any unknown path with its index page and 200: check the body too
-    assert "b'ok'" in " ".join(cmd)
-    assert 10 <= seconds(options["interval"]) <= 120
-    assert 5 <= seconds(options["timeout"]) < seconds(options["interval"])
-    assert seconds(options["start-period"]) >= 30, "model load on a small VM takes a while"
-    assert int(options["retries"]) >= 3
-
-
-def test_cmd_runs_streamlit_on_all_interfaces() -> None:
-    assert image_cmd() == [
-        "streamlit",
-        "run",
-        "app.py",
-        "--server.address=0.0.0.0",
-        f"--server.port={CONTAINER_PORT}",
-        "--server.headless=true",
-    ]
-    assert str(CONTAINER_PORT) in instructions_named("EXPOSE")[0].split()
-
-
-def test_no_secrets_in_the_dockerfile() -> None:
-    text = DOCKERFILE.read_text()
-    assert not re.search(r"(PASSWORD|SECRET|TOKEN|API_KEY)\w*\s*[=:]\s*\S", text, re.IGNORECASE)
-    for args in instructions_named("ENV") + instructions_named("ARG"):
-        assert not re.search(r"PASSWORD|SECRET|TOKEN|DATABASE_URL", args, re.IGNORECASE), args
-
-
-# --------------------------------------------------------------------------------------------
-# .dockerignore and Streamlit config
-# --------------------------------------------------------------------------------------------
-
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        elif pattern[i] == "[":
-            end = pattern.index("]", i)
-            out, i = out + pattern[i : end + 1].replace("[!", "[^"), end + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out)
-
-
-def dockerignored(path: str) -> bool:
-    """Whether .dockerignore keeps *path* out of the build context (Docker's rules: last
-    matching pattern wins, ! re-includes, a matching directory excludes everything in it)."""
-    excluded = False
-    prefixes = ["/".join(path.split("/")[: n + 1]) for n in range(path.count("/") + 1)]
-    for line in DOCKERIGNORE.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        regex = _pattern_regex(line.lstrip("!").strip("/"))
-        if any(regex.fullmatch(p) for p in prefixes):
-            excluded = not negate
-    return excluded
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        ".git/HEAD",
-        ".venv/bin/python",
-        "data/mnist/train-images-idx3-ubyte.gz",
-        "data/postgres/PG_VERSION",
-        "models/checkpoints/epoch-001.pt",
-        ".env",
-        ".env.production",
-        ".streamlit/secrets.toml",
-        "test-artifacts/screenshot.png",
-        "tests/test_docker.py",
-        "__pycache__/db.cpython-311.pyc",
-        "pkg/__pycache__/x.cpython-311.pyc",
-        ".pytest_cache/v/cache/lastfailed",
-        ".ruff_cache/x",
-        "deploy/setup-server.sh",
-        "backups/mnist-20250101T000000Z.sql.gz",
-    ],
-)
-def test_dockerignore_keeps_out(path: str) -> None:
-    assert dockerignored(path)
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        "app.py",
-        "train.py",
-        "db.py",
-        "utils.py",
-        "model.py",
-        "models/model.pth",
-        "requirements.txt",
-        ".streamlit/config.toml",
-    ],
-)
-def test_dockerignore_keeps_what_the_image_needs(path: str) -> None:
-    assert not dockerignored(path)
-
-
-def test_streamlit_config_is_headless_without_usage_stats() -> None:
-    config = tomllib.loads(STREAMLIT_CONFIG.read_text())
-    assert config["server"]["headless"] is True
-    assert config["browser"]["gatherUsageStats"] is False
-    env = dockerfile_env()
-    assert env.get("STREAMLIT_SERVER_FILE_WATCHER_TYPE") == "none"
-
-
-# --------------------------------------------------------------------------------------------
-# docker-compose.yml
-# --------------------------------------------------------------------------------------------
-
-
-def test_compose_services_are_exactly_app_db_train() -> None:
-    assert set(services()) == {"app", "db", "train"}
-
-
-def test_db_is_postgres_17_with_named_volume_healthcheck_and_restart() -> None:
-    compose = load_compose()
-    db = compose["services"]["db"]
-    assert db["image"] == "postgres:17"
-    assert db["restart"] in ("unless-stopped", "always")
-    (volume,) = short_volumes(db)
-    assert volume[1] == "/var/lib/postgresql/data"
-    assert volume[0] in compose["volumes"], "the database needs a named volume"
-    test = db["healthcheck"]["test"]
-    assert test[0] == "CMD-SHELL" and "pg_isready" in test[1]
-    assert "-h 127.0.0.1" in test[1], "socket-only init server must not count as ready"
-    assert memory_limit(db) >= size_bytes("256m")
-
-
-def test_db_is_not_published_on_a_public_interface() -> None:
-    db = services()["db"]
-    for port in db.get("ports", []):
-        published = port if isinstance(port, str) else port.get("host_ip", "")
-        assert str(published).startswith("127.0.0.1:"), f"db port exposed publicly: {port}"
-    assert "network_mode" not in db
-
-
-def test_app_waits_for_a_healthy_db_and_restarts() -> None:
-    app = services()["app"]
-    assert app["depends_on"]["db"]["condition"] == "service_healthy"
-    assert app["restart"] == "unless-stopped"
-    assert app["build"] in (".", {"context": "."})
-    assert app.get("init") is True
-
-
-def test_app_publishes_8501_with_memory_limit_and_readonly_models() -> None:
-    app = services()["app"]
-    (port,) = app["ports"]
-    assert port.endswith(f":{CONTAINER_PORT}"), port
-    assert 512 * 1024**2 <= memory_limit(app) <= 2 * 1024**3
-    assert ("./models", "/app/models", "ro") in short_volumes(app)
-
-
-def test_app_environment_always_points_at_the_compose_db() -> None:
-    env = services()["app"]["environment"]
-    assert env["POSTGRES_HOST"] == "db", "without it db.py would start an embedded PostgreSQL"
-    assert "DATABASE_URL" not in env
-    assert env["MODEL_PATH"] == "models/model.pth"
-
-
-def test_env_file_is_optional() -> None:
-    for name in ("app",):
-        env_files = services()[name]["env_file"]
-        assert {"path": ".env", "required": False} in env_files, env_files
-
-
-def test_app_healthcheck_in_compose_matches_the_image() -> None:
-    check = services()["app"]["healthcheck"]
-    assert check["test"][0] == "CMD"
-    assert check["test"][1:] == healthcheck()[1]
-    options = healthcheck()[0]
-    for key in ("interval", "timeout", "start_period"):
-        assert seconds(check[key]) == seconds(options[key.replace("_", "-")]), key
-    assert check["retries"] == int(options["retries"])
-
-
-def test_train_service_is_a_profile_with_shm_memory_and_mounts() -> None:
-    compose = services()
-    train, app = compose["train"], compose["app"]
-    assert train["profiles"] == ["train"]
-    assert train["image"] == app["image"] and train["build"] == app["build"]
-    assert size_bytes(train["shm_size"]) >= 1024**3
-    assert memory_limit(train) == 2 * 1024**3
-    assert train["restart"].startswith("on-failure")
-    volumes = short_volumes(train)
-    assert ("./models", "/app/models", "rw") in volumes
-    assert ("./data", "/app/data", "rw") in volumes
-    assert seconds(train["stop_grace_period"]) >= 30, "time to save a checkpoint on SIGTERM"
-    assert "ports" not in train
-
-
-def test_train_command_downloads_mnist_into_the_mounted_data_dir() -> None:
-    command = services()["train"]["command"]
-    assert isinstance(command, list), "exec form: train.py must receive SIGTERM directly"
-    assert command[:2] == ["python", "train.py"]
-    assert "--download" in command
-    assert command[command.index("--data-dir") + 1].startswith("data/")
-    assert command[command.index("--out") + 1].startswith("models/")
-    assert command[command.index("--checkpoint-dir") + 1].startswith("models/")
-
-
-def test_no_literal_password_in_compose_files() -> None:
-    for path in (COMPOSE, COMPOSE_HTTPS):
-        for line in path.read_text().splitlines():
-            match = re.search(r"(PASSWORD|SECRET|TOKEN)\w*\s*[:=]\s*(\S.*)", line, re.I)
-            if match and not line.lstrip().startswith("#"):
-                assert match[2].startswith("${POSTGRES_PASSWORD:?"), f"{path.name}: {line}"
-    compose = load_compose()
-    for name, service in compose["services"].items():
-        env = service.get("environment", {})
-        assert isinstance(env, dict), f"{name}: use the mapping form for environment"
-        if "POSTGRES_PASSWORD" in env:
-            assert env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
-    assert "POSTGRES_PASSWORD" not in compose["services"]["train"].get("environment", {})
-
-
-def test_only_the_password_and_domain_are_required_variables() -> None:
-    required = {"POSTGRES_PASSWORD"}
-    assert {
-        name for name, op in compose_variables(COMPOSE.read_text()).items() if op != ":-"
-    } == required
-    https = compose_variables(COMPOSE_HTTPS.read_text())
-    assert {name for name, op in https.items() if op != ":-"} == {"DOMAIN"}
-
-
-def test_interpolation_fails_clearly_without_password_and_defaults_apply() -> None:
-    raw = load_compose()
-    with pytest.raises(MissingVariable, match=r"POSTGRES_PASSWORD.*\.env"):
-        interpolate(raw, {})
-    resolved = interpolate(raw, {"POSTGRES_PASSWORD": "s3cret"})
-    app, db, train = (resolved["services"][n] for n in ("app", "db", "train"))
-    assert app["ports"] == [f"0.0.0.0:8501:{CONTAINER_PORT}"]
-    assert app["environment"]["POSTGRES_PASSWORD"] == db["environment"]["POSTGRES_PASSWORD"]
-    assert app["environment"]["POSTGRES_USER"] == db["environment"]["POSTGRES_USER"] == "postgres"
-    assert app["environment"]["POSTGRES_DB"] == db["environment"]["POSTGRES_DB"] == "postgres"
-    assert train["user"] == "1000:1000"
-    assert db["healthcheck"]["test"][1].count("${POSTGRES_USER}") == 1  # $$ -> for the shell
-    private = interpolate(raw, {"POSTGRES_PASSWORD": "s3cret", "APP_BIND": "127.0.0.1"})
-    assert private["services"]["app"]["ports"] == [f"127.0.0.1:8501:{CONTAINER_PORT}"]
-
-
-def test_env_example_documents_every_variable_without_a_password() -> None:
-    documented = env_example()
-    used = set(compose_variables(COMPOSE.read_text())) | set(
-        compose_variables(COMPOSE_HTTPS.read_text())
-    )
-    assert used <= set(documented), f"undocumented in .env.example: {used - set(documented)}"
-    assert documented["POSTGRES_PASSWORD"] == "", ".env.example must not carry a password"
-    lines = ENV_EXAMPLE.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if re.match(r"\w+=", line):  # each block of variables has a comment above it
-            j = i
-            while j > 0 and re.match(r"\w+=", lines[j - 1]):
-                j -= 1
-            assert j > 0 and lines[j - 1].startswith("#"), f"no comment above {line!r}"
-
-
-def test_env_is_gitignored_and_dockerignored() -> None:
-    assert ".env" in (ROOT / ".gitignore").read_text().split()
-    assert dockerignored(".env")
-
-
-def test_every_service_rotates_its_logs() -> None:
-    for path in (COMPOSE, COMPOSE_HTTPS):
-        for name, service in load_compose(path)["services"].items():
-            if name == "app" and path == COMPOSE_HTTPS:
-                continue  # only overrides the app's ports
-            options = service["logging"]["options"]
-            assert size_bytes(options["max-size"]) <= 100 * 1024**2, (path.name, name)
-            assert int(options["max-file"]) >= 1, (path.name, name)
-
-
-# --------------------------------------------------------------------------------------------
-# docker-compose.https.yml + deploy/Caddyfile
-# --------------------------------------------------------------------------------------------
-
-
-def test_https_override_adds_caddy_and_unpublishes_the_app() -> None:
-    override = load_compose(COMPOSE_HTTPS)
-    assert set(override["services"]) == {"app", "caddy"}
-    reset = override["services"]["app"]["ports"]
-    assert isinstance(reset, Tagged) and reset.tag == "!reset" and reset.value == []
-    caddy = override["services"]["caddy"]
-    assert caddy["image"].startswith("caddy:2")
-    assert caddy["restart"] == "unless-stopped"
-    assert {"80:80", "443:443"} <= set(caddy["ports"])
-    volumes = short_volumes(caddy)
-    assert ("./deploy/Caddyfile", "/etc/caddy/Caddyfile", "ro") in volumes
-    assert (
-        {"caddy_data", "caddy_config"}
-        <= {v[0] for v in volumes}
-        <= (set(override["volumes"]) | {"./deploy/Caddyfile"})
-    )
-    assert caddy["environment"]["DOMAIN"].startswith("${DOMAIN:?")
-
-
-def test_caddyfile_proxies_the_domain_to_the_app() -> None:
-    text = CADDYFILE.read_text()
-    assert re.search(r"^\{\$DOMAIN\}\s*\{", text, re.MULTILINE)
-    assert re.search(rf"reverse_proxy\s+app:{CONTAINER_PORT}\b", text)
-
-
-# --------------------------------------------------------------------------------------------
-# The image's and compose's commands, executed on the host
-# --------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _host_env(**extra: str) -> dict[str, str]:
-    """The environment the image gives its commands, on the host: the Dockerfile's ENV, the
-    venv first on PATH, and no database settings inherited from the caller."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "DATABASE_URL" and not k.startswith(("POSTGRES_", "MNIST_"))
-    }
-    env.update({k: v for k, v in dockerfile_env().items() if k not in ("PATH", "HOME")})
-    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env.update(extra)
-    return env
-
-
-def _with_port(argv: list[str], port: int) -> list[str]:
-    replaced = [a.replace(str(CONTAINER_PORT), str(port)) for a in argv]
-    assert replaced != argv, f"{CONTAINER_PORT} not found in {argv}"
-    return replaced
-
-
-def _run_healthcheck(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-
-
-def test_image_cmd_comes_up_and_passes_its_healthcheck(fresh_pg_server, tmp_path: Path) -> None:
-    port = _free_port()
-    cmd = _with_port(image_cmd(), port)
-    check = _with_port(healthcheck()[1], port)
-    compose_check = _with_port(services()["app"]["healthcheck"]["test"][1:], port)
-    env = _host_env(DATABASE_URL=fresh_pg_server.url)
-    log_path = tmp_path / "app.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+@pytest.fixture(scope="module")
+def project() -> Iterator[ComposeProject]:
+    """The project copy with its image built (`docker compose build`, cached layers reused)."""
+    if problem := engine_problem():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a Docker engine for these tests: {problem}")
+        pytest.skip(f"{problem} (bash .ci/run starts one)")
+    project = ComposeProject()
     try:
-        deadline = time.monotonic() + 120
-        result = None
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"app exited {proc.returncode}:\n{log_path.read_text()}"
-            result = _run_healthcheck(check, env)
-            if result.returncode == 0:
-                break
-            time.sleep(1)
-        assert result is not None and result.returncode == 0, (
-            f"healthcheck never passed: {result and result.stderr[-2000:]}\n"
-            f"{log_path.read_text()[-3000:]}"
-        )
-        assert _run_healthcheck(compose_check, env).returncode == 0
-        time.sleep(1)
-        assert proc.poll() is None, log_path.read_text()
+        project.compose("build", "app", timeout=1200)
+        yield project
     finally:
-        _stop(proc)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+        project.remove()
 
 
-def _set_option(argv: list[str], option: str, value: str) -> list[str]:
-    """Replace `option value` / `option=value` in argv, or append it."""
-    out, i, found = [], 0, False
-    while i < len(argv):
-        if argv[i] == option:
-            out += [option, value]
-            i, found = i + 2, True
-            continue
-        if argv[i].startswith(option + "="):
-            out.append(f"{option}={value}")
-            found = True
-        else:
-            out.append(argv[i])
-        i += 1
-    return out if found else [*out, option, value]
+@pytest.fixture(scope="module")
+def stack(project: ComposeProject) -> ComposeProject:
+    project.run(UP)
+    return project
 
 
-def test_train_service_command_trains_a_model_on_the_host(tmp_path: Path) -> None:
-    command = services()["train"]["command"]
-    argv = command if isinstance(command, list) else shlex.split(command)
-    data_dir, out, checkpoints = tmp_path / "mnist", tmp_path / "out" / "model.pth", tmp_path / "ck"
-    copy_subset(data_dir)
-    for option, value in (
-        ("--data-dir", str(data_dir)),
-        ("--out", str(out)),
-        ("--checkpoint-dir", str(checkpoints)),
-        ("--limit", "500"),
-        ("--epochs", "1"),
-    ):
-        argv = _set_option(argv, option, value)
-    shipped = ROOT / "models" / "model.pth"
-    shipped_stat = shipped.stat().st_mtime_ns if shipped.exists() else None
-    env = _host_env(**services()["train"].get("environment", {}))
-    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v) for k, v in env.items()}  # compose defaults
-    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{argv}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert out.is_file() and out.stat().st_size > 0, result.stdout[-2000:]
-    if shipped_stat is not None:
-        assert shipped.stat().st_mtime_ns == shipped_stat, "the shipped model was overwritten"
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[browser.Browser]:
+    with browser.chromium() as instance:
+        yield instance
+
+
+def config(project: ComposeProject, *files: str, **env: str) -> subprocess.CompletedProcess:
+    args = [arg for name in files for arg in ("-f", name)]
+    return project.run(
+        ["env", *(f"{k}={v}" for k, v in env.items()), "docker", "compose", *args, "config",
+         "--format", "json"],
+        check=False,
+    )  # fmt: skip
+
+
+def healthy(project: ComposeProject, service: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = project.inspect(service, "{{.State.Status}} {{.State.Health.Status}}")
+        if state == "running healthy":
+            return
+        time.sleep(1)
+    raise AssertionError(f"{service} is {state!r}\n{project.logs(service)[-3000:]}")
+
+
+def draw_and_confirm(chromium, project: ComposeProject, digit: int = 7, before=None):
+    """Open the app, draw *digit*, click Correct; returns what the page showed."""
+    with browser.AppPage.open(chromium, project.url) as page:
+        if before:
+            before()
+        page.draw_digit(digit)
+        shown = page.wait_for_prediction()
+        page.click_correct()
+        alerts = page.alerts()
+    return shown, alerts
+
+
+def stored_rows(project: ComposeProject) -> list[tuple[int, int, float]]:
+    if project.psql("SELECT to_regclass('predictions') IS NULL") == "t":
+        return []  # the app creates the table on first use
+    out = project.psql(
+        "SELECT predicted_digit, true_label, confidence FROM predictions ORDER BY id"
+    )
+    return [
+        (int(p), int(t), float(c)) for p, t, c in (line.split("|") for line in out.splitlines())
+    ]
+
+
+# --- the image --------------------------------------------------------------------------------
+
+
+def test_image_runs_as_non_root_with_cpu_torch_and_no_secrets_or_extras(
+    project: ComposeProject,
+) -> None:
+    probe = (
+        "import importlib.util as u, json, os, torch; print(json.dumps({'uid': os.getuid(), "
+        "'cuda': torch.version.cuda, 'pgserver': bool(u.find_spec('pgserver')), "
+        "'files': sorted(os.listdir('.')), 'nvidia': [p for p in os.listdir(os.path.dirname("
+        "os.path.dirname(torch.__file__))) if 'nvidia' in p]}))"
+    )
+    out = project.run(["docker", "run", "--rm", project.image, "python", "-c", probe]).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    assert found["uid"] != 0
+    assert found["cuda"] is None and found["nvidia"] == []
+    assert not found["pgserver"], "pgserver is for `make run` only"
+    # .dockerignore: no secrets, data, tests or tooling in the image (the copy has a .env).
+    assert {".env", ".git", "tests", "bench", "deploy", ".venv"}.isdisjoint(found["files"])
+    assert {"app.py", "train.py", "models"} <= set(found["files"])
+
+
+# --- compose config (no containers) ----------------------------------------------------------
+
+
+def test_compose_refuses_to_start_without_a_password(project: ComposeProject) -> None:
+    env_file = project.dir / ".env"
+    saved = env_file.read_text()
+    try:
+        env_file.write_text(re.sub(r"(?m)^POSTGRES_PASSWORD=.*$", "POSTGRES_PASSWORD=", saved))
+        result = config(project)
+    finally:
+        env_file.write_text(saved)
+    assert result.returncode != 0
+    assert "POSTGRES_PASSWORD is not set - put a strong password in .env" in result.stderr
+
+
+def test_database_is_never_published_and_https_unpublishes_the_app(
+    project: ComposeProject,
+) -> None:
+    plain = json.loads(config(project).stdout)["services"]
+    assert "ports" not in plain["db"]
+    assert [(p["host_ip"], p["target"]) for p in plain["app"]["ports"]] == [("127.0.0.1", 8501)]
+    https = config(project, "docker-compose.yml", "docker-compose.https.yml", DOMAIN="x.example")
+    services = json.loads(https.stdout)["services"]
+    assert not services["app"].get("ports") and "ports" not in services["db"]
+    assert {p["published"] for p in services["caddy"]["ports"]} == {"80", "443"}
+
+
+# --- the running stack -----------------------------------------------------------------------
+
+
+def test_a_drawn_digit_is_predicted_and_correct_stores_a_row(stack, chromium) -> None:
+    assert "(healthy)" in stack.run(PS).stdout
+    before = stored_rows(stack)
+    shown, alerts = draw_and_confirm(chromium, stack)
+    assert shown.digit == 7, shown
+    assert any(alert.startswith("Saved: you drew a 7") for alert in alerts), alerts
+    new = stored_rows(stack)[len(before) :]
+    assert len(new) == 1 and new[0][:2] == (7, 7)
+    assert abs(new[0][2] * 100 - shown.confidence_percent) <= 0.05 + 1e-4
+
+
+def test_data_survives_down_and_up_and_down_v_removes_it(stack) -> None:
+    stack.psql("CREATE TABLE volume_probe (note text); INSERT INTO volume_probe VALUES ('kept')")
+    stack.run(DOWN)
+    assert stack.compose("ps", "--all", "--quiet").stdout.strip() == ""
+    stack.run(UP)
+    assert stack.psql("SELECT note FROM volume_probe") == "kept"
+    stack.run(DOWN_VOLUMES)
+    volumes = stack.run(["docker", "volume", "ls", "--quiet"]).stdout.split()
+    assert f"{stack.name}_pgdata" not in volumes
+    stack.run(UP)
+    assert stack.psql("SELECT to_regclass('volume_probe') IS NULL") == "t"
+
+
+def test_a_crashed_app_is_restarted_by_its_policy_and_serves_again(stack, chromium) -> None:
+    restarts = int(stack.inspect("app", "{{.RestartCount}}"))
+    # A crash: Streamlit killed inside the container (`docker kill` is a manual stop, after
+    # which Docker never restarts a container, whatever its policy).
+    stack.compose("exec", "-T", "app", "sh", "-c", "kill -9 -1", check=False)
+    deadline = time.monotonic() + 60
+    while int(stack.inspect("app", "{{.RestartCount}}")) == restarts:
+        assert time.monotonic() < deadline, "the app was not restarted"
+        time.sleep(0.5)
+    healthy(stack, "app")
+    shown, _ = draw_and_confirm(chromium, stack, digit=1)
+    assert shown.digit == 1
+
+
+def test_feedback_after_a_database_restart_is_stored_once(stack, chromium) -> None:
+    before = len(stored_rows(stack))
+    # The page is open and the app's pool holds connections when the database restarts.
+    shown, alerts = draw_and_confirm(chromium, stack, digit=4, before=lambda: stack.run(RESTART_DB))
+    assert any(alert.startswith("Saved: you drew a 4") for alert in alerts), alerts
+    rows = stored_rows(stack)
+    assert len(rows) == before + 1 and rows[-1][:2] == (4, 4), rows[before:]
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer(project: ComposeProject) -> ComposeProject:
+    """The train service as shipped, with short-run flags appended to its command."""
+    copy_subset(project.dir / "data" / "mnist")
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", "1000:1000", "data"], cwd=project.dir, check=True)
+    shipped = json.loads(project.compose("--profile", "train", "config", "--format", "json").stdout)
+    command = shipped["services"]["train"]["command"] + TRAIN_FLAGS
+    project.add_override(
+        "train-short.yml", f"services:\n  train:\n    command: {json.dumps(command)}\n"
+    )
+    return project
+
+
+def fresh_training(project: ComposeProject) -> None:
+    project.compose("--profile", "train", "rm", "--stop", "--force", "train")
+    for path in [
+        project.dir / "models" / "model.pth",
+        *(project.dir / "models" / "checkpoints").glob("*"),
+    ]:
+        path.unlink(missing_ok=True)
+
+
+def wait_exit(project: ComposeProject, timeout: float = 600) -> int:
+    return int(project.run(["docker", "wait", project.container("train")], timeout=timeout).stdout)
+
+
+def wait_mid_epoch(project: ComposeProject, after_epoch: int = 0, timeout: float = 300) -> tuple:
+    """Wait for a progress line inside an epoch > *after_epoch*; returns (epoch, step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for epoch, step, steps in PROGRESS.findall(project.logs("train")):
+            if int(epoch) > after_epoch and int(step) < int(steps) * 3 // 4:
+                return int(epoch), int(step)
+        time.sleep(0.2)
+    raise AssertionError(f"no progress line:\n{project.logs('train')[-3000:]}")
+
+
+def test_training_finishes_with_two_workers_within_its_limits(trainer) -> None:
+    fresh_training(trainer)
+    shipped_model = (ROOT / "models" / "model.pth").read_bytes()
+    trainer.run(TRAIN)
+    assert wait_exit(trainer) == 0, trainer.logs("train")[-4000:]
+    state = json.loads(trainer.inspect("train", "{{json .State}}"))
+    assert not state["OOMKilled"]
+    assert state.get("Health") is None, "no health check: the image's polls Streamlit"
+    # Its memory limit, and Docker's default 64 MB /dev/shm, which two workers' batches fit in.
+    limits = trainer.inspect("train", "{{.HostConfig.Memory}} {{.HostConfig.ShmSize}}")
+    assert limits == f"{2 * 2**30} {64 * 2**20}"
+    logs = trainer.run(TRAIN_LOGS).stdout
+    assert len(PROGRESS.findall(logs)) >= 3 and "Bus error" not in logs, logs[-3000:]
+    assert re.search(r"epoch 3/3 done: .* rss \d+ MB \(peak \d+ MB\)", logs), logs[-3000:]
+    model = trainer.dir / "models" / "model.pth"
+    assert model.is_file() and model.read_bytes() != shipped_model
+    assert (ROOT / "models" / "model.pth").read_bytes() == shipped_model
+
+
+def test_training_stopped_or_killed_mid_epoch_resumes_from_its_checkpoint(trainer) -> None:
+    fresh_training(trainer)
+    trainer.run(TRAIN)
+    wait_mid_epoch(trainer)
+    trainer.run(STOP_TRAIN)
+    assert wait_exit(trainer) == 143, trainer.logs("train")[-3000:]
+    assert re.search(
+        r"SIGTERM received: checkpoint of epoch \d+ step \d+ saved", trainer.logs("train")
+    )
+
+    trainer.run(TRAIN)
+    epoch, _ = wait_mid_epoch(trainer, after_epoch=1)  # 1 epoch done after the resume
+    resumed = RESUMED.findall(trainer.logs("train"))
+    assert len(resumed) == 1, trainer.logs("train")[-3000:]
+    trainer.run(["docker", "kill", "--signal", "KILL", trainer.container("train")])
+    assert wait_exit(trainer) == 137
+
+    trainer.run(TRAIN)
+    assert wait_exit(trainer) == 0, trainer.logs("train")[-4000:]
+    resumed = RESUMED.findall(trainer.logs("train"))
+    assert len(resumed) == 2 and int(resumed[1][0]) >= epoch - 1 >= 1, resumed
+    assert (trainer.dir / "models" / "model.pth").is_file()
