@@ -300,8 +300,10 @@ def save_requested_feedback(analysis: Analysis | None) -> None:
     state = st.session_state
     if (request := state.pop(SAVE_REQUEST, None)) is not None:
         state.pop(FEEDBACK_ERROR, None)
-        with st.spinner(SAVING):
-            saved = save_feedback(*request)
+        notice = st.empty()  # shown at once (st.spinner waits half a second)
+        notice.info(SAVING, icon=":material/hourglass_top:")
+        saved = save_feedback(*request)
+        notice.empty()
         if saved:
             st.rerun()  # the canvas is already on the page: clear it in a new run
     if analysis is not None and analysis.prediction is not None and FEEDBACK_ERROR in state:

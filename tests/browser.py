@@ -712,10 +712,11 @@ class AppPage:
         return shown
 
     def button(self, key: str) -> Locator:
-        return self.page.locator(f".st-key-{key} button")
+        """The feedback button *key* (app.CORRECT_BUTTON...) of the drawing on screen."""
+        return self.page.locator(f'[class*="st-key-{key}-"] button')
 
     def true_label_input(self) -> Locator:
-        return self.page.locator(".st-key-true_label input")
+        return self.page.locator('[class*="st-key-true_label-"] input')
 
     def true_label_value(self) -> str:
         return self.true_label_input().input_value()
