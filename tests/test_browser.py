@@ -208,6 +208,39 @@ def test_the_next_drawing_stays_on_the_canvas_after_a_saved_answer(page):
     assert page.prediction().digit == 4
 
 
+def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
+    chromium, shared_app, module_db, request
+):
+    """The person sees the prediction for a 1, adds a base to it and presses Correct before the
+    new prediction reaches the page, while the server has already analysed the new drawing.
+    The row holds the digit and confidence that were on screen (or nothing), never the unseen
+    ones."""
+    gate = browser.MessageGate()
+    screenshots = Screenshots(browser.artifacts_dir(request.node.name))
+    page = AppPage.open(chromium, shared_app.url, screenshots=screenshots, setup=gate.install)
+    try:
+        baseline = last_id(module_db)
+        shown = draw_and_read(page, 1)
+        gate.hold()
+        page.draw_held([[(96, 238), (140, 236), (184, 234)]])
+        page.page.mouse.up()
+        gate.wait_for_finished_runs(page.page, 1)  # analysed on the server, not on screen
+        assert page.prediction() == shown
+        page.snap("new-drawing-not-shown-yet")
+        clicked = page.now_ms()
+        page.button(app_module.CORRECT_BUTTON).click()
+        gate.wait_for_finished_runs(page.page, 2)
+        gate.release()
+        page.wait_until_idle(clicked)
+        page.snap("after-the-click")
+        rows = rows_after(module_db, baseline)
+        assert len(rows) <= 1, rows
+        for row in rows:
+            assert_stored(row, shown.digit, shown.digit, shown.confidence_percent)
+    finally:
+        finish(page, shared_app)
+
+
 # --- the History page -----------------------------------------------------------------------
 
 
