@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +18,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import ROOT, PostgresProcess, pg_command
+from conftest import ROOT, PostgresProcess, TcpProxy, pg_command
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
@@ -329,19 +327,9 @@ def test_database_down_from_the_start(fresh_pg_server):
 @pytest.fixture
 def hung_server_url() -> Iterator[str]:
     """A server that accepts TCP connections and never says a word."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                accepted.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/postgres"
-    listener.close()
-    for conn in accepted:
-        conn.close()
+    proxy = TcpProxy()
+    yield proxy.url
+    proxy.close()
 
 
 def run_at_once(count: int, call) -> list[tuple[float, object]]:
