@@ -488,8 +488,8 @@ def test_streamlit_config_is_headless_without_usage_stats() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_compose_services_are_exactly_app_db_train() -> None:
-    assert set(services()) == {"app", "db", "train"}
+def test_compose_services_are_exactly_app_db_migrate_train() -> None:
+    assert set(services()) == {"app", "db", "migrate", "train"}
 
 
 def test_db_is_postgres_17_with_named_volume_healthcheck_and_restart() -> None:
@@ -537,10 +537,11 @@ def test_app_environment_always_points_at_the_compose_db() -> None:
     assert env["MODEL_PATH"] == "models/model.pth"
 
 
-def test_env_file_is_optional() -> None:
-    for name in ("app",):
-        env_files = services()[name]["env_file"]
-        assert {"path": ".env", "required": False} in env_files, env_files
+def test_the_app_never_gets_the_owners_password() -> None:
+    app = services()["app"]
+    assert "env_file" not in app, ".env holds POSTGRES_PASSWORD"
+    assert not {"POSTGRES_PASSWORD", "POSTGRES_USER"} & set(app["environment"])
+    assert app["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_app_healthcheck_in_compose_matches_the_image() -> None:
@@ -583,7 +584,9 @@ def test_no_literal_password_in_compose_files() -> None:
         for line in path.read_text().splitlines():
             match = re.search(r"(PASSWORD|SECRET|TOKEN)\w*\s*[:=]\s*(\S.*)", line, re.I)
             if match and not line.lstrip().startswith("#"):
-                assert match[2].startswith("${POSTGRES_PASSWORD:?"), f"{path.name}: {line}"
+                assert match[2].startswith(("${POSTGRES_PASSWORD:?", "${APP_DB_PASSWORD:?")), (
+                    f"{path.name}: {line}"
+                )
     compose = load_compose()
     for name, service in compose["services"].items():
         env = service.get("environment", {})
@@ -593,8 +596,8 @@ def test_no_literal_password_in_compose_files() -> None:
     assert "POSTGRES_PASSWORD" not in compose["services"]["train"].get("environment", {})
 
 
-def test_only_the_password_and_domain_are_required_variables() -> None:
-    required = {"POSTGRES_PASSWORD"}
+def test_only_the_passwords_and_domain_are_required_variables() -> None:
+    required = {"POSTGRES_PASSWORD", "APP_DB_PASSWORD"}
     assert {
         name for name, op in compose_variables(COMPOSE.read_text()).items() if op != ":-"
     } == required
@@ -605,16 +608,20 @@ def test_only_the_password_and_domain_are_required_variables() -> None:
 def test_interpolation_fails_clearly_without_password_and_defaults_apply() -> None:
     raw = load_compose()
     with pytest.raises(MissingVariable, match=r"POSTGRES_PASSWORD.*\.env"):
-        interpolate(raw, {})
-    resolved = interpolate(raw, {"POSTGRES_PASSWORD": "s3cret"})
-    app, db, train = (resolved["services"][n] for n in ("app", "db", "train"))
+        interpolate(raw, {"APP_DB_PASSWORD": "app"})
+    with pytest.raises(MissingVariable, match=r"APP_DB_PASSWORD.*\.env"):
+        interpolate(raw, {"POSTGRES_PASSWORD": "s3cret"})
+    secrets = {"POSTGRES_PASSWORD": "s3cret", "APP_DB_PASSWORD": "app"}
+    resolved = interpolate(raw, secrets)
+    app, db, migrate, train = (resolved["services"][n] for n in ("app", "db", "migrate", "train"))
     assert app["ports"] == [f"0.0.0.0:8501:{CONTAINER_PORT}"]
-    assert app["environment"]["POSTGRES_PASSWORD"] == db["environment"]["POSTGRES_PASSWORD"]
-    assert app["environment"]["POSTGRES_USER"] == db["environment"]["POSTGRES_USER"] == "postgres"
+    assert migrate["environment"]["POSTGRES_PASSWORD"] == db["environment"]["POSTGRES_PASSWORD"]
+    assert migrate["environment"]["POSTGRES_USER"] == db["environment"]["POSTGRES_USER"]
+    assert app["environment"]["APP_DB_PASSWORD"] == migrate["environment"]["APP_DB_PASSWORD"]
     assert app["environment"]["POSTGRES_DB"] == db["environment"]["POSTGRES_DB"] == "postgres"
     assert train["user"] == "1000:1000"
     assert db["healthcheck"]["test"][1].count("${POSTGRES_USER}") == 1  # $$ -> for the shell
-    private = interpolate(raw, {"POSTGRES_PASSWORD": "s3cret", "APP_BIND": "127.0.0.1"})
+    private = interpolate(raw, {**secrets, "APP_BIND": "127.0.0.1"})
     assert private["services"]["app"]["ports"] == [f"127.0.0.1:8501:{CONTAINER_PORT}"]
 
 
