@@ -473,16 +473,12 @@ def embedded_postmaster_pid(pgdata: Path) -> int:
     return int((pgdata / "postmaster.pid").read_text().split()[0])
 
 
-def stop_embedded(pgdata: Path) -> None:
-    if (pgdata / "postmaster.pid").exists():
-        pg_command("pg_ctl", "stop", "-m", "immediate", "-D", str(pgdata), check=False)
-
-
 @pytest.fixture
 def embedded_pgdata(pg_tmp_path):
     pgdata = pg_tmp_path / "data" / "postgres"  # no parent yet, like data/ in a fresh clone
     yield pgdata
-    stop_embedded(pgdata)
+    if (pgdata / "postmaster.pid").exists():
+        pg_command("pg_ctl", "stop", "-m", "immediate", "-D", str(pgdata), check=False)
 
 
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR is not set")
@@ -506,8 +502,10 @@ def test_embedded_default_starts_pgserver_and_keeps_data(embedded_pgdata, caplog
     assert [r["id"] for r in db.recent_predictions()] == [row_id]
     db.close_pool()
 
-    # Stopped meanwhile: this process starts it again, on the same data.
-    stop_embedded(embedded_pgdata)
+    # Stopped meanwhile (`python db.py stop-embedded`, as `make run` does on Ctrl-C): this
+    # process starts it again, on the same data.
+    assert db.stop_embedded(embedded_pgdata)
+    assert not postmasters(embedded_pgdata)
     db.configure(db.resolve_conninfo({}, pgdata=embedded_pgdata))
     assert db.count_predictions() == 1
     restarted_pid = embedded_postmaster_pid(embedded_pgdata)
@@ -515,7 +513,7 @@ def test_embedded_default_starts_pgserver_and_keeps_data(embedded_pgdata, caplog
     db.close_pool()
 
     # Stopped (e.g. a reboot): a new app process starts it, on the same data.
-    stop_embedded(embedded_pgdata)
+    assert db.stop_embedded(embedded_pgdata)
     assert run_app_process(embedded_pgdata, inserts=0) == 1
     assert embedded_postmaster_pid(embedded_pgdata) not in (pid, restarted_pid)
 
