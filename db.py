@@ -407,7 +407,7 @@ def _connection() -> Iterator[psycopg.Connection]:
     _health.ensure_up(pool.conninfo, _connect_kwargs())
     conn = _getconn(pool)
     try:
-        with conn.transaction():
+        with conn:  # commits, or rolls back on an error (as pool.connection() does)
             yield conn
     except (errors.QueryCanceled, errors.LockNotAvailable) as exc:
         raise DatabaseBusy(
