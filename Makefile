@@ -26,8 +26,11 @@ $(VENV)/.dev: requirements.txt requirements-local.txt requirements-dev.txt $(VEN
 	$(BIN)/pip install --quiet $(PIP_ARGS) -r requirements-local.txt -r requirements-dev.txt
 	touch $@
 
+# Ctrl-C stops the app, then the embedded PostgreSQL (if DATABASE_URL and POSTGRES_HOST are
+# unset): the shell catches the interrupt (`:`), so it lives on to run the second command.
 run: $(VENV)/.runtime
-	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
+	@trap : INT TERM; $(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true; \
+	$(BIN)/python db.py stop-embedded
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .

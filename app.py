@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +34,9 @@ CANVAS_SIZE = utils.CANVAS_SIZE
 BRUSH_WIDTH = utils.BRUSH_WIDTH
 MODEL_VIEW_SIZE = 140  # the 28x28 model input, shown 5x larger
 MAX_DRAWING_SIDE = 4 * CANVAS_SIZE  # room for high-DPI screens, far below a memory hog
+# The canvas's PNG data URL, checked before it is decoded: a drawing is tens of kB, a 4x screen's
+# noisiest a few MB. Streamlit refuses any message over server.maxMessageSize (.streamlit).
+MAX_DRAWING_URL_CHARS = 4_000_000
 HISTORY_LIMIT = 10_000
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -40,10 +44,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CANVAS_GENERATION = "canvas_generation"  # int; the canvas key is f"canvas-{n}", bumped to clear it
 ANALYSIS = "analysis"  # Analysis of the last drawing seen, reused while the drawing is unchanged
 PENDING_SUBMISSION = "pending_submission"  # feedback.Submission not stored yet, kept for a retry
+SAVE_REQUEST = "save_request"  # (Analysis, true label) of a click, saved below the feedback row
 FEEDBACK_ERROR = "feedback_error"  # str shown under the feedback row
 SAVED_MESSAGE = "saved_message"  # str shown after a stored answer, until the next drawing
 
-# widget keys
+# widget keys: f"{name}-{drawing digest}" (see feedback_key)
 TRUE_LABEL_INPUT = "true_label"
 CORRECT_BUTTON = "correct"
 SUBMIT_CORRECTION_BUTTON = "submit_correction"
@@ -61,7 +66,13 @@ FEEDBACK_NOT_SAVED = (
     "Feedback not saved: database unreachable. Your drawing and label are kept: "
     "try again in a moment."
 )
+FEEDBACK_BUSY = (
+    "Feedback not saved: the database is busy. Your drawing and label are kept: "
+    "try again in a moment."
+)
 FEEDBACK_FAILED = "Feedback not saved: unexpected error (details in the server log)."
+SAVING = "Saving your answer..."
+DRAWING_TOO_LARGE = "The drawing is too large to read: clear the canvas and draw again."
 HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
 HISTORY_FAILED = "History unavailable: unexpected database error (details in the server log)."
 NO_HISTORY = "No feedback stored yet: draw a digit, then press Correct or Submit correction."
@@ -74,14 +85,23 @@ NO_HISTORY = "No feedback stored yet: draw a digit, then press Correct or Submit
 def load_classifier(path: str, file_version: tuple[int, int] | None) -> model.DigitCNN:
     """The model at *path*, loaded once per process and file version (reloaded after retraining)."""
     # One small image at a time: more threads only add synchronisation, which costs up to
-    # ~150 ms per prediction when the CPU is shared (measured on 2 cores).
-    torch.set_num_threads(1)
+    # ~150 ms per prediction when the CPU is shared (measured on 2 cores). APP_THREADS: more.
+    torch.set_num_threads(app_threads())
     start = time.perf_counter()
     classifier = model.load_model(path)
     # The first forward pass is ~200 ms slower than the next ones: pay it here, not on a drawing.
     model.predict(classifier, utils.normalize(np.zeros((28, 28), dtype=np.uint8))[None, None])
     logger.info("loaded model %s in %.0f ms", path, (time.perf_counter() - start) * 1000)
     return classifier
+
+
+def app_threads() -> int:
+    """Torch threads for predictions: APP_THREADS (default 1)."""
+    value = os.environ.get("APP_THREADS", "").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        logger.warning("APP_THREADS=%r is not a positive integer: using 1 thread", value)
+        return 1
+    return int(value)
 
 
 def current_classifier() -> model.DigitCNN:
@@ -154,20 +174,28 @@ def current_analysis(canvas: CanvasResult, classifier: model.DigitCNN) -> Analys
 
     Computed once per drawing: reruns that leave the drawing unchanged reuse it.
     """
+    state = st.session_state
     if not (canvas.json_data or {}).get("objects"):
+        state.pop(ANALYSIS, None)
         return None
-    png = canvas.image_bytes
-    if not png:
-        return None
-    digest = drawing_digest(png)
-    cached = st.session_state.get(ANALYSIS)
-    if cached is not None and cached.drawing_digest == digest:
-        return cached
-    analysis = analyse(png, digest, classifier)
-    st.session_state[ANALYSIS] = analysis
+    # The component's value, before CanvasResult base64-decodes it.
+    data_url = ((state.get(canvas_key()) or {}).get("drawing") or {}).get("data") or ""
+    if len(data_url) > MAX_DRAWING_URL_CHARS:
+        logger.warning("refused a drawing of %d characters", len(data_url))
+        analysis = Analysis(f"too-large-{len(data_url)}", hint=DRAWING_TOO_LARGE)
+    else:
+        png = canvas.image_bytes
+        if not png:
+            return None
+        digest = drawing_digest(png)
+        cached = state.get(ANALYSIS)
+        if cached is not None and cached.drawing_digest == digest:
+            return cached
+        analysis = analyse(png, digest, classifier)
+    state[ANALYSIS] = analysis
     # Messages about the previous drawing no longer apply.
-    st.session_state.pop(FEEDBACK_ERROR, None)
-    st.session_state.pop(SAVED_MESSAGE, None)
+    state.pop(FEEDBACK_ERROR, None)
+    state.pop(SAVED_MESSAGE, None)
     return analysis
 
 
@@ -225,6 +253,8 @@ def store(submission: feedback.Submission) -> int:
             submission.confidence,
             submission_id=submission.submission_id,
         )
+    except db.DatabaseBusy:
+        raise
     except db.DatabaseUnavailable:
         status.ready = False
         raise
@@ -238,25 +268,49 @@ def store(submission: feedback.Submission) -> int:
     return row_id
 
 
-# --- feedback callbacks (run before the rerun they trigger) ----------------------------------
+# --- feedback: callbacks (run before the rerun they trigger), then the save ----------------------
+
+
+def feedback_key(name: str, analysis: Analysis | None) -> str:
+    """The key of a feedback widget for the drawing on screen. A click that reaches the server
+    after a newer drawing was analysed belongs to a widget of the old drawing, whose callback
+    holds the analysis shown with it: the answer stored is always the one on screen."""
+    return f"{name}-{analysis.drawing_digest if analysis else 'none'}"
 
 
 def confirm_prediction(analysis: Analysis) -> None:
     """The Correct button: the model was right."""
-    save_feedback(analysis, analysis.prediction.digit)
+    st.session_state[SAVE_REQUEST] = (analysis, analysis.prediction.digit)
 
 
 def submit_correction(analysis: Analysis) -> None:
     """The Submit correction button: the typed label is the true one."""
+    text = st.session_state.get(feedback_key(TRUE_LABEL_INPUT, analysis))
     try:
-        true_label = feedback.parse_true_label(st.session_state.get(TRUE_LABEL_INPUT))
+        true_label = feedback.parse_true_label(text)
     except feedback.InvalidLabel as exc:
         st.session_state[FEEDBACK_ERROR] = str(exc)
         return
-    save_feedback(analysis, true_label)
+    st.session_state[SAVE_REQUEST] = (analysis, true_label)
 
 
-def save_feedback(analysis: Analysis, true_label: int) -> None:
+def save_requested_feedback(analysis: Analysis | None) -> None:
+    """Save the answer just given, if any, showing that it is being saved, then the error if
+    it failed. Below the feedback row: an element above the canvas would re-create it."""
+    state = st.session_state
+    if (request := state.pop(SAVE_REQUEST, None)) is not None:
+        state.pop(FEEDBACK_ERROR, None)
+        notice = st.empty()  # shown at once (st.spinner waits half a second)
+        notice.info(SAVING, icon=":material/hourglass_top:")
+        saved = save_feedback(*request)
+        notice.empty()
+        if saved:
+            st.rerun()  # the canvas is already on the page: clear it in a new run
+    if analysis is not None and analysis.prediction is not None and FEEDBACK_ERROR in state:
+        st.error(state[FEEDBACK_ERROR])
+
+
+def save_feedback(analysis: Analysis, true_label: int) -> bool:
     state = st.session_state
     prediction = analysis.prediction
     submission = feedback.submission_for(
@@ -269,16 +323,21 @@ def save_feedback(analysis: Analysis, true_label: int) -> None:
     state[PENDING_SUBMISSION] = submission
     try:
         store(submission)
+    except db.DatabaseBusy as exc:
+        logger.warning("feedback %s not saved: %s", submission.submission_id, exc)
+        state[FEEDBACK_ERROR] = FEEDBACK_BUSY
+        return False
     except db.DatabaseUnavailable as exc:
         logger.warning("feedback %s not saved: %s", submission.submission_id, exc)
         state[FEEDBACK_ERROR] = FEEDBACK_NOT_SAVED
-        return
+        return False
     except Exception:
         logger.exception("feedback %s not saved", submission.submission_id)
         state[FEEDBACK_ERROR] = FEEDBACK_FAILED
-        return
+        return False
     state[SAVED_MESSAGE] = saved_message(submission)
     start_new_drawing()
+    return True
 
 
 def saved_message(submission: feedback.Submission) -> str:
@@ -292,7 +351,6 @@ def start_new_drawing() -> None:
     """Clear the canvas (a new key), the prediction and the inputs."""
     state = st.session_state
     state[CANVAS_GENERATION] += 1
-    state[TRUE_LABEL_INPUT] = ""
     for key in (ANALYSIS, PENDING_SUBMISSION, FEEDBACK_ERROR):
         state.pop(key, None)
 
@@ -316,6 +374,7 @@ def draw_page() -> None:
     with result_column:
         show_analysis(analysis)
     show_feedback_row(analysis)
+    save_requested_feedback(analysis)
     # Below the canvas, never above it: an element appearing or vanishing before the canvas
     # would make Streamlit re-create the canvas, wiping the drawing in progress.
     if not database_status().ready:
@@ -344,8 +403,12 @@ def draw_canvas() -> CanvasResult:
         width=CANVAS_SIZE,
         drawing_mode="freedraw",
         return_image_data=True,
-        key=f"canvas-{st.session_state[CANVAS_GENERATION]}",
+        key=canvas_key(),
     )
+
+
+def canvas_key() -> str:
+    return f"canvas-{st.session_state[CANVAS_GENERATION]}"
 
 
 def show_analysis(analysis: Analysis | None) -> None:
@@ -376,7 +439,7 @@ def show_feedback_row(analysis: Analysis | None) -> None:
     )
     correct_column.button(
         "Correct",
-        key=CORRECT_BUTTON,
+        key=feedback_key(CORRECT_BUTTON, analysis),
         on_click=confirm_prediction,
         args=(analysis,),
         disabled=not has_prediction,
@@ -384,18 +447,20 @@ def show_feedback_row(analysis: Analysis | None) -> None:
         width="stretch",
     )
     label_column.text_input(
-        "True label", key=TRUE_LABEL_INPUT, placeholder="0-9", disabled=not has_prediction
+        "True label",
+        key=feedback_key(TRUE_LABEL_INPUT, analysis),
+        placeholder="0-9",
+        max_chars=feedback.MAX_LABEL_CHARS,
+        disabled=not has_prediction,
     )
     submit_column.button(
         "Submit correction",
-        key=SUBMIT_CORRECTION_BUTTON,
+        key=feedback_key(SUBMIT_CORRECTION_BUTTON, analysis),
         on_click=submit_correction,
         args=(analysis,),
         disabled=not has_prediction,
         width="stretch",
     )
-    if has_prediction and (error := st.session_state.get(FEEDBACK_ERROR)):
-        st.error(error)
 
 
 def history_page() -> None:

@@ -1,8 +1,17 @@
 """PostgreSQL storage of the feedback: one ``predictions`` row per confirmed or corrected digit.
 
-Where the database is comes from the environment (see ``resolve_conninfo``). Every public
-function raises ``DatabaseUnavailable`` when the server cannot be reached, and works again
-once it is back, without restarting the process.
+Where the database is comes from the environment (see ``resolve_conninfo``). The schema is this
+module's alone: ``python db.py migrate``, run with the owner's credentials, creates or upgrades
+the table and the app's role, which may only read and insert rows (``APP_ROLE``).
+
+Errors every public function may raise, besides ValueError for invalid arguments:
+
+- ``DatabaseUnavailable``: the server cannot be reached (stopped, unreachable, refusing the
+  connection). While it is known to be down, calls fail within ``FAIL_FAST_S``; the first call
+  after it is back goes through. psycopg_pool reconnects by itself; nothing restarts the process.
+- ``DatabaseBusy`` (a DatabaseUnavailable): the server is there but did not answer in time (every
+  pooled connection in use for ``BUSY_WAIT_S``, a query over ``STATEMENT_TIMEOUT_S``, a
+  deadlock). Nothing was stored; retrying later is safe.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import math
 import numbers
 import os
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -22,17 +32,23 @@ from typing import Any
 
 import psycopg
 from dotenv import load_dotenv
-from psycopg.conninfo import make_conninfo
+from psycopg import errors, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 logger = logging.getLogger("db")
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 EMBEDDED_PGDATA = PROJECT_ROOT / "data" / "postgres"
-CONNECT_TIMEOUT_S = 3
+APP_ROLE = "mnist_app"  # the app's login: SELECT and INSERT on predictions, nothing else
+CONNECT_TIMEOUT_S = 3  # one connection attempt (psycopg's minimum is 2 s)
+STATEMENT_TIMEOUT_S = 5  # one query, lock waits included (e.g. during a restore)
+BUSY_WAIT_S = 10  # how long a call waits for a free pooled connection on a healthy server
+FAIL_FAST_S = 0.5  # while the server is known down, how long a call waits for a new attempt
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 4
+_WAIT_SLICE_S = 0.25  # a waiting call checks this often whether the server went down meanwhile
 
 # Serialises schema creation between processes: concurrent CREATE TABLE IF NOT EXISTS can fail.
 _SCHEMA_LOCK_KEY = 0x4D4E495354  # "MNIST"
@@ -56,27 +72,39 @@ _SCHEMA_SQL = (
     "CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at DESC)",
 )
 
+# Connection failures that mean the server is gone, not that one query failed: no SQLSTATE
+# (a client-side failure), class 08 (connection exception), 57P01-57P03 (shutdown, crash,
+# starting up).
+_SERVER_GONE_STATES = ("57P01", "57P02", "57P03")
+
 
 class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached: stopped, unreachable, or refusing the connection."""
 
 
-_lock = threading.Lock()
-_pool: ConnectionPool | None = None
-_conninfo: str | None = None  # set by configure(); None: resolve_conninfo() when the pool opens
+class DatabaseBusy(DatabaseUnavailable):
+    """The database is reachable but did not answer in time; nothing was stored: retry later."""
+
+
+# --- where the database is ------------------------------------------------------------------
 
 
 def resolve_conninfo(
-    environ: Mapping[str, str] | None = None, pgdata: Path | str | None = None
+    environ: Mapping[str, str] | None = None,
+    pgdata: Path | str | None = None,
+    *,
+    owner: bool = False,
 ) -> str:
-    """Return the connection string to use.
+    """Return the connection string of the app (or, with *owner*, of the schema's owner).
 
-    In order: ``DATABASE_URL``; else, if ``POSTGRES_HOST`` is set, ``POSTGRES_HOST``,
-    ``POSTGRES_PORT`` (5432), ``POSTGRES_USER`` (postgres), ``POSTGRES_PASSWORD``,
-    ``POSTGRES_DB`` (postgres); else an embedded PostgreSQL (pgserver) whose data lives in
-    *pgdata* (default ``data/postgres`` in the project), started if not already running and
-    left running for the next process. *environ* defaults to ``os.environ`` after loading the
-    project's ``.env`` (variables already set win). Empty values count as unset.
+    In order: ``DATABASE_URL`` (for both); else, if ``POSTGRES_HOST`` is set, ``POSTGRES_HOST``,
+    ``POSTGRES_PORT`` (5432), ``POSTGRES_DB`` (postgres) as ``APP_DB_USER`` (``APP_ROLE``) with
+    ``APP_DB_PASSWORD``, or as the owner ``POSTGRES_USER`` (postgres) with ``POSTGRES_PASSWORD``;
+    else an embedded PostgreSQL (pgserver) whose data lives in *pgdata* (default
+    ``data/postgres`` in the project), started if not already running and left running for the
+    next process, and migrated (its superuser is the owner; the app connects as ``APP_ROLE``).
+    *environ* defaults to ``os.environ`` after loading the project's ``.env`` (variables already
+    set win). Empty values count as unset.
     """
     if environ is None:
         load_dotenv(PROJECT_ROOT / ".env")
@@ -84,14 +112,21 @@ def resolve_conninfo(
     if url := environ.get("DATABASE_URL", "").strip():
         return url
     if host := environ.get("POSTGRES_HOST", "").strip():
+        user, password = (
+            ("POSTGRES_USER", "POSTGRES_PASSWORD") if owner else ("APP_DB_USER", "APP_DB_PASSWORD")
+        )
         return make_conninfo(
             host=host,
             port=environ.get("POSTGRES_PORT") or "5432",
-            user=environ.get("POSTGRES_USER") or "postgres",
-            password=environ.get("POSTGRES_PASSWORD") or None,
+            user=environ.get(user) or ("postgres" if owner else APP_ROLE),
+            password=environ.get(password) or None,
             dbname=environ.get("POSTGRES_DB") or "postgres",
         )
-    return _start_embedded(Path(pgdata) if pgdata is not None else EMBEDDED_PGDATA)
+    superuser = _start_embedded(Path(pgdata) if pgdata is not None else EMBEDDED_PGDATA)
+    if owner:
+        return superuser
+    migrate(superuser)  # trust authentication: the app role needs no password
+    return make_conninfo(superuser, user=APP_ROLE)
 
 
 def _start_embedded(pgdata: Path) -> str:
@@ -117,6 +152,166 @@ def _start_embedded(pgdata: Path) -> str:
         ) from exc
 
 
+def stop_embedded(pgdata: Path = EMBEDDED_PGDATA) -> bool:
+    """Stop the embedded PostgreSQL serving *pgdata*, if it runs; True if it was stopped."""
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    import pwd
+
+    import pgserver
+
+    # PostgreSQL refuses to run as root: pgserver runs it as the data directory's owner.
+    user = pwd.getpwuid(pgdata.stat().st_uid).pw_name if os.geteuid() == 0 else None
+    pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True
+
+
+# --- the schema and the app's role ----------------------------------------------------------
+
+
+def _create_schema(conn: psycopg.Connection) -> None:
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+    for statement in _SCHEMA_SQL:
+        conn.execute(statement)
+
+
+def migrate(
+    owner_conninfo: str, app_role: str | None = APP_ROLE, app_password: str | None = None
+) -> None:
+    """As the schema's owner: create or upgrade the table, then (unless *app_role* is None or
+    the owner itself) create *app_role* if missing, set its password if given, and grant it
+    SELECT and INSERT on ``predictions`` and nothing else. Idempotent; safe to run at once from
+    several processes."""
+    try:
+        with psycopg.connect(owner_conninfo, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            _create_schema(conn)
+            if app_role is None or app_role == conn.info.user:
+                return
+            role = sql.Identifier(app_role)
+            if not conn.execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (app_role,)
+            ).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+            if app_password:
+                # Utility statements take no parameters: quoted client-side.
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(role, sql.Literal(app_password))
+                )
+            database = sql.Identifier(conn.info.dbname)
+            for grant in (
+                "GRANT CONNECT ON DATABASE {database} TO {role}",
+                # Only the owner creates tables (PostgreSQL 15+ does this by default).
+                "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+                "GRANT USAGE ON SCHEMA public TO {role}",
+                "GRANT SELECT, INSERT ON predictions TO {role}",
+                "GRANT USAGE ON SEQUENCE predictions_id_seq TO {role}",
+            ):
+                conn.execute(sql.SQL(grant).format(database=database, role=role))
+    except psycopg.OperationalError as exc:
+        raise _unavailable(exc) from exc
+    logger.info("migrated the schema; %s may read and insert predictions", app_role)
+
+
+def init_db() -> None:
+    """Make sure the ``predictions`` table is there and current.
+
+    As its owner (or a role that may create it: tests, a server of your own) this creates or
+    upgrades it; as the app role it only checks that ``python db.py migrate`` has been run.
+    Idempotent.
+    """
+    with _connection() as conn:
+        row = conn.execute(
+            "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class"
+            " WHERE oid = to_regclass('predictions')"
+        ).fetchone()
+        if row is not None and not row[0]:
+            return  # migrated by its owner
+        try:
+            _create_schema(conn)
+        except errors.InsufficientPrivilege as exc:
+            raise RuntimeError(
+                f"the predictions table is missing and {conn.info.user} may not create it: run"
+                " `python db.py migrate` with the owner's credentials (POSTGRES_USER/PASSWORD)"
+            ) from exc
+
+
+# --- the pool, and what its connection attempts say about the server ------------------------
+
+
+class _Health:
+    """Whether the server is known to be down, from the latest connection attempt of the pool
+    or of a probe; shared by every thread. While it is down, one probe at a time tries to
+    connect; calls wait at most FAIL_FAST_S for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.down: str | None = None  # why, while the server is known down
+        self.probe: threading.Thread | None = None
+        self.probed = threading.Event()
+
+    def connected(self) -> None:
+        if self.down is not None:
+            with self.lock:
+                if self.down is not None:
+                    logger.info("database reachable again")
+                self.down = None
+
+    def failed(self, exc: BaseException) -> None:
+        reason = _reason(exc)
+        with self.lock:
+            if self.down is None:
+                logger.warning("database unreachable: %s", reason)
+            self.down = reason
+
+    def ensure_up(self, conninfo: str, kwargs: dict[str, Any]) -> None:
+        """Return at once if the server is not known down; else wait up to FAIL_FAST_S for a
+        probe (started if none runs) and raise DatabaseUnavailable unless it connects."""
+        if self.down is None:
+            return
+        with self.lock:
+            if self.probe is None or not self.probe.is_alive():
+                self.probed = threading.Event()
+                self.probe = threading.Thread(
+                    target=self._probe, args=(conninfo, kwargs, self.probed), daemon=True
+                )
+                self.probe.start()
+            probed = self.probed
+        probed.wait(FAIL_FAST_S)
+        if (reason := self.down) is not None:
+            raise DatabaseUnavailable(f"database unreachable: {reason}")
+
+    def _probe(self, conninfo: str, kwargs: dict[str, Any], done: threading.Event) -> None:
+        try:
+            _TrackedConnection.connect(conninfo, **kwargs).close()
+        except Exception:  # recorded by _TrackedConnection
+            pass
+        finally:
+            done.set()
+
+
+_health = _Health()
+
+
+class _TrackedConnection(psycopg.Connection):
+    """A connection that tells ``_health`` whether connecting worked (the pool's attempts
+    happen in its background workers, where nobody else would see them fail)."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> _TrackedConnection:  # type: ignore[override]
+        try:
+            conn = super().connect(conninfo, **kwargs)
+        except psycopg.OperationalError as exc:
+            _health.failed(exc)
+            raise
+        _health.connected()
+        return conn
+
+
+_lock = threading.Lock()  # guards _pool and _conninfo only: never held while connecting
+_pool: ConnectionPool | None = None
+_conninfo: str | None = None  # set by configure(); None: resolve_conninfo() when the pool opens
+
+
 def configure(conninfo: str | None = None) -> None:
     """Use *conninfo* from now on (None: ``resolve_conninfo()``); closes the current pool."""
     global _conninfo
@@ -131,91 +326,104 @@ def close_pool() -> None:
         pool, _pool = _pool, None
     if pool is not None:
         pool.close(timeout=1.0)
+    _health.connected()  # forget what the old pool saw
+
+
+def _connect_kwargs() -> dict[str, Any]:
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        # Bounds a send to a vanished host (ms); the server bounds every query.
+        "tcp_user_timeout": CONNECT_TIMEOUT_S * 1000,
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_S * 1000}",
+    }
 
 
 def get_pool() -> ConnectionPool:
-    """Return the connection pool, opening it (and creating the schema) on first use."""
+    """Return the connection pool, created on first use; it connects in the background."""
     global _pool
+    if (pool := _pool) is not None:
+        return pool
+    conninfo = _conninfo if _conninfo is not None else resolve_conninfo()
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"invalid database connection string: {exc}") from None
     with _lock:
         if _pool is None:
-            _pool = _open_pool(_conninfo if _conninfo is not None else resolve_conninfo())
+            _pool = ConnectionPool(
+                conninfo,
+                kwargs=_connect_kwargs(),
+                connection_class=_TrackedConnection,
+                min_size=POOL_MIN_SIZE,
+                max_size=POOL_MAX_SIZE,
+                open=False,
+                check=ConnectionPool.check_connection,  # replace connections that died idle
+                # Give up a failing reconnection soon: the next call asks for a new one at once,
+                # instead of waiting out a back-off that grows while the server is down.
+                reconnect_timeout=2 * CONNECT_TIMEOUT_S,
+                name="db",
+            )
+            _pool.open(wait=False)
         return _pool
 
 
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _unavailable(exc: BaseException) -> DatabaseUnavailable:
-    reason = " ".join(str(exc).split()) or type(exc).__name__
-    return DatabaseUnavailable(f"database unreachable: {reason}")
+    return DatabaseUnavailable(f"database unreachable: {_reason(exc)}")
 
 
-def _open_pool(conninfo: str) -> ConnectionPool:
-    # Fail fast if connecting. tcp_user_timeout (ms) bounds a send to a vanished host.
-    kwargs: dict[str, Any] = {
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "tcp_user_timeout": CONNECT_TIMEOUT_S * 1000,
-    }
-    pool = ConnectionPool(
-        conninfo,
-        kwargs=kwargs,
-        min_size=POOL_MIN_SIZE,
-        max_size=POOL_MAX_SIZE,
-        open=False,
-        check=ConnectionPool.check_connection,  # replace connections that died while idle
-        timeout=CONNECT_TIMEOUT_S,
-        name="db",
-    )
-    try:
-        # One direct attempt first: it reports the real reason (refused, auth...) at once,
-        # where the pool would retry until its timeout and only say that it timed out.
-        psycopg.connect(conninfo, **kwargs).close()
-        pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
-        with pool.connection() as conn:
-            _create_schema(conn)
-    except BaseException as exc:
-        pool.close(timeout=1.0)
-        if isinstance(exc, psycopg.OperationalError):
+def _server_gone(exc: psycopg.OperationalError, conn: psycopg.Connection) -> bool:
+    state = exc.sqlstate
+    return conn.broken or state is None or state.startswith("08") or state in _SERVER_GONE_STATES
+
+
+def _getconn(pool: ConnectionPool) -> psycopg.Connection:
+    """A pooled connection; waits up to BUSY_WAIT_S while the server is up and busy, but stops
+    as soon as a connection attempt fails (the server went down)."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        try:
+            return pool.getconn(timeout=max(0.01, min(_WAIT_SLICE_S, deadline - time.monotonic())))
+        except PoolTimeout:
+            pass
+        except PoolClosed as exc:  # closed by configure() in another thread
             raise _unavailable(exc) from exc
-        raise
-    return pool
-
-
-def _discard_pool(pool: ConnectionPool) -> None:
-    """Drop a pool whose server went away, so the next call reconnects at once.
-
-    A kept pool would retry in the background with a growing back-off and could lag behind a
-    server that is back.
-    """
-    global _pool
-    with _lock:
-        if _pool is pool:
-            _pool = None
-    pool.close(timeout=1.0)
+        if (reason := _health.down) is not None:
+            raise DatabaseUnavailable(f"database unreachable: {reason}")
+        if time.monotonic() >= deadline:
+            raise DatabaseBusy(
+                f"database busy: no free connection within {BUSY_WAIT_S} s"
+                f" ({POOL_MAX_SIZE} connections, all in use)"
+            )
 
 
 @contextmanager
 def _connection() -> Iterator[psycopg.Connection]:
-    """A pooled connection in a transaction; connection failures become DatabaseUnavailable."""
+    """A pooled connection in a transaction; failures become DatabaseUnavailable/DatabaseBusy."""
     pool = get_pool()
+    _health.ensure_up(pool.conninfo, _connect_kwargs())
+    conn = _getconn(pool)
     try:
-        with pool.connection() as conn:
+        with conn:  # commits, or rolls back on an error (as pool.connection() does)
             yield conn
-    except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout and PoolClosed
-        _discard_pool(pool)
+    except (errors.QueryCanceled, errors.LockNotAvailable) as exc:
+        raise DatabaseBusy(
+            f"database busy: a query took longer than {STATEMENT_TIMEOUT_S} s ({_reason(exc)})"
+        ) from exc
+    except errors.TransactionRollback as exc:  # deadlock, serialization failure
+        raise DatabaseBusy(f"database busy: {_reason(exc)}") from exc
+    except psycopg.OperationalError as exc:
+        if _server_gone(exc, conn):
+            _health.failed(exc)
         raise _unavailable(exc) from exc
+    finally:
+        pool.putconn(conn)
 
 
-def _create_schema(conn: psycopg.Connection) -> None:
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-    for statement in _SCHEMA_SQL:
-        conn.execute(statement)
-
-
-def init_db() -> None:
-    """Create the ``predictions`` table if missing, or add columns missing from an older one.
-
-    The pool also does this when it opens, so calling it is optional; it is idempotent.
-    """
-    with _connection() as conn:
-        _create_schema(conn)
+# --- rows -----------------------------------------------------------------------------------
 
 
 def _check_digit(name: str, value: object) -> int:
@@ -297,3 +505,29 @@ def count_predictions() -> int:
         row = conn.execute("SELECT count(*) FROM predictions").fetchone()
     assert row is not None
     return row[0]
+
+
+def main(argv: list[str]) -> int:
+    """``python db.py migrate``: create or upgrade the schema and the app's role, as the owner
+    (``resolve_conninfo(owner=True)``), the role's password from ``APP_DB_PASSWORD``.
+    ``python db.py stop-embedded``: stop the embedded PostgreSQL of ``make run``, if it runs."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    command = argv[1] if len(argv) == 2 else ""
+    if command == "migrate":
+        owner = resolve_conninfo(owner=True)
+        app_role = os.environ.get("APP_DB_USER") or APP_ROLE
+        if os.environ.get("DATABASE_URL", "").strip():
+            app_role = None  # the app connects with DATABASE_URL, as the owner
+        migrate(owner, app_role, os.environ.get("APP_DB_PASSWORD") or None)
+        return 0
+    if command == "stop-embedded":
+        if stop_embedded():
+            print(f"stopped the embedded PostgreSQL in {EMBEDDED_PGDATA}")
+        return 0
+    print("usage: python db.py migrate | stop-embedded", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

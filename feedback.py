@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 DIGITS = "0123456789"
+MAX_LABEL_CHARS = 5  # room for a digit between spaces; the text input holds no more
 
 
 class InvalidLabel(ValueError):
@@ -18,7 +19,10 @@ class InvalidLabel(ValueError):
 
 
 def parse_true_label(text: str | None) -> int:
-    """The digit in *text*: exactly one ASCII digit, surrounding whitespace allowed."""
+    """The digit in *text*: exactly one ASCII digit, surrounding whitespace allowed, in at most
+    MAX_LABEL_CHARS characters."""
+    if text is not None and len(text) > MAX_LABEL_CHARS:
+        raise InvalidLabel("The true label must be one digit from 0 to 9.")
     label = (text or "").strip()
     if not label:
         raise InvalidLabel("Type the true label first: one digit from 0 to 9.")

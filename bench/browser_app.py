@@ -1,4 +1,5 @@
-"""The app in a browser: cold start of ``streamlit run`` and stroke-to-prediction latency."""
+"""The app in a browser: cold start of ``streamlit run``, and stroke-to-prediction latency and the
+app's CPU per drawing with 1, 8 and 16 sessions drawing at once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from bench.common import Row, at_most, percentile, postgres_server
 SECTION = "App"
 COLD_STARTS = 3
 DRAWINGS = 20
+LOADS = ((1, DRAWINGS), (8, 5), (16, 5))  # (sessions, digits each)
 # One-stroke digits, so that every drawing is sent once, 200 ms after its only mouse-up.
 # (Multi-stroke drawings right after a saved answer can lose their strokes: the canvas is
 # re-mounted when the "Saved" message above it goes away; see tests/test_browser.py.)
@@ -51,29 +53,52 @@ _WATCH_PREDICTION = """() => {
 }"""
 
 
-def stroke_latencies(
-    browser, database_url: str, count: int = DRAWINGS
-) -> tuple[list[float], list[float]]:
-    """For *count* drawings in one session (each answered with Correct, which clears the
-    canvas): milliseconds from the last mouse-up to the prediction on screen (the first frame
-    with the "Prediction: N" heading), and from the page's request to the end of that run."""
-    from browser import DIGIT_STROKES, AppPage, AppProcess
+def session_latencies(
+    browser, database_url: str, sessions: int, digits: int
+) -> tuple[list[float], list[float], float]:
+    """*sessions* sessions of one app process each draw *digits* one-stroke digits in lockstep:
+    all hold the mouse button at the end of the stroke, then all release it, so the app gets
+    the drawings at once; then all answer Correct (which clears the canvas). Returns the
+    milliseconds from each mouse-up to the prediction on screen (the first frame with the
+    "Prediction: N" heading) and from the page's request to the end of that run, and the app
+    process's CPU seconds (user + system) per drawing, its Correct included."""
+    import psutil
+    from browser import AppPage, AppProcess
 
-    drawings = [DIGIT_STROKES[0], *ONE_STROKE_DIGITS]  # DIGIT_STROKES[0]: one closed oval
     latencies, runs = [], []
-    with AppProcess(database_url) as app, AppPage.open(browser, app.url) as page:
-        page.draw(drawings[0])  # warm-up: the first drawing of a process is slower
-        page.click_correct()
-        for n in range(count):
-            assert page.prediction() is None
-            page.page.evaluate(_WATCH_PREDICTION)
-            run = page.draw(drawings[n % len(drawings)])
-            page.wait_for_prediction()
-            shown = page.page.evaluate("() => window.__predictionShownMs")
-            latencies.append(shown - page.last_pointer_up_ms())
-            runs.append(run.finished_ms - run.sent_ms)
-            page.click_correct()
-    return latencies, runs
+    with AppProcess(database_url) as app:
+        pages = [AppPage.open(browser, app.url) for _ in range(sessions)]
+        try:
+            for page in pages:  # warm-up: the first drawing of a process or session is slower
+                page.draw(ONE_STROKE_DIGITS[0])
+                page.click_correct()
+            process = psutil.Process(app.pid)
+            cpu_before = sum(process.cpu_times()[:2])
+            for n in range(digits):
+                for index, page in enumerate(pages):
+                    assert page.prediction() is None
+                    page.page.evaluate(_WATCH_PREDICTION)
+                    page.draw_held(ONE_STROKE_DIGITS[(index + n) % len(ONE_STROKE_DIGITS)])
+                for page in pages:
+                    page.page.mouse.up()
+                for page in pages:
+                    released = page.last_pointer_up_ms()
+                    run = page.wait_until_idle(released + 195)  # the canvas's 200 ms debounce
+                    page.wait_for_prediction()
+                    shown = page.page.evaluate("() => window.__predictionShownMs")
+                    latencies.append(shown - released)
+                    runs.append(run.finished_ms - run.sent_ms)
+                clicked = []
+                for page in pages:
+                    clicked.append(page.now_ms())
+                    page.button("correct").click()
+                for page, since in zip(pages, clicked, strict=True):
+                    page.wait_until_idle(since)
+            cpu = (sum(process.cpu_times()[:2]) - cpu_before) / (sessions * digits)
+        finally:
+            for page in pages:
+                page.close()
+    return latencies, runs, cpu
 
 
 def run() -> list[Row]:
@@ -81,24 +106,75 @@ def run() -> list[Row]:
 
     with postgres_server(durable=True) as server, chromium() as browser:
         starts = [cold_start(browser, server.url) for _ in range(COLD_STARTS)]
-        latencies, runs = stroke_latencies(browser, server.url)
+        loads = {
+            sessions: session_latencies(browser, server.url, sessions, digits)
+            for sessions, digits in LOADS
+        }
     healthy = sorted(s[0] for s in starts)
     shown = sorted(s[1] for s in starts)
     all_starts = f"median of {COLD_STARTS} starts (all: {', '.join(f'{s:.1f}' for s in shown)} s)"
-    return [
-        Row(SECTION, "cold start: process start to /_stcore/health OK", percentile(healthy, 50),
-            "s", note=f"streamlit run app.py, given PostgreSQL; median of {COLD_STARTS}; "
-            "health polled every 0.1 s"),
-        at_most(SECTION, "cold start: process start to first prediction in a browser",
-                percentile(shown, 50), "s", 10,
-                note=f"{all_starts}; Chromium already running; includes drawing a one-stroke 7"),
-        at_most(SECTION, f"stroke end (mouse up) to prediction on screen, p50 of {DRAWINGS}",
-                percentile(latencies, 50), "ms", 300,
-                note="includes the canvas's own 200 ms debounce; headless Chromium on the "
-                "same 2 cores; 'on screen': first frame with the Prediction heading"),
-        Row(SECTION, f"stroke end to prediction on screen, p95 of {DRAWINGS}",
-            percentile(latencies, 95), "ms", note=f"max {max(latencies):.0f} ms"),
-        Row(SECTION, "page request to end of the script run, p50", percentile(runs, 50), "ms",
+    latencies, runs, _ = loads[1]
+    rows = [
+        Row(
+            SECTION,
+            "cold start: process start to /_stcore/health OK",
+            percentile(healthy, 50),
+            "s",
+            note=f"streamlit run app.py, given PostgreSQL; median of {COLD_STARTS}; "
+            "health polled every 0.1 s",
+        ),
+        at_most(
+            SECTION,
+            "cold start: process start to first prediction in a browser",
+            percentile(shown, 50),
+            "s",
+            10,
+            note=f"{all_starts}; Chromium already running; includes drawing a one-stroke 7",
+        ),
+        at_most(
+            SECTION,
+            f"stroke end (mouse up) to prediction on screen, p50 of {DRAWINGS}",
+            percentile(latencies, 50),
+            "ms",
+            300,
+            note="includes the canvas's own 200 ms debounce; headless Chromium on the "
+            "same cores; 'on screen': first frame with the Prediction heading",
+        ),
+        Row(
+            SECTION,
+            f"stroke end to prediction on screen, p95 of {DRAWINGS}",
+            percentile(latencies, 95),
+            "ms",
+            note=f"max {max(latencies):.0f} ms",
+        ),
+        Row(
+            SECTION,
+            "page request to end of the script run, p50",
+            percentile(runs, 50),
+            "ms",
             note="from the page sending the drawing to its receiving script_finished (the run "
-            "goes on after the prediction is shown: chart, image, feedback row)"),
-    ]  # fmt: skip
+            "goes on after the prediction is shown: chart, image, feedback row)",
+        ),
+    ]
+    for sessions, digits in LOADS:
+        latencies, _, cpu = loads[sessions]
+        rows += [
+            Row(
+                SECTION,
+                f"{sessions} sessions drawing at once: stroke end to prediction, p50 / p95",
+                percentile(latencies, 50),
+                "ms",
+                note=f"p95 {percentile(latencies, 95):.0f} ms, max {max(latencies):.0f} ms; "
+                f"{sessions} x {digits} one-stroke digits, all sent within a few ms, each "
+                "answered with Correct; one app process, Chromium on the same cores",
+            ),
+            Row(
+                SECTION,
+                f"{sessions} sessions: app CPU per drawing (predict + Correct)",
+                cpu * 1000,
+                "ms",
+                note="user + system CPU of the streamlit process over the "
+                "measured drawings, divided by their number",
+            ),
+        ]
+    return rows

@@ -82,7 +82,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -365,6 +365,62 @@ class AppProcess:
         return f"AppProcess({self.url}, pid={self.pid}, log={self.log_path})"
 
 
+class MessageGate:
+    """Holds back what the app sends to one browser context, so that the page keeps showing an
+    older run while the server has finished newer ones (Playwright's WebSocket routing).
+
+    ``AppPage.open(..., setup=gate.install)``; ``hold()``, then ``wait_for_finished_runs(page,
+    n)`` (n runs finished on the server, unseen by the page), then ``release()``.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.held: list[str | bytes] = []
+        self.route = None
+
+    def install(self, context: BrowserContext) -> None:
+        context.route_web_socket(re.compile(r"/_stcore/stream"), self._route)
+
+    def _route(self, route) -> None:
+        server = route.connect_to_server()
+        route.on_message(server.send)
+        server.on_message(self._from_server)
+        self.route = route
+
+    def _from_server(self, message: str | bytes) -> None:
+        if self.holding:
+            self.held.append(message)
+        else:
+            self.route.send(message)
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def finished_runs(self) -> int:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        count = 0
+        for message in self.held:
+            if isinstance(message, bytes):
+                msg = ForwardMsg()
+                msg.ParseFromString(message)
+                count += msg.WhichOneof("type") == "script_finished"
+        return count
+
+    def wait_for_finished_runs(self, page: Page, count: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.finished_runs() < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.finished_runs()} of {count} runs held")
+            page.wait_for_timeout(20)  # lets Playwright deliver the server's messages
+
+    def release(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for message in held:
+            self.route.send(message)
+
+
 # --- the browser ---------------------------------------------------------------------------
 
 
@@ -575,11 +631,16 @@ class AppPage:
         screenshots: Screenshots | None = None,
         viewport: dict[str, int] | None = None,
         timeout_ms: float = FIRST_RUN_TIMEOUT_MS,
+        setup: Callable[[BrowserContext], object] | None = None,
     ) -> AppPage:
+        """*setup*, if given, is called with the new context before the page is loaded (e.g.
+        ``MessageGate().install``)."""
         context = browser.new_context(viewport=viewport or VIEWPORT)
         try:
             context.add_init_script(_PROBE_SCRIPT)
             context.set_default_timeout(ACTION_TIMEOUT_MS)
+            if setup is not None:
+                setup(context)
             app = cls(context, context.new_page(), app_url, screenshots)
             app.goto(path, timeout_ms=timeout_ms)
         except BaseException:
@@ -686,6 +747,22 @@ class AppPage:
         # The canvas sends the drawing CANVAS_DEBOUNCE_MS after the last mouse-up, no sooner.
         return self.wait_until_idle(released + CANVAS_DEBOUNCE_MS - 5)
 
+    def draw_held(self, strokes: Sequence[Stroke], *, step_px: float = 24) -> None:
+        """Draw *strokes* like ``draw``, but keep the button down at the end of the last one:
+        ``page.mouse.up()`` then sends the drawing (so many sessions can send at once)."""
+        box = self.canvas().bounding_box()
+        assert box is not None, "the canvas is not visible"
+        scale = box["width"] / CANVAS_SIZE
+        mouse = self.page.mouse
+        for number, stroke in enumerate(strokes):
+            if number:
+                mouse.up()
+            points = [(box["x"] + x * scale, box["y"] + y * scale) for x, y in stroke]
+            mouse.move(*points[0])
+            mouse.down()
+            for previous, point in zip(points, points[1:], strict=False):
+                mouse.move(*point, steps=max(1, math.ceil(math.dist(previous, point) / step_px)))
+
     def draw_digit(self, digit: int) -> Run:
         return self.draw(DIGIT_STROKES[digit])
 
@@ -712,10 +789,11 @@ class AppPage:
         return shown
 
     def button(self, key: str) -> Locator:
-        return self.page.locator(f".st-key-{key} button")
+        """The feedback button *key* (app.CORRECT_BUTTON...) of the drawing on screen."""
+        return self.page.locator(f'[class*="st-key-{key}-"] button')
 
     def true_label_input(self) -> Locator:
-        return self.page.locator(".st-key-true_label input")
+        return self.page.locator('[class*="st-key-true_label-"] input')
 
     def true_label_value(self) -> str:
         return self.true_label_input().input_value()

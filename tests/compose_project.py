@@ -122,6 +122,7 @@ class ComposeProject:
         self.overrides: list[str] = []
         settings = {
             "POSTGRES_PASSWORD": secrets.token_hex(16),
+            "APP_DB_PASSWORD": secrets.token_hex(16),
             "APP_BIND": "127.0.0.1",
             "APP_PORT": str(self.port),
             "APP_IMAGE": self.image,

@@ -15,6 +15,7 @@ with a free port, trust auth for the superuser "postgres" (other roles need thei
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -23,6 +24,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,6 +185,65 @@ class PostgresProcess:
 
     def __repr__(self) -> str:
         return f"PostgresProcess({self.url}, datadir={self.datadir})"
+
+
+class TcpProxy:
+    """127.0.0.1:``port`` forwarding to 127.0.0.1:*target_port*, or, after ``hang()`` (or with
+    no target), a server that accepts connections and never answers: the open ones are cut,
+    new ones wait forever. ``forward()`` forwards again. ``url``: the superuser's URL."""
+
+    def __init__(self, target_port: int | None = None):
+        self.target_port = target_port
+        self.hanging = target_port is None
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client = self.listener.accept()[0]
+            except OSError:
+                return  # closed
+            self.sockets.append(client)
+            if self.hanging:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def _cut(self) -> None:
+        sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def hang(self) -> None:
+        self.hanging = True
+        self._cut()
+
+    def forward(self) -> None:
+        self.hanging = False
+        self._cut()
+
+    def close(self) -> None:
+        self.listener.close()
+        self._cut()
 
 
 def _fast_tmp_dir() -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import fixtures_app
 import numpy as np
 import pytest
 import streamlit as st
+import torch
 from conftest import ROOT, PostgresProcess
 from PIL import Image
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
@@ -75,14 +77,28 @@ def draw(at: AppTest, png: bytes) -> AppTest:
     return at
 
 
-def click(at: AppTest, key: str) -> AppTest:
-    at.button(key=key).click().run()
+def feedback_key(at: AppTest, name: str) -> str:
+    """The key of a feedback widget for the drawing on screen (app.feedback_key)."""
+    analysis = at.session_state[app.ANALYSIS] if app.ANALYSIS in at.session_state else None  # noqa: SIM401 (no .get)
+    return app.feedback_key(name, analysis)
+
+
+def button(at: AppTest, name: str):
+    return at.button(key=feedback_key(at, name))
+
+
+def label_input(at: AppTest):
+    return at.text_input(key=feedback_key(at, app.TRUE_LABEL_INPUT))
+
+
+def click(at: AppTest, name: str) -> AppTest:
+    button(at, name).click().run()
     assert not at.exception
     return at
 
 
 def submit_label(at: AppTest, text: str) -> AppTest:
-    at.text_input(key=app.TRUE_LABEL_INPUT).input(text)
+    label_input(at).input(text)
     return click(at, app.SUBMIT_CORRECTION_BUTTON)
 
 
@@ -123,18 +139,18 @@ def stored_rows(server: PostgresProcess) -> list[tuple]:
 
 def assert_nothing_reset(at: AppTest, label: str) -> None:
     assert at.session_state[app.CANVAS_GENERATION] == 0
-    assert at.text_input(key=app.TRUE_LABEL_INPUT).value == label
+    assert label_input(at).value == label
     assert len(shown_predictions(at)) == 1
 
 
 def assert_reset(at: AppTest) -> None:
     assert at.session_state[app.CANVAS_GENERATION] == 1
-    assert at.text_input(key=app.TRUE_LABEL_INPUT).value == ""
+    assert label_input(at).value == ""
     assert shown_predictions(at) == []
     assert app.NOTHING_DRAWN in values(at.info)
     assert app.PENDING_SUBMISSION not in at.session_state
     assert app.ANALYSIS not in at.session_state
-    assert at.button(key=app.CORRECT_BUTTON).disabled
+    assert button(at, app.CORRECT_BUTTON).disabled
 
 
 # --- feedback.py ------------------------------------------------------------------------------
@@ -177,9 +193,9 @@ def test_blank_canvas_shows_a_hint_and_disables_feedback(draw_app):
     assert values(draw_app.info) == [app.NOTHING_DRAWN]
     assert shown_predictions(draw_app) == []
     assert draw_app.get("vega_lite_chart") == []
-    assert draw_app.button(key=app.CORRECT_BUTTON).disabled
-    assert draw_app.button(key=app.SUBMIT_CORRECTION_BUTTON).disabled
-    assert draw_app.text_input(key=app.TRUE_LABEL_INPUT).disabled
+    assert button(draw_app, app.CORRECT_BUTTON).disabled
+    assert button(draw_app, app.SUBMIT_CORRECTION_BUTTON).disabled
+    assert label_input(draw_app).disabled
 
 
 @pytest.mark.parametrize(
@@ -194,7 +210,7 @@ def test_drawing_without_a_digit_shows_the_preprocessing_hint(draw_app, png, hin
     draw(draw_app, png)
     assert [text for text in values(draw_app.info) if hint in text]
     assert shown_predictions(draw_app) == []
-    assert draw_app.button(key=app.CORRECT_BUTTON).disabled
+    assert button(draw_app, app.CORRECT_BUTTON).disabled
 
 
 def test_cleared_canvas_shows_the_start_hint(draw_app):
@@ -203,7 +219,7 @@ def test_cleared_canvas_shows_the_start_hint(draw_app):
     draw_app.run()
     assert values(draw_app.info) == [app.NOTHING_DRAWN]
     assert shown_predictions(draw_app) == []
-    assert draw_app.button(key=app.CORRECT_BUTTON).disabled
+    assert button(draw_app, app.CORRECT_BUTTON).disabled
 
 
 def test_drawing_shows_prediction_confidence_probabilities_and_model_view(draw_app, model_file):
@@ -220,8 +236,8 @@ def test_drawing_shows_prediction_confidence_probabilities_and_model_view(draw_a
     assert list(table["probability"]) == pytest.approx(expected.probabilities)
     (image,) = draw_app.get("image")
     assert image.proto.imgs[0].url.endswith(".png")  # lossless, so the pixels stay crisp
-    assert not draw_app.button(key=app.CORRECT_BUTTON).disabled
-    assert not draw_app.text_input(key=app.TRUE_LABEL_INPUT).disabled
+    assert not button(draw_app, app.CORRECT_BUTTON).disabled
+    assert not label_input(draw_app).disabled
 
 
 def test_model_view_is_the_28x28_input_upscaled_with_nearest_neighbour():
@@ -329,7 +345,7 @@ def test_a_new_drawing_clears_the_previous_error(draw_app):
 def test_database_down_keeps_the_drawing_and_the_retry_stores_once(fresh_pg_server, model_file):
     db.configure(fresh_pg_server.url)
     at = draw(start_app(), fixtures_app.digit_png(7))
-    at.text_input(key=app.TRUE_LABEL_INPUT).input("3")
+    label_input(at).input("3")
 
     fresh_pg_server.stop()
     click(at, app.SUBMIT_CORRECTION_BUTTON)
@@ -388,6 +404,53 @@ def test_database_down_at_startup_still_predicts_and_feedback_retries(fresh_pg_s
     assert values(at.success)
     assert len(stored_rows(fresh_pg_server)) == 1
     assert at.warning == []
+
+
+def test_a_busy_database_keeps_the_answer_and_says_busy_not_down(clean_db, model_file, monkeypatch):
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1)
+    db.configure(clean_db.url)
+    at = draw(start_app(), fixtures_app.digit_png(7))
+    with clean_db.connect() as locker:  # e.g. a restore holding the table
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+        click(at, app.CORRECT_BUTTON)
+        locker.execute("ROLLBACK")
+    assert values(at.error) == [app.FEEDBACK_BUSY]
+    assert at.warning == []  # no "database unreachable" banner
+    assert_nothing_reset(at, label="")
+    click(at, app.CORRECT_BUTTON)
+    assert values(at.success) and len(stored_rows(clean_db)) == 1
+
+
+def test_oversized_drawing_and_label_are_refused_and_the_app_goes_on(draw_app, clean_db):
+    png = fixtures_app.digit_png(7)
+    huge = png + b"\0" * (50 * 2**20)  # a 50 MB canvas message: refused before decoding
+    draw(draw_app, huge)
+    assert app.DRAWING_TOO_LARGE in values(draw_app.info)
+    assert shown_predictions(draw_app) == [] and button(draw_app, app.CORRECT_BUTTON).disabled
+
+    draw(draw_app, png)
+    assert len(shown_predictions(draw_app)) == 1
+    label_input(draw_app).set_value("7" * 10_000)  # what a forged message could send
+    click(draw_app, app.SUBMIT_CORRECTION_BUTTON)
+    assert values(draw_app.error) == ["The true label must be one digit from 0 to 9."]
+    assert stored_rows(clean_db) == []
+    submit_label(draw_app, "7")
+    assert [row[1] for row in stored_rows(clean_db)] == [7]
+
+
+def test_app_threads_sets_the_torch_threads(clean_db, model_file, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("APP_THREADS", "3")
+    try:
+        draw(start_app(), fixtures_app.digit_png(1))
+        seen = []  # as each session's script thread sees it (the main thread keeps its own)
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [3]
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- model missing ----------------------------------------------------------------------------

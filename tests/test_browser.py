@@ -8,8 +8,8 @@ Isolation: the tests that never stop the database share one app process and one 
 server of this module's own (starting the app costs ~10 s: torch and the model). Each test opens
 a new browser context, so a new Streamlit session with its own state, and looks only at the rows
 added after the id it read at its start (the History test compares the page with the whole
-table). The outage test stops its database, so it has its own server (``fresh_pg_server``) and
-its own app process.
+table). The hung-database test cuts its database off, so it has its own server
+(``fresh_pg_server``), reached through a ``TcpProxy``, and its own app process.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import browser
 import pytest
 from browser import AppPage, AppProcess, Screenshots
-from conftest import PostgresProcess
+from conftest import PostgresProcess, TcpProxy
 
 import app as app_module
 
@@ -208,6 +208,39 @@ def test_the_next_drawing_stays_on_the_canvas_after_a_saved_answer(page):
     assert page.prediction().digit == 4
 
 
+def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
+    chromium, shared_app, module_db, request
+):
+    """The person sees the prediction for a 1, adds a base to it and presses Correct before the
+    new prediction reaches the page, while the server has already analysed the new drawing.
+    The row holds the digit and confidence that were on screen (or nothing), never the unseen
+    ones."""
+    gate = browser.MessageGate()
+    screenshots = Screenshots(browser.artifacts_dir(request.node.name))
+    page = AppPage.open(chromium, shared_app.url, screenshots=screenshots, setup=gate.install)
+    try:
+        baseline = last_id(module_db)
+        shown = draw_and_read(page, 1)
+        gate.hold()
+        page.draw_held([[(96, 238), (140, 236), (184, 234)]])
+        page.page.mouse.up()
+        gate.wait_for_finished_runs(page.page, 1)  # analysed on the server, not on screen
+        assert page.prediction() == shown
+        page.snap("new-drawing-not-shown-yet")
+        clicked = page.now_ms()
+        page.button(app_module.CORRECT_BUTTON).click()
+        gate.wait_for_finished_runs(page.page, 2)
+        gate.release()
+        page.wait_until_idle(clicked)
+        page.snap("after-the-click")
+        rows = rows_after(module_db, baseline)
+        assert len(rows) <= 1, rows
+        for row in rows:
+            assert_stored(row, shown.digit, shown.digit, shown.confidence_percent)
+    finally:
+        finish(page, shared_app)
+
+
 # --- the History page -----------------------------------------------------------------------
 
 
@@ -248,36 +281,54 @@ def test_history_lists_the_answers_newest_first(page, module_db):
 # --- the database goes away -----------------------------------------------------------------
 
 
-def test_a_database_outage_keeps_the_answer_and_the_retry_stores_it_once(
+# Set before an action: records whether the page ever showed the "Saving..." notice.
+_WATCH_SAVING = """(text) => {
+  window.__savingShown = false;
+  const observer = new MutationObserver(() => {
+    const alerts = [...document.querySelectorAll('[data-testid="stAlert"]')];
+    if (alerts.some((alert) => alert.textContent.includes(text))) {
+      window.__savingShown = true;
+      observer.disconnect();
+    }
+  });
+  observer.observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def test_a_hung_database_shows_the_save_then_not_saved_and_the_retry_stores_once(
     chromium, fresh_pg_server: PostgresProcess, request
 ):
+    """The database stops answering (it accepts connections, says nothing): the page shows that
+    the answer is being saved, then that it was not, with the drawing and label kept; once the
+    database answers again, the retry stores the answer once."""
+    proxy = TcpProxy(fresh_pg_server.port)
     log_path = browser.artifacts_dir(request.node.name) / "app.log"
     log_path.unlink(missing_ok=True)
-    with AppProcess(fresh_pg_server.url, log_path=log_path) as process:
+    with AppProcess(proxy.url, log_path=log_path) as process:
         page = open_session(chromium, process, request)
         try:
             shown = draw_and_read(page, 7)
             generation = page.canvas_generation()
             page.type_true_label("1")
 
-            fresh_pg_server.stop()
+            proxy.hang()
+            page.page.evaluate(_WATCH_SAVING, app_module.SAVING)
             page.submit_correction()
-            page.snap("database-down")
+            page.snap("database-hung")
+            assert page.page.evaluate("() => window.__savingShown"), "no sign of the save"
             alerts = page.alerts()
             assert app_module.FEEDBACK_NOT_SAVED in alerts, alerts
             assert app_module.DATABASE_DOWN_BANNER in alerts, alerts
+            assert app_module.SAVING not in alerts, alerts
             assert page.prediction() == shown
             assert page.true_label_value() == "1"
             assert page.canvas_generation() == generation
             ink_while_down = page.ink_pixels()  # asserted at the end: the retry matters too
 
-            fresh_pg_server.start()
+            proxy.forward()
             page.submit_correction()
             page.snap("database-back")
-            with fresh_pg_server.connect() as conn:
-                rows = conn.execute(
-                    "SELECT predicted_digit, true_label, confidence, submission_id FROM predictions"
-                ).fetchall()
+            rows = rows_after(fresh_pg_server, 0)
             assert len(rows) == 1, rows
             assert_stored(rows[0], 7, 1, shown.confidence_percent)
             assert saved_message(1, shown) in page.alerts()
@@ -286,3 +337,4 @@ def test_a_database_outage_keeps_the_answer_and_the_retry_stores_it_once(
             assert ink_while_down > 1000, "the drawing vanished from the canvas when saving failed"
         finally:
             finish(page, process)
+            proxy.close()

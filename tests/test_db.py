@@ -11,14 +11,15 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
-from conftest import ROOT, PostgresProcess, pg_command
-from psycopg import errors, sql
+from conftest import ROOT, PostgresProcess, TcpProxy, pg_command
+from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
 import db
@@ -264,43 +265,47 @@ def test_concurrent_retries_of_one_submission_store_one_row(clean_db):
     assert count_rows(clean_db) == 1
 
 
-# --- unavailable database -----------------------------------------------------------------------
+# --- unavailable, hung and busy database ------------------------------------------------------
 
 
-def assert_unavailable_quickly(call, *args):
+def assert_unavailable(call, *args, within: float = 5):
     start = time.monotonic()
     with pytest.raises(db.DatabaseUnavailable, match="^database unreachable: ") as info:
         call(*args)
     elapsed = time.monotonic() - start
-    assert elapsed < 5, f"{call.__name__} took {elapsed:.1f} s to fail"
-    assert isinstance(info.value, RuntimeError)
+    assert elapsed < within, f"{call.__name__} took {elapsed:.1f} s to fail"
+    assert not isinstance(info.value, db.DatabaseBusy)
 
 
-def test_stopped_database_fails_fast_and_recovers(fresh_pg_server):
+def test_stopped_database_fails_fast_and_the_first_save_after_it_is_stored_once(fresh_pg_server):
     db.configure(fresh_pg_server.url)
     db.init_db()
     first = db.log_prediction(1, 2, 0.5)
 
     fresh_pg_server.stop()
     # The pool still holds a connection to the stopped server when the first call is made.
-    assert_unavailable_quickly(db.log_prediction, 3, 4, 0.5)
-    assert_unavailable_quickly(db.recent_predictions)
-    assert_unavailable_quickly(db.init_db)
-    assert_unavailable_quickly(db.count_predictions)
+    sid = uuid.uuid4()
+    assert_unavailable(db.log_prediction, 3, 4, 0.5, sid)
+    # Known down: every retry answers within a second, whatever the call.
+    for call, args in [(db.log_prediction, (3, 4, 0.5, sid)), (db.recent_predictions, ())]:
+        assert_unavailable(call, *args, within=1)
+    assert_unavailable(db.init_db, within=1)
 
     fresh_pg_server.start()
-    second = db.log_prediction(5, 6, 0.5)
+    second = db.log_prediction(3, 4, 0.5, submission_id=sid)
+    assert db.log_prediction(3, 4, 0.5, submission_id=sid) == second
     assert [r["id"] for r in db.recent_predictions()] == [second, first]
 
     # A crash (no clean shutdown) while the pool is open: same story.
     fresh_pg_server.stop(mode="immediate")
-    assert_unavailable_quickly(db.recent_predictions)
+    assert_unavailable(db.count_predictions)
     fresh_pg_server.start()
     assert db.count_predictions() == 2
 
 
 def test_server_restart_while_idle_goes_unnoticed(fresh_pg_server):
     db.configure(fresh_pg_server.url)
+    db.init_db()
     first = db.log_prediction(1, 1, 0.5)
     fresh_pg_server.stop()
     fresh_pg_server.start()
@@ -312,30 +317,98 @@ def test_server_restart_while_idle_goes_unnoticed(fresh_pg_server):
 def test_database_down_from_the_start(fresh_pg_server):
     fresh_pg_server.stop()
     db.configure(fresh_pg_server.url)
-    assert_unavailable_quickly(db.init_db)
-    assert_unavailable_quickly(db.log_prediction, 1, 1, 0.5)
+    assert_unavailable(db.init_db)
     fresh_pg_server.start()
-    db.log_prediction(1, 1, 0.5)  # creates the table on the way
+    db.init_db()  # creates the table
+    db.log_prediction(1, 1, 0.5)
     assert count_rows(fresh_pg_server) == 1
 
 
-def test_retry_after_lost_answer_is_stored_once(fresh_pg_server):
-    db.configure(fresh_pg_server.url)
-    sid = uuid.uuid4()
-    stored = db.log_prediction(9, 9, 0.99, submission_id=sid)
-    fresh_pg_server.stop(mode="immediate")
-    assert_unavailable_quickly(db.log_prediction, 9, 9, 0.99, sid)
-    fresh_pg_server.start()
-    assert db.log_prediction(9, 9, 0.99, submission_id=sid) == stored
-    assert count_rows(fresh_pg_server) == 1
+@pytest.fixture
+def hung_server_url() -> Iterator[str]:
+    """A server that accepts TCP connections and never says a word."""
+    proxy = TcpProxy()
+    yield proxy.url
+    proxy.close()
 
 
-# --- configuration ------------------------------------------------------------------------------
+def run_at_once(count: int, call) -> list[tuple[float, object]]:
+    """Run call(n) in *count* threads released together: (seconds taken, result or error)."""
+    barrier = threading.Barrier(count)
+    outcomes: list[tuple[float, object]] = [(0.0, None)] * count
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        start = time.monotonic()
+        try:
+            result: object = call(n)
+        except Exception as exc:  # reported by the caller
+            result = exc
+        outcomes[n] = (time.monotonic() - start, result)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_a_hung_database_answers_every_waiting_call_together(hung_server_url):
+    db.configure(hung_server_url)
+    outcomes = run_at_once(6, lambda n: db.log_prediction(n, n, 0.5))
+    times = sorted(elapsed for elapsed, _ in outcomes)
+    for _, error in outcomes:
+        assert isinstance(error, db.DatabaseUnavailable), error
+        assert not isinstance(error, db.DatabaseBusy)
+        assert "timeout" in str(error), error
+    # Not one behind the other (3, 6, 9... s): all within the connect timeout, together.
+    assert times[-1] < db.CONNECT_TIMEOUT_S + 1.5, times
+    assert times[-1] - times[0] < 1, times
+    assert_unavailable(db.log_prediction, 1, 1, 0.5, within=1)  # known down: fail fast
+
+
+def test_a_busy_database_stores_every_row_once(clean_db):
+    """40 saves at once, 10 per pooled connection, while a restore-like lock holds the table
+    for 3.5 s: each waits its turn, none is told the database is down."""
+    assert db.STATEMENT_TIMEOUT_S > 3.5 and db.POOL_MAX_SIZE < 40
+    sids = [uuid.uuid4() for _ in range(40)]
+    with clean_db.connect() as locker:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+        timer = threading.Timer(3.5, locker.execute, args=("COMMIT",))
+        timer.start()
+        outcomes = run_at_once(40, lambda n: db.log_prediction(n % 10, n % 10, 0.5, sids[n]))
+        timer.join()
+    assert [result for _, result in outcomes if not isinstance(result, int)] == []
+    assert min(elapsed for elapsed, _ in outcomes) >= 3
+    with clean_db.connect() as conn:
+        stored = conn.execute("SELECT submission_id FROM predictions").fetchall()
+    assert sorted(row[0] for row in stored) == sorted(sids)
+
+
+def test_a_query_over_the_statement_timeout_is_busy_not_down(clean_db, monkeypatch):
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1)
+    db.configure(clean_db.url)
+    with clean_db.connect() as locker:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(db.DatabaseBusy, match="^database busy: .*longer than 1 s"):
+            db.log_prediction(1, 1, 0.5)
+        locker.execute("ROLLBACK")
+    start = time.monotonic()
+    db.log_prediction(2, 2, 0.5)  # no outage was recorded: no fail-fast refusal
+    assert time.monotonic() - start < 1
+    assert count_rows(clean_db) == 1
+
+
+# --- configuration and the app's role -----------------------------------------------------------
 
 
 def test_database_url_wins(clean_db, monkeypatch):
     env = {"DATABASE_URL": clean_db.url, "POSTGRES_HOST": "db.invalid", "POSTGRES_PORT": "1"}
     assert db.resolve_conninfo(env) == clean_db.url
+    assert db.resolve_conninfo(env, owner=True) == clean_db.url
     monkeypatch.setenv("DATABASE_URL", clean_db.url)
     monkeypatch.setenv("POSTGRES_HOST", "db.invalid")
     db.configure()  # no conninfo: resolve_conninfo() from the process environment
@@ -343,56 +416,69 @@ def test_database_url_wins(clean_db, monkeypatch):
     assert count_rows(clean_db) == 1
 
 
-def test_postgres_variables_build_a_password_conninfo(fresh_pg_server):
+def test_the_app_role_reads_and_inserts_and_nothing_else(fresh_pg_server, monkeypatch):
     password = "p@ss w'o:r/d?#%\\"  # would break a hand-formatted URL
     with fresh_pg_server.connect() as conn:
-        # Utility statements take no parameters: quote the literal client-side.
-        conn.execute(sql.SQL("CREATE ROLE app LOGIN PASSWORD {}").format(sql.Literal(password)))
-        conn.execute("CREATE DATABASE feedback OWNER app")
+        conn.execute("CREATE DATABASE feedback")
     env = {
         "DATABASE_URL": "",  # empty counts as unset
         "POSTGRES_HOST": "127.0.0.1",
         "POSTGRES_PORT": str(fresh_pg_server.port),
-        "POSTGRES_USER": "app",
-        "POSTGRES_PASSWORD": password,
+        "POSTGRES_USER": "postgres",  # the owner (trust authentication in these tests)
+        "APP_DB_PASSWORD": password,
         "POSTGRES_DB": "feedback",
     }
-    conninfo = db.resolve_conninfo(env)
-    with psycopg.connect(conninfo) as conn:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert db.main(["db.py", "migrate"]) == 0
+    assert db.main(["db.py", "migrate"]) == 0  # idempotent
+
+    app_conninfo = db.resolve_conninfo(env)
+    db.configure(app_conninfo)
+    db.init_db()  # as the app role: checks, changes nothing
+    db.log_prediction(4, 4, 0.5, submission_id=(sid := uuid.uuid4()))
+    assert db.log_prediction(4, 4, 0.5, submission_id=sid) == db.recent_predictions()[0]["id"]
+    with psycopg.connect(app_conninfo, autocommit=True) as conn:
         assert conn.execute("SELECT current_user, current_database()").fetchone() == (
-            "app",
+            db.APP_ROLE,
             "feedback",
         )
-    db.configure(conninfo)
-    db.log_prediction(4, 4, 0.5)
+        for statement in [
+            "DROP TABLE predictions",
+            "CREATE TABLE t (x int)",
+            "SELECT rolpassword FROM pg_authid",
+            "DELETE FROM predictions",
+            "UPDATE predictions SET true_label = 0",
+            "ALTER TABLE predictions ADD COLUMN x int",
+        ]:
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(statement)
     with fresh_pg_server.connect(dbname="feedback") as conn:
         assert conn.execute("SELECT count(*) FROM predictions").fetchone()[0] == 1
 
     # The password really is checked: a wrong one is refused.
-    db.configure(db.resolve_conninfo({**env, "POSTGRES_PASSWORD": "wrong"}))
+    db.configure(db.resolve_conninfo({**env, "APP_DB_PASSWORD": "wrong"}))
     with pytest.raises(db.DatabaseUnavailable, match="password authentication failed"):
         db.count_predictions()
 
 
 def test_postgres_variables_defaults():
     params = conninfo_to_dict(db.resolve_conninfo({"POSTGRES_HOST": "db"}))
-    assert params == {"host": "db", "port": "5432", "user": "postgres", "dbname": "postgres"}
+    assert params == {"host": "db", "port": "5432", "user": db.APP_ROLE, "dbname": "postgres"}
+    owner = conninfo_to_dict(db.resolve_conninfo({"POSTGRES_HOST": "db"}, owner=True))
+    assert owner == {**params, "user": "postgres"}
 
 
 def embedded_postmaster_pid(pgdata: Path) -> int:
     return int((pgdata / "postmaster.pid").read_text().split()[0])
 
 
-def stop_embedded(pgdata: Path) -> None:
-    if (pgdata / "postmaster.pid").exists():
-        pg_command("pg_ctl", "stop", "-m", "immediate", "-D", str(pgdata), check=False)
-
-
 @pytest.fixture
 def embedded_pgdata(pg_tmp_path):
     pgdata = pg_tmp_path / "data" / "postgres"  # no parent yet, like data/ in a fresh clone
     yield pgdata
-    stop_embedded(pgdata)
+    if (pgdata / "postmaster.pid").exists():
+        pg_command("pg_ctl", "stop", "-m", "immediate", "-D", str(pgdata), check=False)
 
 
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR is not set")
@@ -416,8 +502,10 @@ def test_embedded_default_starts_pgserver_and_keeps_data(embedded_pgdata, caplog
     assert [r["id"] for r in db.recent_predictions()] == [row_id]
     db.close_pool()
 
-    # Stopped meanwhile: this process starts it again, on the same data.
-    stop_embedded(embedded_pgdata)
+    # Stopped meanwhile (`python db.py stop-embedded`, as `make run` does on Ctrl-C): this
+    # process starts it again, on the same data.
+    assert db.stop_embedded(embedded_pgdata)
+    assert not postmasters(embedded_pgdata)
     db.configure(db.resolve_conninfo({}, pgdata=embedded_pgdata))
     assert db.count_predictions() == 1
     restarted_pid = embedded_postmaster_pid(embedded_pgdata)
@@ -425,7 +513,7 @@ def test_embedded_default_starts_pgserver_and_keeps_data(embedded_pgdata, caplog
     db.close_pool()
 
     # Stopped (e.g. a reboot): a new app process starts it, on the same data.
-    stop_embedded(embedded_pgdata)
+    assert db.stop_embedded(embedded_pgdata)
     assert run_app_process(embedded_pgdata, inserts=0) == 1
     assert embedded_postmaster_pid(embedded_pgdata) not in (pid, restarted_pid)
 

@@ -44,9 +44,10 @@ DOCUMENTED = (UP, DOWN, DOWN_VOLUMES, PS, RESTART_DB, TRAIN, STOP_TRAIN, TRAIN_L
 
 # Short training that still has epochs long enough to be interrupted in (250 steps of 8).
 TRAIN_FLAGS = ["--workers", "2", "--epochs", "3", "--limit", "2000", "--batch-size", "8",
-               "--drawn", "50", "--log-every", "0.5"]  # fmt: skip
+               "--log-every", "0.5"]  # fmt: skip
 PROGRESS = re.compile(r"epoch (\d+)/\d+ step (\d+)/(\d+) loss \S+ acc \S+ \S+ samples/s rss \d+ MB")
 RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+)")
+PEN_SUBSET = ROOT / "tests" / "data" / "pendigits-subset" / "pendigits-orig.tra"
 
 
 def test_the_guides_show_the_commands_the_tests_run() -> None:
@@ -246,6 +247,9 @@ def test_feedback_after_a_database_restart_is_stored_once(stack, chromium) -> No
 def trainer(project: ComposeProject) -> ComposeProject:
     """The train service as shipped, with short-run flags appended to its command."""
     copy_subset(project.dir / "data" / "mnist")
+    pen = project.dir / "data" / "pendigits"
+    pen.mkdir(exist_ok=True)
+    shutil.copy2(PEN_SUBSET, pen)
     if os.geteuid() == 0:
         subprocess.run(["chown", "-R", "1000:1000", "data"], cwd=project.dir, check=True)
     shipped = json.loads(project.compose("--profile", "train", "config", "--format", "json").stdout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import re
@@ -613,44 +612,25 @@ def test_database_down_at_startup_crash_restart_and_long_outage(
     assert not app_log_problems(log), app_log_problems(log)
 
 
-SESSIONS = 8
-DIGITS_PER_SESSION = 10
-
-
-def draw_without_release(page, strokes, step_px: float = 24) -> None:
-    """Draw *strokes* on the page's canvas with the mouse (as AppPage.draw does), but keep the
-    button down at the end of the last one: ``page.page.mouse.up()`` sends the drawing."""
-    import browser
-
-    box = page.canvas().bounding_box()
-    assert box is not None, "the canvas is not visible"
-    scale = box["width"] / browser.CANVAS_SIZE
-    mouse = page.page.mouse
-    for number, stroke in enumerate(strokes):
-        if number:
-            mouse.up()
-        points = [(box["x"] + x * scale, box["y"] + y * scale) for x, y in stroke]
-        mouse.move(*points[0])
-        mouse.down()
-        for previous, point in zip(points, points[1:], strict=False):
-            mouse.move(*point, steps=max(1, math.ceil(math.dist(previous, point) / step_px)))
+SESSIONS = 16
+DIGITS_PER_SESSION = 5
 
 
 @pytest.mark.browser
-def test_eight_people_draw_and_submit_ten_digits_each_at_once(
+def test_sixteen_people_draw_and_submit_five_digits_each_at_once(
     chromium_browser, fresh_pg_server, tmp_path
 ):
-    """8 sessions (browser contexts in one Chromium) of one app process, in lockstep: in each
-    round all 8 draw a digit, holding the mouse button down at the end, then release it one
-    right after the other, so the app gets the 8 drawings at once; then all 8 answer (Correct or
-    Submit correction) before any reply is awaited. Every answer is stored exactly once and no
-    page shows an error. Stroke-to-prediction times are printed (their target is the bench's)."""
+    """16 sessions (browser contexts in one Chromium) of one app process, in lockstep: in each
+    round all 16 draw a digit, holding the mouse button down at the end, then release it one
+    right after the other, so the app gets the 16 drawings at once; then all 16 answer (Correct
+    or Submit correction) before any reply is awaited, more than the pool's connections. Every
+    answer is stored exactly once, with the prediction and confidence its own session showed,
+    and no page shows an error. (Stroke-to-prediction figures: ``python -m bench``.)"""
     import browser
 
     import app
 
-    expected: list[tuple[int, int]] = []  # (shown prediction, true label)
-    latencies: list[float] = []
+    expected: list[tuple[int, int, float]] = []  # (shown prediction, true label, confidence %)
     process = browser.AppProcess(fresh_pg_server.url, log_path=tmp_path / "app.log")
     with process:
         pages = [browser.AppPage.open(chromium_browser, process.url) for _ in range(SESSIONS)]
@@ -659,14 +639,13 @@ def test_eight_people_draw_and_submit_ten_digits_each_at_once(
             for n in range(DIGITS_PER_SESSION):
                 digits = [(0, 1, 7)[(index + n) % 3] for index in range(SESSIONS)]
                 for page, digit in zip(pages, digits, strict=True):
-                    draw_without_release(page, one_stroke(digit))
+                    page.draw_held(one_stroke(digit))
                 for page in pages:  # all 8 drawings are sent within a few milliseconds
                     page.page.mouse.up()
                 released = [page.last_pointer_up_ms() for page in pages]
                 shown = []
                 for page, up in zip(pages, released, strict=True):
-                    run = page.wait_until_idle(up + browser.CANVAS_DEBOUNCE_MS - 5)
-                    latencies.append(run.finished_ms - up)
+                    page.wait_until_idle(up + browser.CANVAS_DEBOUNCE_MS - 5)
                     shown.append(page.wait_for_prediction())
                 labels, clicked = [], []
                 for index, page in enumerate(pages):
@@ -686,7 +665,9 @@ def test_eight_people_draw_and_submit_ten_digits_each_at_once(
                     assert any(alert.startswith(saved) for alert in alerts), (index, n, alerts)
                     problems = [a for a in alerts if "not saved" in a or "unavailable" in a]
                     assert not problems and app.DATABASE_DOWN_BANNER not in alerts, alerts
-                    expected.append((shown[index].digit, labels[index]))
+                    expected.append(
+                        (shown[index].digit, labels[index], shown[index].confidence_percent)
+                    )
         finally:
             for page in pages:
                 page.close()
@@ -695,13 +676,16 @@ def test_eight_people_draw_and_submit_ten_digits_each_at_once(
 
     rows = stored_rows(fresh_pg_server)
     assert len(rows) == SESSIONS * DIGITS_PER_SESSION
-    assert sorted((p, t) for p, t, _, _ in rows) == sorted(expected)
+    # Each row as its session showed it (the page shows the confidence to 0.1%).
+    unmatched = [(p, t, c * 100) for p, t, c, _ in rows]
+    for digit, label, percent in expected:
+        match = next(
+            row
+            for row in unmatched
+            if row[:2] == (digit, label) and abs(row[2] - percent) <= 0.05 + 1e-4
+        )
+        unmatched.remove(match)
     assert len({row[3] for row in rows}) == len(rows), "a submission_id stored twice"
     log = process.log_text()
     assert not app_log_problems(log), app_log_problems(log)
-    ordered = sorted(latencies)
-    p50, p95 = ordered[len(ordered) // 2], ordered[math.ceil(len(ordered) * 0.95) - 1]
-    print(
-        f"\n{SESSIONS} sessions x {DIGITS_PER_SESSION} digits in {elapsed:.0f} s:"
-        f" stroke end to prediction p50 {p50:.0f} ms, p95 {p95:.0f} ms, max {ordered[-1]:.0f} ms"
-    )
+    print(f"\n{SESSIONS} sessions x {DIGITS_PER_SESSION} digits in {elapsed:.0f} s")

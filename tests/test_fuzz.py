@@ -76,7 +76,10 @@ LABELS = st.one_of(
 
 def expected_label(text: str | None) -> int | None:
     """What may be stored for *text*: the digit if the text is one ASCII digit with only
-    whitespace (str.isspace) around it, else nothing."""
+    whitespace (str.isspace) around it, in at most feedback.MAX_LABEL_CHARS characters, else
+    nothing."""
+    if text is not None and len(text) > feedback.MAX_LABEL_CHARS:
+        return None
     core = [char for char in (text or "") if not char.isspace()]
     if len(core) != 1 or core[0] not in ASCII_DIGITS:
         return None
