@@ -10,6 +10,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,7 +34,8 @@ CANVAS_SIZE = 280
 BRUSH_WIDTH = 18
 MODEL_VIEW_SIZE = 140  # the 28x28 model input, shown 5x larger
 MAX_DRAWING_SIDE = 4 * CANVAS_SIZE  # room for high-DPI screens, far below a memory hog
-HISTORY_LIMIT = 10_000
+HISTORY_LIMIT = 1_000  # newest answers listed on the History page (the CSV has them all)
+ANSWERS_PER_POINT = 50  # History's accuracy over time: one point per so many answers
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # session_state keys
@@ -49,11 +51,10 @@ CORRECT_BUTTON = "correct"
 SUBMIT_CORRECTION_BUTTON = "submit_correction"
 
 INSTRUCTIONS = (
-    "Draw one digit (0-9) in the black square. The model guesses it as soon as you lift the "
-    "mouse: press **Correct** if it is right, or type the digit you drew and press "
-    "**Submit correction**."
+    "Draw a digit (0-9) in the black square. Is the guess right? Press **Correct**. "
+    "If not, type the digit you drew and press **Submit correction**."
 )
-NOTHING_DRAWN = "Nothing drawn yet: the prediction appears here when you lift the mouse."
+NOTHING_DRAWN = "Nothing drawn yet: the guess appears here when you lift your finger or mouse."
 DATABASE_DOWN_BANNER = (
     "Database unreachable: predictions work, but feedback cannot be saved until it is back."
 )
@@ -65,6 +66,18 @@ FEEDBACK_FAILED = "Feedback not saved: unexpected error (details in the server l
 HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
 HISTORY_FAILED = "History unavailable: unexpected database error (details in the server log)."
 NO_HISTORY = "No feedback stored yet: draw a digit, then press Correct or Submit correction."
+UNRECORDED_MODEL = "not recorded"  # how History names the model of rows stored before it was
+
+# Phones (Streamlit stacks columns below 640 px): less room above the title, a smaller title,
+# so that the canvas, the guess and the feedback row fit on one screen.
+PHONE_CSS = """
+<style>
+@media (max-width: 640px) {
+  [data-testid="stMainBlockContainer"] { padding-top: 3.25rem; padding-bottom: 3rem; }
+  h1 { font-size: 1.75rem !important; padding: 0 !important; }
+}
+</style>
+"""
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -84,15 +97,24 @@ def load_classifier(path: str, file_version: tuple[int, int] | None) -> model.Di
     return classifier
 
 
-def current_classifier() -> model.DigitCNN:
-    """Raises model.ModelLoadError, saying how to train a model, if there is none."""
+@st.cache_resource(show_spinner=False, max_entries=2)
+def model_name(path: str, file_version: tuple[int, int] | None) -> str:
+    """How stored answers name the model: its file name and the start of its SHA-256."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return f"{Path(path).name}@{digest[:12]}"
+
+
+def current_classifier() -> tuple[model.DigitCNN, str]:
+    """The model and its name; raises model.ModelLoadError, saying how to train a model, if
+    there is none."""
     path = model.model_path()
     try:
         stat = path.stat()
         file_version = (stat.st_mtime_ns, stat.st_size)
     except OSError:
         file_version = None  # load_model explains what is missing; errors are not cached
-    return load_classifier(str(path), file_version)
+    classifier = load_classifier(str(path), file_version)
+    return classifier, model_name(str(path), file_version)
 
 
 @dataclass(frozen=True)
@@ -103,13 +125,16 @@ class Analysis:
     prediction: model.Prediction | None = None
     model_view_png: bytes | None = None
     hint: str | None = None
+    model_name: str | None = None  # the model that made the prediction
 
 
 def drawing_digest(png: bytes) -> str:
     return hashlib.blake2b(png, digest_size=16).hexdigest()
 
 
-def analyse(png: bytes, digest: str, classifier: model.DigitCNN) -> Analysis:
+def analyse(
+    png: bytes, digest: str, classifier: model.DigitCNN, model_name: str | None = None
+) -> Analysis:
     start = time.perf_counter()
     try:
         batch = utils.preprocess(decode_drawing(png))
@@ -129,7 +154,8 @@ def analyse(png: bytes, digest: str, classifier: model.DigitCNN) -> Analysis:
         (prepared - start) * 1000,
         (done - prepared) * 1000,
     )
-    return Analysis(digest, prediction, model_view_png(utils.to_pixels(batch)))
+    view = model_view_png(utils.to_pixels(batch))
+    return Analysis(digest, prediction, view, model_name=model_name)
 
 
 def decode_drawing(png: bytes) -> np.ndarray:
@@ -149,7 +175,9 @@ def model_view_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def current_analysis(canvas: CanvasResult, classifier: model.DigitCNN) -> Analysis | None:
+def current_analysis(
+    canvas: CanvasResult, classifier: model.DigitCNN, model_name: str
+) -> Analysis | None:
     """The analysis of the drawing on the canvas; None while nothing is drawn.
 
     Computed once per drawing: reruns that leave the drawing unchanged reuse it.
@@ -163,7 +191,7 @@ def current_analysis(canvas: CanvasResult, classifier: model.DigitCNN) -> Analys
     cached = st.session_state.get(ANALYSIS)
     if cached is not None and cached.drawing_digest == digest:
         return cached
-    analysis = analyse(png, digest, classifier)
+    analysis = analyse(png, digest, classifier, model_name)
     st.session_state[ANALYSIS] = analysis
     # Messages about the previous drawing no longer apply.
     st.session_state.pop(FEEDBACK_ERROR, None)
@@ -212,7 +240,7 @@ def database_location() -> str:
     return f"{user}@{host}:{params.get('port') or 5432}/{dbname}"
 
 
-def store(submission: feedback.Submission) -> int:
+def store(submission: feedback.Submission, model_name: str | None = None) -> int:
     """Store one answer (once, whatever the retries); raises db.DatabaseUnavailable."""
     status = database_status()
     start = time.perf_counter()
@@ -224,6 +252,7 @@ def store(submission: feedback.Submission) -> int:
             submission.true_label,
             submission.confidence,
             submission_id=submission.submission_id,
+            model=model_name,
         )
     except db.DatabaseUnavailable:
         status.ready = False
@@ -268,7 +297,7 @@ def save_feedback(analysis: Analysis, true_label: int) -> None:
     )
     state[PENDING_SUBMISSION] = submission
     try:
-        store(submission)
+        store(submission, analysis.model_name)
     except db.DatabaseUnavailable as exc:
         logger.warning("feedback %s not saved: %s", submission.submission_id, exc)
         state[FEEDBACK_ERROR] = FEEDBACK_NOT_SAVED
@@ -304,18 +333,21 @@ def draw_page() -> None:
     st.title("MNIST Digit Classifier")
     st.markdown(INSTRUCTIONS)
     try:
-        classifier = current_classifier()
+        classifier, name = current_classifier()
     except model.ModelLoadError as exc:
         show_model_missing(exc)
         return
     st.space("small")  # room for the canvas toolbar, which floats above it on hover
-    canvas_column, result_column = st.columns(2, gap="medium")
+    # The canvas beside the result; a phone stacks them: canvas, guess and feedback row on one
+    # screen, then the probabilities and the model's view below.
+    canvas_column, result_column = st.columns([3, 4], gap="medium")
     with canvas_column:
         canvas = draw_canvas()
-    analysis = current_analysis(canvas, classifier)
+    analysis = current_analysis(canvas, classifier, name)
     with result_column:
-        show_analysis(analysis)
-    show_feedback_row(analysis)
+        show_prediction(analysis)
+        show_feedback_row(analysis)
+        show_details(analysis)
     # Below the canvas, never above it: an element appearing or vanishing before the canvas
     # would make Streamlit re-create the canvas, wiping the drawing in progress.
     if not database_status().ready:
@@ -348,13 +380,21 @@ def draw_canvas() -> CanvasResult:
     )
 
 
-def show_analysis(analysis: Analysis | None) -> None:
+def show_prediction(analysis: Analysis | None) -> None:
     if analysis is None or analysis.prediction is None:
         st.info(analysis.hint if analysis else NOTHING_DRAWN)
         return
     prediction = analysis.prediction
-    st.subheader(f"Prediction: {prediction.digit}", anchor=False)
-    st.markdown(f"**Confidence: {prediction.confidence:.1%}**")
+    with st.container(horizontal=True, vertical_alignment="center", gap="medium"):
+        st.subheader(f"Prediction: {prediction.digit}", anchor=False, width="content")
+        st.markdown(f"**Confidence: {prediction.confidence:.1%}**", width="content")
+
+
+def show_details(analysis: Analysis | None) -> None:
+    """The probabilities of the ten digits and the 28x28 image the model saw."""
+    if analysis is None or analysis.prediction is None:
+        return
+    prediction = analysis.prediction
     st.bar_chart(probability_table(prediction), height=180, x_label="digit", y_label="probability")
     st.image(
         analysis.model_view_png,
@@ -371,22 +411,24 @@ def probability_table(prediction: model.Prediction) -> pd.DataFrame:
 
 def show_feedback_row(analysis: Analysis | None) -> None:
     has_prediction = analysis is not None and analysis.prediction is not None
-    correct_column, label_column, submit_column = st.columns(
-        [1, 1, 1.4], vertical_alignment="bottom"
-    )
-    correct_column.button(
+    # One row, left to right, even on a phone (a horizontal container does not stack).
+    row = st.container(horizontal=True, vertical_alignment="bottom", gap="xsmall")
+    row.button(
         "Correct",
         key=CORRECT_BUTTON,
         on_click=confirm_prediction,
         args=(analysis,),
         disabled=not has_prediction,
         type="primary",
-        width="stretch",
     )
-    label_column.text_input(
-        "True label", key=TRUE_LABEL_INPUT, placeholder="0-9", disabled=not has_prediction
+    row.text_input(
+        "True label",
+        key=TRUE_LABEL_INPUT,
+        placeholder="0-9",
+        disabled=not has_prediction,
+        width=76,
     )
-    submit_column.button(
+    row.button(
         "Submit correction",
         key=SUBMIT_CORRECTION_BUTTON,
         on_click=submit_correction,
@@ -457,6 +499,7 @@ def configure_logging() -> None:
 
 def main() -> None:
     st.set_page_config(page_title="MNIST Digit Classifier", page_icon=":material/draw:")
+    st.html(PHONE_CSS)
     configure_logging()
     st.session_state.setdefault(CANVAS_GENERATION, 0)
     database_status()  # initialise the database once per process

@@ -74,6 +74,7 @@ def test_schema_is_created_once_as_specified(clean_db):
         ("true_label", "smallint", "NO"),
         ("confidence", "real", "NO"),
         ("submission_id", "uuid", "YES"),
+        ("model", "text", "YES"),
     ]
     defaults = {name: default for name, _, _, default in columns}
     assert defaults["id"].startswith("nextval(")  # bigserial
@@ -85,6 +86,7 @@ def test_schema_is_created_once_as_specified(clean_db):
         "CHECK (((true_label >= 0) AND (true_label <= 9)))": "c",
         "CHECK (((confidence >= (0)::double precision) AND "
         "(confidence <= (1)::double precision)))": "c",
+        "CHECK (((char_length(model) >= 1) AND (char_length(model) <= 100)))": "c",
     }
 
 
@@ -124,7 +126,9 @@ def test_rows_round_trip_newest_first(clean_db):
     assert [r["id"] for r in rows] == ids[::-1]
     assert [(r["predicted_digit"], r["true_label"]) for r in rows] == [(0, 9), (7, 1), (3, 3)]
     assert [r["confidence"] for r in rows] == [0.0, 1.0, 0.25]
-    assert set(rows[0]) == {"id", "created_at", "predicted_digit", "true_label", "confidence"}
+    assert set(rows[0]) == {
+        "id", "created_at", "predicted_digit", "true_label", "confidence", "model"
+    }  # fmt: skip
     for row in rows:
         assert row["created_at"].tzinfo is not None
         assert before - timedelta(seconds=5) <= row["created_at"] <= datetime.now(UTC)
