@@ -807,13 +807,13 @@ class AppPage:
         return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
     def history_rows(self) -> list[HistoryRow]:
-        """The History table's rows, top to bottom.
+        """The rows of the History page's newest answers (its last table), top to bottom.
 
         st.dataframe draws its cells on a <canvas> (glide-data-grid); the same grid keeps an
         accessible <table role="grid"> inside that canvas for screen readers, with the raw
         values (unformatted: full-precision confidence, ISO time) of the rows in view.
         """
-        table = self.page.locator('[data-testid="stDataFrame"] table[role="grid"]')
+        table = self.page.locator('[data-testid="stDataFrame"] table[role="grid"]').last
         table.wait_for(state="attached")
         header = table.locator("thead th").all_text_contents()
         assert header == ["time", "predicted", "true label", "confidence", "model"], header

@@ -273,7 +273,7 @@ def test_history_lists_the_answers_newest_first(page, module_db):
     page.snap("history")
     with module_db.connect() as conn:
         stored = conn.execute(
-            "SELECT created_at, predicted_digit, true_label, confidence FROM predictions"
+            "SELECT created_at, predicted_digit, true_label, confidence, model FROM predictions"
             " ORDER BY created_at DESC, id DESC"
         ).fetchall()
 
@@ -285,14 +285,16 @@ def test_history_lists_the_answers_newest_first(page, module_db):
     assert newest == [(0, 6), (7, 7)]
     assert abs(listed[0].confidence_percent - zero.confidence_percent) <= 0.05 + 1e-4
     assert abs(listed[1].confidence_percent - seven.confidence_percent) <= 0.05 + 1e-4
-    for row, (created_at, predicted, true_label, confidence) in zip(listed, stored, strict=True):
-        assert (row.predicted, row.true_label) == (predicted, true_label)
+    for row, (created_at, predicted, true_label, confidence, model) in zip(
+        listed, stored, strict=True
+    ):
+        assert (row.predicted, row.true_label, row.model) == (predicted, true_label, model)
         assert abs(row.confidence_percent - confidence * 100) < 1e-3
         assert abs((row.time - created_at).total_seconds()) < 1  # shown to the second
     times = [row.time for row in listed]
     assert times == sorted(times, reverse=True)
 
-    right = sum(predicted == true_label for _, predicted, true_label, _ in stored)
+    right = sum(predicted == true_label for _, predicted, true_label, _, _ in stored)
     assert page.metric("Answers stored") == str(len(stored))
     assert page.metric("Model accuracy") == f"{right / len(stored):.1%}"
 
