@@ -473,6 +473,25 @@ def test_history_filters_by_model(clean_db):
     assert list(at.dataframe[-1].value["model"]) == ["b@2", "b@2"]
 
 
+def test_history_draws_accuracy_per_day_or_per_50_answers(clean_db):
+    with clean_db.connect() as conn:  # 60 answers a day ago, 40 today, 90% right
+        conn.execute(
+            "INSERT INTO predictions (created_at, predicted_digit, true_label, confidence, model)"
+            " SELECT now() - (n < 60)::int * interval '1 day', n % 10,"
+            " CASE WHEN n % 10 = 0 THEN (n + 1) % 10 ELSE n % 10 END, 0.5, 'a@1'"
+            " FROM generate_series(0, 99) AS n"
+        )
+    at = history_app()
+    [_, per_50] = at.get("vega_lite_chart")
+    assert chart_data(per_50)[["last_answer", "answers", "correct"]].values.tolist() == [
+        [50, 50, 45],
+        [100, 50, 45],
+    ]
+    at.radio(key=app.TIME_SCALE).set_value(app.PER_DAY).run()
+    [_, per_day] = at.get("vega_lite_chart")
+    assert chart_data(per_day)[["answers", "correct"]].values.tolist() == [[60, 54], [40, 36]]
+
+
 def test_history_without_rows_says_so(clean_db):
     at = history_app()
     assert values(at.info) == [app.NO_HISTORY]
