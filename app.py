@@ -104,7 +104,7 @@ def load_classifier(path: str, file_version: tuple[int, int] | None) -> model.Di
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def model_name(path: str, file_version: tuple[int, int] | None) -> str:
+def stored_model_name(path: str, file_version: tuple[int, int] | None) -> str:
     """How stored answers name the model: its file name and the start of its SHA-256."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return f"{Path(path).name}@{digest[:12]}"
@@ -120,7 +120,7 @@ def current_classifier() -> tuple[model.DigitCNN, str]:
     except OSError:
         file_version = None  # load_model explains what is missing; errors are not cached
     classifier = load_classifier(str(path), file_version)
-    return classifier, model_name(str(path), file_version)
+    return classifier, stored_model_name(str(path), file_version)
 
 
 @dataclass(frozen=True)
@@ -475,7 +475,7 @@ def show_history() -> None:
     answers_column, accuracy_column = st.columns(2, wrap=False)
     answers_column.metric("Answers stored", f"{answers:,}")
     accuracy_column.metric("Model accuracy", f"{correct / answers:.1%}")
-    st.caption(f"The model was right on {correct:,} of {answers:,} answers.")
+    st.caption(f"The model was right on {correct:,} of {plural(answers, 'answer')}.")
 
     st.subheader("What you drew, what the model said", anchor=False)
     digits = db.digit_accuracy(chosen)
@@ -577,7 +577,12 @@ def confusion_chart(cells: list[dict]) -> alt.LayerChart:
     right = shaded("datum.true_label == datum.predicted_digit", ["#e5f5e0", "#41ab5d"])
     wrong = shaded("datum.true_label != datum.predicted_digit", ["#fee0d2", "#ef3b2c"])
     counts = base.mark_text(fontSize=11).encode(text=alt.Text("answers:Q", format=".3~s"))
-    return alt.layer(right, wrong, counts).resolve_scale(color="independent")
+    # A grey square behind the cells, so that pairs that never occurred read as empty.
+    return (
+        alt.layer(right, wrong, counts)
+        .resolve_scale(color="independent")
+        .configure_view(fill="#f4f4f6", stroke=None)
+    )
 
 
 def digit_table(rows: list[dict]) -> pd.DataFrame:
