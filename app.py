@@ -60,7 +60,7 @@ INSTRUCTIONS = (
     "Draw a digit (0-9) in the black square. Is the guess right? Press **Correct**. "
     "If not, type the digit you drew and press **Submit correction**."
 )
-NOTHING_DRAWN = "Nothing drawn yet: the guess appears here when you lift your finger or mouse."
+NOTHING_DRAWN = "Nothing drawn yet: the guess appears here."
 DATABASE_DOWN_BANNER = (
     "Database unreachable: predictions work, but feedback cannot be saved until it is back."
 )

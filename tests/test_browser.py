@@ -217,6 +217,12 @@ def box_of(locator) -> dict[str, float]:
     return box
 
 
+def assert_on_screen(box: dict[str, float], viewport: dict[str, int]) -> None:
+    """Inside the viewport of a page that is not scrolled: seen without scrolling."""
+    assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], box
+    assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], box
+
+
 @pytest.mark.parametrize("phone", list(browser.PHONES))
 def test_on_a_phone_the_guess_and_the_feedback_row_fit_one_screen(
     chromium, shared_app, module_db, request, phone
@@ -243,9 +249,8 @@ def test_on_a_phone_the_guess_and_the_feedback_row_fit_one_screen(
             session.button("submit_correction"),
         ]
         boxes = [box_of(locator) for locator in shown_parts]
-        for box in boxes:  # all on screen: nothing to scroll to
-            assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], box
-            assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], box
+        for box in boxes:
+            assert_on_screen(box, viewport)
         correct_box, label_box, submit_box = boxes[-3:]
         assert correct_box["x"] + correct_box["width"] <= label_box["x"]  # one row, in order
         assert label_box["x"] + label_box["width"] <= submit_box["x"]
@@ -256,6 +261,8 @@ def test_on_a_phone_the_guess_and_the_feedback_row_fit_one_screen(
         rows = rows_after(module_db, baseline)
         assert len(rows) == 1, rows
         assert_stored(rows[0], 7, 7, shown.confidence_percent)
+        saved = session.page.locator('[data-testid="stAlert"]', has_text="Saved:")
+        assert_on_screen(box_of(saved), viewport)
     finally:
         finish(session, shared_app)
 
