@@ -510,7 +510,7 @@ def show_history() -> None:
         },
     )
     st.download_button(
-        "Download all answers (CSV)",
+        "Download all answers (CSV)" if chosen is None else "Download this model's answers (CSV)",
         data=partial(db.export_csv, chosen),  # run on the click, not on every page view
         file_name="predictions.csv",
         mime="text/csv",
