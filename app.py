@@ -38,6 +38,7 @@ MODEL_VIEW_SIZE = 140  # the 28x28 model input, shown 5x larger
 MAX_DRAWING_SIDE = 4 * CANVAS_SIZE  # room for high-DPI screens, far below a memory hog
 HISTORY_LIMIT = 1_000  # newest answers listed on the History page (the CSV has them all)
 ANSWERS_PER_POINT = 50  # History's accuracy over time: one point per so many answers
+MAX_DOTS = 200  # ... drawn as dots on the line up to so many points
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # session_state keys
@@ -640,7 +641,7 @@ def show_accuracy_over_time(model_filter: str | None) -> None:
         wait = "answers on two days" if per_day else f"more than {ANSWERS_PER_POINT} answers"
         st.caption(f"The line appears with {wait}.")
         return
-    frame = pd.DataFrame(points)
+    frame = pd.DataFrame(points).drop(columns=["first_at", "last_at"], errors="ignore")
     frame["accuracy"] = frame["correct"] / frame["answers"]
     frame["model"] = frame["model"].map(model_label)
     if per_day:
@@ -658,10 +659,11 @@ def show_accuracy_over_time(model_filter: str | None) -> None:
             alt.Tooltip("accuracy:Q", format=".1%"),
         ],
     )
-    points_sized = line.mark_circle().encode(
-        size=alt.Size("answers:Q", scale=alt.Scale(range=[8, 50]), legend=None)
-    )
-    st.altair_chart(line.mark_line() + points_sized, height=300, width="stretch")
+    chart = line.mark_line()
+    if len(frame) <= MAX_DOTS:  # a dot per point, sized by its answers (a split group is small)
+        size = alt.Size("answers:Q", scale=alt.Scale(range=[8, 50]), legend=None)
+        chart += line.mark_circle().encode(size=size)
+    st.altair_chart(chart, height=300, width="stretch")
 
 
 def history_table(rows: list[dict]) -> pd.DataFrame:
