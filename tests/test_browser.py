@@ -251,6 +251,10 @@ def test_on_a_phone_the_guess_and_the_feedback_row_fit_one_screen(
         boxes = [box_of(locator) for locator in shown_parts]
         for box in boxes:
             assert_on_screen(box, viewport)
+        canvas_box = boxes[0]
+        assert (canvas_box["width"], canvas_box["height"]) == (app_module.CANVAS_SIZE,) * 2
+        # A finger on the canvas draws: a strip beside it is left to scroll the page with.
+        assert viewport["width"] - (canvas_box["x"] + canvas_box["width"]) >= 48
         correct_box, label_box, submit_box = boxes[-3:]
         assert correct_box["x"] + correct_box["width"] <= label_box["x"]  # one row, in order
         assert label_box["x"] + label_box["width"] <= submit_box["x"]
