@@ -11,8 +11,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -37,7 +40,9 @@ MAX_DRAWING_SIDE = 4 * CANVAS_SIZE  # room for high-DPI screens, far below a mem
 # The canvas's PNG data URL, checked before it is decoded: a drawing is tens of kB, a 4x screen's
 # noisiest a few MB. Streamlit refuses any message over server.maxMessageSize (.streamlit).
 MAX_DRAWING_URL_CHARS = 4_000_000
-HISTORY_LIMIT = 10_000
+HISTORY_LIMIT = 1_000  # newest answers listed on the History page (the CSV has them all)
+ANSWERS_PER_POINT = 50  # History's accuracy over time: one point per so many answers
+MAX_DOTS = 200  # ... drawn as dots on the line up to so many points
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # session_state keys
@@ -52,13 +57,16 @@ SAVED_MESSAGE = "saved_message"  # str shown after a stored answer, until the ne
 TRUE_LABEL_INPUT = "true_label"
 CORRECT_BUTTON = "correct"
 SUBMIT_CORRECTION_BUTTON = "submit_correction"
+MODEL_FILTER = "history_model"
+TIME_SCALE = "history_time_scale"
+PER_ANSWERS = f"per {ANSWERS_PER_POINT} answers"
+PER_DAY = "per day"
 
 INSTRUCTIONS = (
-    "Draw one digit (0-9) in the black square. The model guesses it as soon as you lift the "
-    "mouse: press **Correct** if it is right, or type the digit you drew and press "
-    "**Submit correction**."
+    "Draw a digit (0-9) in the black square. Is the guess right? Press **Correct**. "
+    "If not, type the digit you drew and press **Submit correction**."
 )
-NOTHING_DRAWN = "Nothing drawn yet: the prediction appears here when you lift the mouse."
+NOTHING_DRAWN = "Nothing drawn yet: the guess appears here."
 DATABASE_DOWN_BANNER = (
     "Database unreachable: predictions work, but feedback cannot be saved until it is back."
 )
@@ -76,6 +84,18 @@ DRAWING_TOO_LARGE = "The drawing is too large to read: clear the canvas and draw
 HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
 HISTORY_FAILED = "History unavailable: unexpected database error (details in the server log)."
 NO_HISTORY = "No feedback stored yet: draw a digit, then press Correct or Submit correction."
+UNRECORDED_MODEL = "not recorded"  # how History names the model of rows stored before it was
+
+# Phones (Streamlit stacks columns below 640 px): less room above the title, a smaller title,
+# so that the canvas, the guess and the feedback row fit on one screen.
+PHONE_CSS = """
+<style>
+@media (max-width: 640px) {
+  [data-testid="stMainBlockContainer"] { padding-top: 3.25rem; padding-bottom: 3rem; }
+  h1 { font-size: 1.75rem !important; padding: 0 !important; }
+}
+</style>
+"""
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -104,15 +124,24 @@ def app_threads() -> int:
     return int(value)
 
 
-def current_classifier() -> model.DigitCNN:
-    """Raises model.ModelLoadError, saying how to train a model, if there is none."""
+@st.cache_resource(show_spinner=False, max_entries=2)
+def stored_model_name(path: str, file_version: tuple[int, int] | None) -> str:
+    """How stored answers name the model: its file name and the start of its SHA-256."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return f"{Path(path).name}@{digest[:12]}"
+
+
+def current_classifier() -> tuple[model.DigitCNN, str]:
+    """The model and its name; raises model.ModelLoadError, saying how to train a model, if
+    there is none."""
     path = model.model_path()
     try:
         stat = path.stat()
         file_version = (stat.st_mtime_ns, stat.st_size)
     except OSError:
         file_version = None  # load_model explains what is missing; errors are not cached
-    return load_classifier(str(path), file_version)
+    classifier = load_classifier(str(path), file_version)
+    return classifier, stored_model_name(str(path), file_version)
 
 
 @dataclass(frozen=True)
@@ -123,13 +152,16 @@ class Analysis:
     prediction: model.Prediction | None = None
     model_view_png: bytes | None = None
     hint: str | None = None
+    model_name: str | None = None  # the model that made the prediction
 
 
 def drawing_digest(png: bytes) -> str:
     return hashlib.blake2b(png, digest_size=16).hexdigest()
 
 
-def analyse(png: bytes, digest: str, classifier: model.DigitCNN) -> Analysis:
+def analyse(
+    png: bytes, digest: str, classifier: model.DigitCNN, model_name: str | None = None
+) -> Analysis:
     start = time.perf_counter()
     try:
         batch = utils.preprocess(decode_drawing(png))
@@ -149,7 +181,8 @@ def analyse(png: bytes, digest: str, classifier: model.DigitCNN) -> Analysis:
         (prepared - start) * 1000,
         (done - prepared) * 1000,
     )
-    return Analysis(digest, prediction, model_view_png(utils.to_pixels(batch)))
+    view = model_view_png(utils.to_pixels(batch))
+    return Analysis(digest, prediction, view, model_name=model_name)
 
 
 def decode_drawing(png: bytes) -> np.ndarray:
@@ -169,7 +202,9 @@ def model_view_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def current_analysis(canvas: CanvasResult, classifier: model.DigitCNN) -> Analysis | None:
+def current_analysis(
+    canvas: CanvasResult, classifier: model.DigitCNN, model_name: str
+) -> Analysis | None:
     """The analysis of the drawing on the canvas; None while nothing is drawn.
 
     Computed once per drawing: reruns that leave the drawing unchanged reuse it.
@@ -191,7 +226,7 @@ def current_analysis(canvas: CanvasResult, classifier: model.DigitCNN) -> Analys
         cached = state.get(ANALYSIS)
         if cached is not None and cached.drawing_digest == digest:
             return cached
-        analysis = analyse(png, digest, classifier)
+        analysis = analyse(png, digest, classifier, model_name)
     state[ANALYSIS] = analysis
     # Messages about the previous drawing no longer apply.
     state.pop(FEEDBACK_ERROR, None)
@@ -240,7 +275,7 @@ def database_location() -> str:
     return f"{user}@{host}:{params.get('port') or 5432}/{dbname}"
 
 
-def store(submission: feedback.Submission) -> int:
+def store(submission: feedback.Submission, model_name: str | None = None) -> int:
     """Store one answer (once, whatever the retries); raises db.DatabaseUnavailable."""
     status = database_status()
     start = time.perf_counter()
@@ -252,6 +287,7 @@ def store(submission: feedback.Submission) -> int:
             submission.true_label,
             submission.confidence,
             submission_id=submission.submission_id,
+            model=model_name,
         )
     except db.DatabaseBusy:
         raise
@@ -322,7 +358,7 @@ def save_feedback(analysis: Analysis, true_label: int) -> bool:
     )
     state[PENDING_SUBMISSION] = submission
     try:
-        store(submission)
+        store(submission, analysis.model_name)
     except db.DatabaseBusy as exc:
         logger.warning("feedback %s not saved: %s", submission.submission_id, exc)
         state[FEEDBACK_ERROR] = FEEDBACK_BUSY
@@ -362,19 +398,22 @@ def draw_page() -> None:
     st.title("MNIST Digit Classifier")
     st.markdown(INSTRUCTIONS)
     try:
-        classifier = current_classifier()
+        classifier, name = current_classifier()
     except model.ModelLoadError as exc:
         show_model_missing(exc)
         return
     st.space("small")  # room for the canvas toolbar, which floats above it on hover
-    canvas_column, result_column = st.columns(2, gap="medium")
+    # The canvas beside the result; a phone stacks them: canvas, guess and feedback row on one
+    # screen, then the probabilities and the model's view below.
+    canvas_column, result_column = st.columns([3, 4], gap="medium")
     with canvas_column:
         canvas = draw_canvas()
-    analysis = current_analysis(canvas, classifier)
+    analysis = current_analysis(canvas, classifier, name)
     with result_column:
-        show_analysis(analysis)
-    show_feedback_row(analysis)
-    save_requested_feedback(analysis)
+        show_prediction(analysis)
+        show_feedback_row(analysis)
+        save_requested_feedback(analysis)
+        show_details(analysis)
     # Below the canvas, never above it: an element appearing or vanishing before the canvas
     # would make Streamlit re-create the canvas, wiping the drawing in progress.
     if not database_status().ready:
@@ -411,13 +450,21 @@ def canvas_key() -> str:
     return f"canvas-{st.session_state[CANVAS_GENERATION]}"
 
 
-def show_analysis(analysis: Analysis | None) -> None:
+def show_prediction(analysis: Analysis | None) -> None:
     if analysis is None or analysis.prediction is None:
         st.info(analysis.hint if analysis else NOTHING_DRAWN)
         return
     prediction = analysis.prediction
-    st.subheader(f"Prediction: {prediction.digit}", anchor=False)
-    st.markdown(f"**Confidence: {prediction.confidence:.1%}**")
+    with st.container(horizontal=True, vertical_alignment="center", gap="medium"):
+        st.subheader(f"Prediction: {prediction.digit}", anchor=False, width="content")
+        st.markdown(f"**Confidence: {prediction.confidence:.1%}**", width="content")
+
+
+def show_details(analysis: Analysis | None) -> None:
+    """The probabilities of the ten digits and the 28x28 image the model saw."""
+    if analysis is None or analysis.prediction is None:
+        return
+    prediction = analysis.prediction
     st.bar_chart(probability_table(prediction), height=180, x_label="digit", y_label="probability")
     st.image(
         analysis.model_view_png,
@@ -434,26 +481,25 @@ def probability_table(prediction: model.Prediction) -> pd.DataFrame:
 
 def show_feedback_row(analysis: Analysis | None) -> None:
     has_prediction = analysis is not None and analysis.prediction is not None
-    correct_column, label_column, submit_column = st.columns(
-        [1, 1, 1.4], vertical_alignment="bottom"
-    )
-    correct_column.button(
+    # One row, left to right, even on a phone (a horizontal container does not stack).
+    row = st.container(horizontal=True, vertical_alignment="bottom", gap="xsmall")
+    row.button(
         "Correct",
         key=feedback_key(CORRECT_BUTTON, analysis),
         on_click=confirm_prediction,
         args=(analysis,),
         disabled=not has_prediction,
         type="primary",
-        width="stretch",
     )
-    label_column.text_input(
+    row.text_input(
         "True label",
         key=feedback_key(TRUE_LABEL_INPUT, analysis),
         placeholder="0-9",
         max_chars=feedback.MAX_LABEL_CHARS,
         disabled=not has_prediction,
+        width=76,
     )
-    submit_column.button(
+    row.button(
         "Submit correction",
         key=feedback_key(SUBMIT_CORRECTION_BUTTON, analysis),
         on_click=submit_correction,
@@ -466,8 +512,7 @@ def show_feedback_row(analysis: Analysis | None) -> None:
 def history_page() -> None:
     st.title("History")
     try:
-        total = db.count_predictions()
-        rows = db.recent_predictions(limit=min(max(total, 1), HISTORY_LIMIT))
+        show_history()
     except db.DatabaseUnavailable as exc:
         database_status().ready = False
         logger.warning("history unavailable: %s", exc)
@@ -478,10 +523,47 @@ def history_page() -> None:
         st.error(HISTORY_FAILED)
         return
     database_status().ready = True
-    if not rows:
+
+
+def show_history() -> None:
+    """Every figure is counted by the database (db.py), never by loading all the rows."""
+    models = db.models_answering()
+    if not models:
         st.info(NO_HISTORY)
         return
-    show_summary(total, rows)
+    chosen = choose_model(models)
+    shown = [entry for entry in models if chosen is None or entry["model"] == chosen]
+    answers = sum(entry["answers"] for entry in shown)
+    correct = sum(entry["correct"] for entry in shown)
+    answers_column, accuracy_column = st.columns(2, wrap=False)
+    answers_column.metric("Answers stored", f"{answers:,}")
+    accuracy_column.metric("Model accuracy", f"{correct / answers:.1%}")
+    st.caption(f"The model was right on {correct:,} of {plural(answers, 'answer')}.")
+
+    st.subheader("What you drew, what the model said", anchor=False)
+    digits = db.digit_accuracy(chosen)
+    matrix_column, digits_column = st.columns([3, 2], gap="medium")
+    with matrix_column:
+        st.altair_chart(confusion_chart(db.confusion_counts(chosen)), height=340, width="stretch")
+    with digits_column:
+        st.dataframe(
+            digit_table(digits),
+            hide_index=True,
+            column_config={
+                "accuracy": st.column_config.ProgressColumn(
+                    format="%.1f%%", min_value=0, max_value=100, color="green"
+                )
+            },
+        )
+    st.markdown(confusions_text(db.most_confused(chosen), digits))
+
+    st.subheader("Accuracy over time", anchor=False)
+    show_accuracy_over_time(chosen)
+
+    st.subheader("Newest answers", anchor=False)
+    rows = db.recent_predictions(limit=HISTORY_LIMIT, model=chosen)
+    if len(rows) < answers:
+        st.caption(f"The newest {len(rows):,} of {answers:,}; the CSV holds them all.")
     st.dataframe(
         history_table(rows),
         hide_index=True,
@@ -490,16 +572,160 @@ def history_page() -> None:
             "confidence": st.column_config.NumberColumn(format="%.1f%%"),
         },
     )
+    st.download_button(
+        "Download all answers (CSV)" if chosen is None else "Download this model's answers (CSV)",
+        data=partial(db.export_csv, chosen),  # run on the click, not on every page view
+        file_name="predictions.csv",
+        mime="text/csv",
+        on_click="ignore",
+        icon=":material/download:",
+    )
 
 
-def show_summary(total: int, rows: list[dict]) -> None:
-    right = sum(row["predicted_digit"] == row["true_label"] for row in rows)
-    accuracy = right / len(rows)
-    answers_column, accuracy_column = st.columns(2)
-    answers_column.metric("Answers stored", total)
-    accuracy_column.metric("Model accuracy on your feedback", f"{accuracy:.1%}")
-    scope = f"the newest {len(rows)} answers" if len(rows) < total else "all answers"
-    st.caption(f"The model was right on {right} of {len(rows)} answers ({scope}).")
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
+def model_label(name: str) -> str:
+    return name or UNRECORDED_MODEL
+
+
+def choose_model(models: list[dict]) -> str | None:
+    """The model whose answers to show (None: all), chosen when more than one answered."""
+    if len(models) == 1:
+        st.caption(f"Every answer comes from the model {model_label(models[0]['model'])}.")
+        return None
+    by_name = {entry["model"]: entry for entry in models}
+
+    def describe(name: str | None) -> str:
+        if name is None:
+            return "All models"
+        entry = by_name[name]
+        return (
+            f"{model_label(name)}: {plural(entry['answers'], 'answer')}, "
+            f"{entry['first_at']:%Y-%m-%d} to {entry['last_at']:%Y-%m-%d}"
+        )
+
+    return st.selectbox("Model", [None, *by_name], format_func=describe, key=MODEL_FILTER)
+
+
+def confusion_chart(cells: list[dict]) -> alt.LayerChart:
+    """Counts of (true label, predicted digit); only pairs that occurred are drawn, right
+    answers in green, mistakes in red, each shade relative to its own kind."""
+    frame = pd.DataFrame(cells, columns=["true_label", "predicted_digit", "answers"])
+    digits = list(range(10))
+    base = alt.Chart(frame).encode(
+        x=alt.X(
+            "predicted_digit:O",
+            title="model said",
+            scale=alt.Scale(domain=digits),
+            axis=alt.Axis(orient="top", labelAngle=0),
+        ),
+        y=alt.Y("true_label:O", title="you drew", scale=alt.Scale(domain=digits)),
+        tooltip=[
+            alt.Tooltip("true_label:O", title="you drew"),
+            alt.Tooltip("predicted_digit:O", title="model said"),
+            alt.Tooltip("answers:Q", format=","),
+        ],
+    )
+
+    def shaded(condition: str, colours: list[str]) -> alt.Chart:
+        scale = alt.Scale(range=colours, zero=True)
+        return (
+            base.transform_filter(condition)
+            .mark_rect()
+            .encode(color=alt.Color("answers:Q", scale=scale, legend=None))
+        )
+
+    right = shaded("datum.true_label == datum.predicted_digit", ["#e5f5e0", "#41ab5d"])
+    wrong = shaded("datum.true_label != datum.predicted_digit", ["#fee0d2", "#ef3b2c"])
+    counts = base.mark_text(fontSize=11).encode(text=alt.Text("answers:Q", format=".3~s"))
+    # A grey square behind the cells, so that pairs that never occurred read as empty.
+    return (
+        alt.layer(right, wrong, counts)
+        .resolve_scale(color="independent")
+        .configure_view(fill="#f4f4f6", stroke=None)
+    )
+
+
+def digit_table(rows: list[dict]) -> pd.DataFrame:
+    """Per true label: answers, and the share the model read right (None without answers)."""
+    by_digit = {row["true_label"]: row for row in rows}
+    counts = [by_digit[d]["answers"] if d in by_digit else 0 for d in range(10)]
+    right = [by_digit[d]["correct"] if d in by_digit else 0 for d in range(10)]
+    return pd.DataFrame(
+        {
+            "digit": [str(digit) for digit in range(10)],
+            "answers": counts,
+            "accuracy": [100 * r / n if n else None for r, n in zip(right, counts, strict=True)],
+        }
+    )
+
+
+def confusions_text(confused: list[dict], digits: list[dict]) -> str:
+    if not confused:
+        return "**Most often confused:** nothing yet, the model was right every time."
+    drawn = {row["true_label"]: row["answers"] for row in digits}
+    lines = ["**Most often confused:**"]
+    for pair in confused:
+        true_label, count = pair["true_label"], pair["answers"]
+        times = "once" if count == 1 else f"{count:,} times"
+        share = count / drawn[true_label]
+        article = "an" if true_label == 8 else "a"
+        lines.append(
+            f"- {article} **{true_label}** read as **{pair['predicted_digit']}**: {times} "
+            f"({share:.0%} of the {true_label}s)"
+        )
+    return "\n".join(lines)
+
+
+def show_accuracy_over_time(model_filter: str | None) -> None:
+    scale = st.radio(
+        "Accuracy",
+        [PER_ANSWERS, PER_DAY],
+        horizontal=True,
+        key=TIME_SCALE,
+        label_visibility="collapsed",
+    )
+    per_day = scale == PER_DAY
+    if per_day:
+        points = db.accuracy_per_day(model_filter)
+        x = alt.X("day:T", title="day (UTC)")
+    else:
+        points = db.accuracy_per_answers(model_filter, ANSWERS_PER_POINT)
+        x = alt.X("last_answer:Q", title="answers")
+    enough = (
+        len({point["day"] for point in points}) > 1
+        if per_day
+        else points[-1]["last_answer"] > ANSWERS_PER_POINT
+    )
+    if not enough:
+        wait = "answers on two days" if per_day else f"more than {ANSWERS_PER_POINT} answers"
+        st.caption(f"The line appears with {wait}.")
+        return
+    frame = pd.DataFrame(points).drop(columns=["first_at", "last_at"], errors="ignore")
+    frame["accuracy"] = frame["correct"] / frame["answers"]
+    frame["model"] = frame["model"].map(model_label)
+    if per_day:
+        frame["day"] = pd.to_datetime(frame["day"])
+    line = alt.Chart(frame).encode(
+        x=x,
+        y=alt.Y("accuracy:Q", axis=alt.Axis(format="%"), scale=alt.Scale(zero=False)),
+        color=alt.Color(
+            "model:N",
+            legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=0),
+        ),
+        tooltip=[
+            alt.Tooltip("model:N"),
+            alt.Tooltip("answers:Q", format=","),
+            alt.Tooltip("accuracy:Q", format=".1%"),
+        ],
+    )
+    chart = line.mark_line()
+    if len(frame) <= MAX_DOTS:  # a dot per point, sized by its answers (a split group is small)
+        size = alt.Size("answers:Q", scale=alt.Scale(range=[8, 50]), legend=None)
+        chart += line.mark_circle().encode(size=size)
+    st.altair_chart(chart, height=300, width="stretch")
 
 
 def history_table(rows: list[dict]) -> pd.DataFrame:
@@ -510,6 +736,7 @@ def history_table(rows: list[dict]) -> pd.DataFrame:
             "predicted": [row["predicted_digit"] for row in rows],
             "true label": [row["true_label"] for row in rows],
             "confidence": [row["confidence"] * 100 for row in rows],
+            "model": [model_label(row["model"] or "") for row in rows],
         }
     )
 
@@ -522,6 +749,7 @@ def configure_logging() -> None:
 
 def main() -> None:
     st.set_page_config(page_title="MNIST Digit Classifier", page_icon=":material/draw:")
+    st.html(PHONE_CSS)
     configure_logging()
     st.session_state.setdefault(CANVAS_GENERATION, 0)
     database_status()  # initialise the database once per process

@@ -64,11 +64,15 @@ _SCHEMA_SQL = (
             CONSTRAINT predictions_true_label_check CHECK (true_label BETWEEN 0 AND 9),
         confidence real NOT NULL
             CONSTRAINT predictions_confidence_check CHECK (confidence >= 0 AND confidence <= 1),
-        submission_id uuid UNIQUE
+        submission_id uuid UNIQUE,
+        model text CONSTRAINT predictions_model_check CHECK (char_length(model) BETWEEN 1 AND 100)
     )
     """,
     # Tables created before submission_id existed.
     "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS submission_id uuid UNIQUE",
+    # Tables created before the model column existed: their rows keep a NULL model.
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS model text"
+    " CONSTRAINT predictions_model_check CHECK (char_length(model) BETWEEN 1 AND 100)",
     "CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at DESC)",
 )
 
@@ -445,30 +449,39 @@ def _check_confidence(value: object) -> float:
     return struct.unpack("f", struct.pack("f", result))[0]
 
 
+MODEL_NAME_MAX = 100  # characters in predictions.model
+
+
 def log_prediction(
     predicted_digit: int,
     true_label: int,
     confidence: float,
     submission_id: uuid.UUID | None = None,
+    model: str | None = None,
 ) -> int:
     """Store one answer and return its row id.
 
+    *model* names the model that made the prediction (1 to 100 characters), or None.
     A *submission_id* already stored (a retried submission) stores nothing and returns the
     existing row's id. Invalid values raise ValueError before the database is touched.
     """
     if submission_id is not None and not isinstance(submission_id, uuid.UUID):
         raise ValueError(f"submission_id must be a uuid.UUID or None, got {submission_id!r}")
+    if model is not None and not (isinstance(model, str) and 1 <= len(model) <= MODEL_NAME_MAX):
+        raise ValueError(f"model must be a str of 1 to {MODEL_NAME_MAX} characters or None")
     params = (
         _check_digit("predicted_digit", predicted_digit),
         _check_digit("true_label", true_label),
         _check_confidence(confidence),
         submission_id,
+        model,
     )
     start = time.perf_counter()
     with _connection() as conn:
         row = conn.execute(
-            "INSERT INTO predictions (predicted_digit, true_label, confidence, submission_id)"
-            " VALUES (%s, %s, %s, %s) ON CONFLICT (submission_id) DO NOTHING RETURNING id",
+            "INSERT INTO predictions"
+            " (predicted_digit, true_label, confidence, submission_id, model)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (submission_id) DO NOTHING RETURNING id",
             params,
         ).fetchone()
         inserted = row is not None
@@ -485,18 +498,30 @@ def log_prediction(
     return row[0]
 
 
-def recent_predictions(limit: int = 100) -> list[dict[str, Any]]:
-    """The *limit* newest rows, newest first, as dicts with keys id, created_at,
-    predicted_digit, true_label, confidence."""
+# --- History: what the stored answers say, counted by the database ---------------------------
+
+# The rows of one model: None selects every row; "" the rows stored before the model was
+# recorded (model IS NULL). A constant clause with one named parameter, %(model)s.
+_OF_MODEL = "(%(model)s::text IS NULL OR coalesce(model, '') = %(model)s)"
+_CORRECT = "count(*) FILTER (WHERE predicted_digit = true_label)"
+
+
+def _select(query: str, **params: Any) -> list[dict[str, Any]]:
+    with _connection() as conn:
+        return conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
+
+
+def recent_predictions(limit: int = 100, model: str | None = None) -> list[dict[str, Any]]:
+    """The *limit* newest rows (of *model*, see ``models_answering``), newest first, as dicts
+    with keys id, created_at, predicted_digit, true_label, confidence, model."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive int, got {limit!r}")
-    with _connection() as conn:
-        cur = conn.cursor(row_factory=dict_row)
-        return cur.execute(
-            "SELECT id, created_at, predicted_digit, true_label, confidence FROM predictions"
-            " ORDER BY created_at DESC, id DESC LIMIT %s",
-            (limit,),
-        ).fetchall()
+    return _select(
+        "SELECT id, created_at, predicted_digit, true_label, confidence, model FROM predictions"
+        f" WHERE {_OF_MODEL} ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
+        model=model,
+        limit=limit,
+    )
 
 
 def count_predictions() -> int:
@@ -505,6 +530,89 @@ def count_predictions() -> int:
         row = conn.execute("SELECT count(*) FROM predictions").fetchone()
     assert row is not None
     return row[0]
+
+
+def models_answering() -> list[dict[str, Any]]:
+    """Every model that has stored answers, the latest to answer first: dicts with keys model
+    ("" for answers stored before the model was recorded), answers, correct, first_at,
+    last_at."""
+    return _select(
+        f"SELECT coalesce(model, '') AS model, count(*) AS answers, {_CORRECT} AS correct,"
+        " min(created_at) AS first_at, max(created_at) AS last_at"
+        " FROM predictions GROUP BY 1 ORDER BY last_at DESC, 1"
+    )
+
+
+def confusion_counts(model: str | None = None) -> list[dict[str, Any]]:
+    """The confusion matrix as its non-zero cells: dicts with keys true_label,
+    predicted_digit, answers, in order of true label, then predicted digit."""
+    return _select(
+        "SELECT true_label, predicted_digit, count(*) AS answers FROM predictions"
+        f" WHERE {_OF_MODEL} GROUP BY 1, 2 ORDER BY 1, 2",
+        model=model,
+    )
+
+
+def digit_accuracy(model: str | None = None) -> list[dict[str, Any]]:
+    """For each true label with answers, in order: dicts with keys true_label, answers,
+    correct (how many the model read right)."""
+    return _select(
+        f"SELECT true_label, count(*) AS answers, {_CORRECT} AS correct FROM predictions"
+        f" WHERE {_OF_MODEL} GROUP BY 1 ORDER BY 1",
+        model=model,
+    )
+
+
+def most_confused(model: str | None = None, limit: int = 5) -> list[dict[str, Any]]:
+    """The *limit* most frequent mistakes, most frequent first: dicts with keys true_label,
+    predicted_digit, answers."""
+    return _select(
+        "SELECT true_label, predicted_digit, count(*) AS answers FROM predictions"
+        f" WHERE predicted_digit <> true_label AND {_OF_MODEL}"
+        " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT %(limit)s",
+        model=model,
+        limit=limit,
+    )
+
+
+def accuracy_per_day(model: str | None = None) -> list[dict[str, Any]]:
+    """Answers per day (UTC) and model, in order of time: dicts with keys day (a date),
+    model ("" if not recorded), answers, correct."""
+    return _select(
+        f"SELECT (created_at AT TIME ZONE 'UTC')::date AS day, coalesce(model, '') AS model,"
+        f" count(*) AS answers, {_CORRECT} AS correct FROM predictions WHERE {_OF_MODEL}"
+        " GROUP BY 1, 2 ORDER BY 1, min(created_at)",
+        model=model,
+    )
+
+
+def accuracy_per_answers(model: str | None = None, size: int = 50) -> list[dict[str, Any]]:
+    """The answers in order of time, in groups of *size* (a group is split where the model
+    changes), in order: dicts with keys last_answer (the number of the group's last answer,
+    from 1), model ("" if not recorded), answers, correct, first_at, last_at."""
+    return _select(
+        "SELECT max(n) AS last_answer, model, count(*) AS answers, sum(correct) AS correct,"
+        " min(created_at) AS first_at, max(created_at) AS last_at"
+        " FROM (SELECT row_number() OVER (ORDER BY created_at, id) AS n,"
+        "       coalesce(model, '') AS model, (predicted_digit = true_label)::int AS correct,"
+        f"      created_at FROM predictions WHERE {_OF_MODEL}) AS numbered"
+        " GROUP BY (n - 1) / %(size)s, model ORDER BY 1",
+        model=model,
+        size=size,
+    )
+
+
+def export_csv(model: str | None = None) -> bytes:
+    """Every row (of *model*), oldest first, as CSV (UTF-8) with a header line of the
+    column names."""
+    with _connection() as conn, conn.cursor() as cur:
+        copy_sql = (
+            "COPY (SELECT id, created_at, predicted_digit, true_label, confidence, model"
+            f" FROM predictions WHERE {_OF_MODEL} ORDER BY created_at, id)"
+            " TO STDOUT WITH (FORMAT csv, HEADER)"
+        )
+        with cur.copy(copy_sql, {"model": model}) as copy:
+            return b"".join(bytes(chunk) for chunk in copy)
 
 
 def main(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Row
 
-SECTIONS = ("footprint", "inference", "database", "browser", "training", "containers")
+SECTIONS = ("footprint", "inference", "database", "history", "browser", "training", "containers")
 RESULTS = ROOT / "bench" / "results.json"
 
 
@@ -43,6 +43,10 @@ def section_runner(name: str, training_mode: str) -> Callable[[], list[Row]]:
         from bench import database
 
         return database.run
+    if name == "history":
+        from bench import history
+
+        return history.run
     if name == "browser":
         from bench import browser_app
 

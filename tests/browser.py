@@ -31,6 +31,8 @@ A session of the app
       the top left); each is drawn as mouse down, moves of at most ``step_px`` pixels, mouse
       up. Waits for the canvas to send the drawing (200 ms after the last mouse-up) and for
       the run that handles it. ``draw_digit(d)`` draws ``DIGIT_STROKES[d]``.
+      ``touch_draw(strokes)`` draws them with a finger (a context made with one of ``PHONES``:
+      ``AppPage.open(..., **PHONES["390x844"])``); ``tap(locator)``.
     - ``click_correct()``, ``submit_correction(text)`` (types *text* in True label first
       unless None), ``type_true_label(text)``, ``open_history()``, ``open_draw()``.
     - ``wait_for_prediction()`` -> ``ShownPrediction(digit, confidence_percent)``, raising if
@@ -70,6 +72,7 @@ next one), and the page shows no stale element and no image still loading. No fi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -105,6 +108,16 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 VIEWPORT = {"width": 1280, "height": 1000}
+# Browser contexts of phones held upright: touch screens at 3 device pixels per CSS pixel.
+PHONES = {
+    f"{width}x{height}": {
+        "viewport": {"width": width, "height": height},
+        "device_scale_factor": 3,
+        "is_mobile": True,
+        "has_touch": True,
+    }
+    for width, height in [(390, 844), (360, 740)]
+}
 
 STARTUP_TIMEOUT_S = 120.0
 ACTION_TIMEOUT_MS = 60_000  # generous: the machine is slow and shared
@@ -601,6 +614,7 @@ class HistoryRow:
     predicted: int
     true_label: int
     confidence_percent: float
+    model: str
 
 
 class AppPage:
@@ -632,10 +646,12 @@ class AppPage:
         viewport: dict[str, int] | None = None,
         timeout_ms: float = FIRST_RUN_TIMEOUT_MS,
         setup: Callable[[BrowserContext], object] | None = None,
+        **context_options,
     ) -> AppPage:
         """*setup*, if given, is called with the new context before the page is loaded (e.g.
-        ``MessageGate().install``)."""
-        context = browser.new_context(viewport=viewport or VIEWPORT)
+        ``MessageGate().install``); *context_options* go to ``Browser.new_context`` (e.g. one of
+        ``PHONES``)."""
+        context = browser.new_context(viewport=viewport or VIEWPORT, **context_options)
         try:
             context.add_init_script(_PROBE_SCRIPT)
             context.set_default_timeout(ACTION_TIMEOUT_MS)
@@ -728,13 +744,7 @@ class AppPage:
         """
         mouse = self.page.mouse
         for stroke in strokes:
-            surface = self.canvas()
-            surface.scroll_into_view_if_needed()
-            box = surface.bounding_box()
-            if box is None:
-                raise AssertionError("the canvas is not visible")
-            scale_x, scale_y = box["width"] / CANVAS_SIZE, box["height"] / CANVAS_SIZE
-            points = [(box["x"] + x * scale_x, box["y"] + y * scale_y) for x, y in stroke]
+            points = self._on_screen(stroke)
             mouse.move(*points[0])
             mouse.down()
             previous = points[0]
@@ -750,18 +760,49 @@ class AppPage:
     def draw_held(self, strokes: Sequence[Stroke], *, step_px: float = 24) -> None:
         """Draw *strokes* like ``draw``, but keep the button down at the end of the last one:
         ``page.mouse.up()`` then sends the drawing (so many sessions can send at once)."""
-        box = self.canvas().bounding_box()
-        assert box is not None, "the canvas is not visible"
-        scale = box["width"] / CANVAS_SIZE
         mouse = self.page.mouse
         for number, stroke in enumerate(strokes):
             if number:
                 mouse.up()
-            points = [(box["x"] + x * scale, box["y"] + y * scale) for x, y in stroke]
+            points = self._on_screen(stroke)
             mouse.move(*points[0])
             mouse.down()
-            for previous, point in zip(points, points[1:], strict=False):
+            for previous, point in itertools.pairwise(points):
                 mouse.move(*point, steps=max(1, math.ceil(math.dist(previous, point) / step_px)))
+
+    def touch_draw(self, strokes: Sequence[Stroke], *, step_px: float = 4.0) -> Run:
+        """Draw *strokes* with one finger, as ``draw`` does with the mouse: touchStart,
+        touchMove every *step_px* at most, touchEnd (CDP Input.dispatchTouchEvent; the
+        context needs ``has_touch=True``)."""
+        cdp = self.context.new_cdp_session(self.page)
+
+        def touch(kind: str, *points: Point) -> None:
+            touch_points = [{"x": x, "y": y} for x, y in points]
+            cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": touch_points})
+
+        try:
+            for stroke in strokes:
+                points = self._on_screen(stroke)
+                touch("touchStart", points[0])
+                for (x0, y0), (x1, y1) in itertools.pairwise(points):
+                    steps = max(1, math.ceil(math.dist((x0, y0), (x1, y1)) / step_px))
+                    for i in range(1, steps + 1):
+                        touch("touchMove", (x0 + (x1 - x0) * i / steps, y0 + (y1 - y0) * i / steps))
+                touch("touchEnd")
+        finally:
+            cdp.detach()
+        released = self.last_pointer_up_ms()
+        return self.wait_until_idle(released + CANVAS_DEBOUNCE_MS - 5)
+
+    def _on_screen(self, stroke: Stroke) -> list[Point]:
+        """*stroke* (canvas pixels) in page coordinates, the canvas scrolled into view."""
+        surface = self.canvas()
+        surface.scroll_into_view_if_needed()
+        box = surface.bounding_box()
+        if box is None:
+            raise AssertionError("the canvas is not visible")
+        scale_x, scale_y = box["width"] / CANVAS_SIZE, box["height"] / CANVAS_SIZE
+        return [(box["x"] + x * scale_x, box["y"] + y * scale_y) for x, y in stroke]
 
     def draw_digit(self, digit: int) -> Run:
         return self.draw(DIGIT_STROKES[digit])
@@ -805,6 +846,10 @@ class AppPage:
         field.fill("")
         field.press_sequentially(text)
 
+    def tap(self, locator: Locator) -> Run:
+        """Tap *locator* with a finger (a context with ``has_touch=True``)."""
+        return self._act(locator.tap)
+
     def click_correct(self) -> Run:
         return self._act(self.button("correct").click)
 
@@ -837,16 +882,16 @@ class AppPage:
         return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
     def history_rows(self) -> list[HistoryRow]:
-        """The History table's rows, top to bottom.
+        """The rows of the History page's newest answers (its last table), top to bottom.
 
         st.dataframe draws its cells on a <canvas> (glide-data-grid); the same grid keeps an
         accessible <table role="grid"> inside that canvas for screen readers, with the raw
         values (unformatted: full-precision confidence, ISO time) of the rows in view.
         """
-        table = self.page.locator('[data-testid="stDataFrame"] table[role="grid"]')
+        table = self.page.locator('[data-testid="stDataFrame"] table[role="grid"]').last
         table.wait_for(state="attached")
         header = table.locator("thead th").all_text_contents()
-        assert header == ["time", "predicted", "true label", "confidence"], header
+        assert header == ["time", "predicted", "true label", "confidence", "model"], header
         cells = table.locator("tbody tr").evaluate_all(
             "rows => rows.map(row => Array.from(row.cells).map(cell => cell.textContent))"
         )
@@ -856,6 +901,7 @@ class AppPage:
                 predicted=int(predicted),
                 true_label=int(true_label),
                 confidence_percent=float(confidence),
+                model=model,
             )
-            for time_text, predicted, true_label, confidence in cells
+            for time_text, predicted, true_label, confidence, model in cells
         ]

@@ -6,6 +6,7 @@ canvas component's value set in session_state under the canvas key (see fixtures
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import fixtures_app
 import numpy as np
+import pandas as pd
 import pytest
 import streamlit as st
 import torch
@@ -102,17 +104,17 @@ def submit_label(at: AppTest, text: str) -> AppTest:
     return click(at, app.SUBMIT_CORRECTION_BUTTON)
 
 
-def open_history(at: AppTest) -> AppTest:
-    """Switch to the History page (a callable page: AppTest.switch_page only takes files)."""
-    page_hash = next(
-        page_hash
-        for page_hash, page in at._registered_pages.items()
-        if page.get("url_pathname") == "history"
-    )
-    at._page_hash = page_hash
-    at.run()
+def history_app() -> AppTest:
+    """The History page alone (AppTest switches only to pages that are files)."""
+    at = AppTest.from_string("import app\napp.history_page()", default_timeout=30).run()
     assert not at.exception
     return at
+
+
+def chart_data(chart) -> pd.DataFrame:
+    """The data of a Vega-Lite chart (one data set)."""
+    (dataset,) = chart.proto.datasets
+    return convert_arrow_bytes_to_pandas_df(dataset.data.data)
 
 
 def values(elements) -> list[str]:
@@ -231,7 +233,7 @@ def test_drawing_shows_prediction_confidence_probabilities_and_model_view(draw_a
     assert shown_predictions(draw_app) == [f"Prediction: {expected.digit}"]
     assert f"**Confidence: {expected.confidence:.1%}**" in values(draw_app.markdown)
     (chart,) = draw_app.get("vega_lite_chart")
-    table = convert_arrow_bytes_to_pandas_df(chart.proto.datasets[0].data.data)
+    table = chart_data(chart)
     assert list(table["digit"]) == [str(digit) for digit in range(10)]
     assert list(table["probability"]) == pytest.approx(expected.probabilities)
     (image,) = draw_app.get("image")
@@ -311,6 +313,21 @@ def test_submit_correction_stores_the_typed_label(draw_app, clean_db, model_file
     ]
     assert_reset(draw_app)
     assert draw_app.error == []
+
+
+def test_an_answer_records_the_model_that_made_the_prediction(draw_app, clean_db, model_file):
+    def name_of_the_file() -> str:
+        return f"model.pth@{hashlib.sha256(model_file.read_bytes()).hexdigest()[:12]}"
+
+    first = name_of_the_file()
+    click(draw(draw_app, fixtures_app.digit_png(7)), app.CORRECT_BUTTON)
+    fixtures_app.save_untrained_model(model_file, seed=1)  # retrained while the app runs
+    click(draw(draw_app, fixtures_app.digit_png(1)), app.CORRECT_BUTTON)
+
+    with clean_db.connect() as conn:
+        names = [row[0] for row in conn.execute("SELECT model FROM predictions ORDER BY id")]
+    assert names == [first, name_of_the_file()]
+    assert first != names[1]
 
 
 @pytest.mark.parametrize(("text", "digit"), ACCEPTED_LABELS)
@@ -479,36 +496,76 @@ def test_corrupt_model_shows_how_to_train_one(clean_db, tmp_path, monkeypatch):
 
 
 def test_history_lists_every_row_newest_first(draw_app, clean_db):
-    stored = [(7, 7, 0.986), (3, 8, 0.5), (1, 1, 0.25)]
-    for predicted, true_label, confidence in stored:
-        db.log_prediction(predicted, true_label, confidence)
+    stored = [(7, 7, 0.986, "a@1"), (3, 8, 0.5, "a@1"), (1, 1, 0.25, None)]
+    for predicted, true_label, confidence, name in stored:
+        db.log_prediction(predicted, true_label, confidence, model=name)
     assert draw_app.dataframe == []  # the drawing page shows no history
 
-    open_history(draw_app)
+    at = history_app()
 
-    [table] = draw_app.dataframe
-    frame = table.value
-    assert list(frame.columns) == ["time", "predicted", "true label", "confidence"]
+    frame = at.dataframe[-1].value
+    assert list(frame.columns) == ["time", "predicted", "true label", "confidence", "model"]
     assert list(frame["predicted"]) == [1, 3, 7]
     assert list(frame["true label"]) == [1, 8, 7]
     assert list(frame["confidence"]) == pytest.approx([25.0, 50.0, 98.6], rel=1e-6)
+    assert list(frame["model"]) == [app.UNRECORDED_MODEL, "a@1", "a@1"]
     assert frame["time"].is_monotonic_decreasing
-    metrics = {metric.label: metric.value for metric in draw_app.metric}
-    assert metrics == {"Answers stored": "3", "Model accuracy on your feedback": "66.7%"}
-    assert draw_app.error == []
+    metrics = {metric.label: metric.value for metric in at.metric}
+    assert metrics == {"Answers stored": "3", "Model accuracy": "66.7%"}
+    # Three answers: counts only where there are some, and no line yet.
+    [matrix] = at.get("vega_lite_chart")
+    assert chart_data(matrix).values.tolist() == [[1, 1, 1], [7, 7, 1], [8, 3, 1]]
+    assert "The line appears with more than 50 answers." in values(at.caption)
+    assert at.error == []
 
 
-def test_history_without_rows_says_so(draw_app):
-    open_history(draw_app)
-    assert values(draw_app.info) == [app.NO_HISTORY]
-    assert draw_app.dataframe == []
+def test_history_filters_by_model(clean_db):
+    for predicted, true_label, name in [(7, 7, "a@1"), (3, 8, "a@1"), (1, 1, "b@2"), (2, 2, "b@2")]:
+        db.log_prediction(predicted, true_label, 0.5, model=name)
+    at = history_app()
+    assert {metric.label: metric.value for metric in at.metric}["Model accuracy"] == "75.0%"
+
+    at.selectbox(key=app.MODEL_FILTER).select("b@2").run()
+
+    assert {metric.label: metric.value for metric in at.metric} == {
+        "Answers stored": "2",
+        "Model accuracy": "100.0%",
+    }
+    [matrix] = at.get("vega_lite_chart")
+    assert chart_data(matrix).values.tolist() == [[1, 1, 1], [2, 2, 1]]
+    assert list(at.dataframe[-1].value["model"]) == ["b@2", "b@2"]
 
 
-def test_history_with_the_database_down_shows_an_error(fresh_pg_server, model_file):
+def test_history_draws_accuracy_per_day_or_per_50_answers(clean_db):
+    with clean_db.connect() as conn:  # 60 answers a day ago, 40 today, 90% right
+        conn.execute(
+            "INSERT INTO predictions (created_at, predicted_digit, true_label, confidence, model)"
+            " SELECT now() - (n < 60)::int * interval '1 day', n % 10,"
+            " CASE WHEN n % 10 = 0 THEN (n + 1) % 10 ELSE n % 10 END, 0.5, 'a@1'"
+            " FROM generate_series(0, 99) AS n"
+        )
+    at = history_app()
+    [_, per_50] = at.get("vega_lite_chart")
+    assert chart_data(per_50)[["last_answer", "answers", "correct"]].values.tolist() == [
+        [50, 50, 45],
+        [100, 50, 45],
+    ]
+    at.radio(key=app.TIME_SCALE).set_value(app.PER_DAY).run()
+    [_, per_day] = at.get("vega_lite_chart")
+    assert chart_data(per_day)[["answers", "correct"]].values.tolist() == [[60, 54], [40, 36]]
+
+
+def test_history_without_rows_says_so(clean_db):
+    at = history_app()
+    assert values(at.info) == [app.NO_HISTORY]
+    assert at.dataframe == []
+
+
+def test_history_with_the_database_down_shows_an_error(fresh_pg_server):
     db.configure(fresh_pg_server.url)
-    at = start_app()
+    db.init_db()
     fresh_pg_server.stop()
-    open_history(at)
+    at = history_app()
     assert values(at.error) == [app.HISTORY_UNAVAILABLE]
     assert at.dataframe == []
 
@@ -520,5 +577,4 @@ def test_a_malformed_database_url_never_crashes_the_app(model_file):
     click(draw(at, fixtures_app.digit_png(7)), app.CORRECT_BUTTON)
     assert values(at.error) == [app.FEEDBACK_FAILED]
     assert_nothing_reset(at, label="")
-    open_history(at)
-    assert values(at.error) == [app.HISTORY_FAILED]
+    assert values(history_app().error) == [app.HISTORY_FAILED]

@@ -241,6 +241,69 @@ def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
         finish(page, shared_app)
 
 
+# --- on a phone -----------------------------------------------------------------------------
+
+
+def box_of(locator) -> dict[str, float]:
+    box = locator.bounding_box()
+    assert box is not None, f"{locator} is not displayed"
+    return box
+
+
+def assert_on_screen(box: dict[str, float], viewport: dict[str, int]) -> None:
+    """Inside the viewport of a page that is not scrolled: seen without scrolling."""
+    assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], box
+    assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], box
+
+
+@pytest.mark.parametrize("phone", list(browser.PHONES))
+def test_on_a_phone_the_guess_and_the_feedback_row_fit_one_screen(
+    chromium, shared_app, module_db, request, phone
+):
+    screenshots = Screenshots(browser.artifacts_dir(request.node.name))
+    session = AppPage.open(
+        chromium, shared_app.url, screenshots=screenshots, **browser.PHONES[phone]
+    )
+    try:
+        baseline = last_id(module_db)
+        session.touch_draw(browser.DIGIT_STROKES[7])
+        shown = session.wait_for_prediction()
+        session.snap("drew-7")
+        assert shown.digit == 7
+
+        viewport = browser.PHONES[phone]["viewport"]
+        correct = session.button("correct")
+        shown_parts = [
+            session.canvas(),
+            session.page.locator("h3", has_text="Prediction:"),
+            session.page.locator("strong", has_text="Confidence:"),
+            correct,
+            session.true_label_input(),
+            session.button("submit_correction"),
+        ]
+        boxes = [box_of(locator) for locator in shown_parts]
+        for box in boxes:
+            assert_on_screen(box, viewport)
+        canvas_box = boxes[0]
+        assert (canvas_box["width"], canvas_box["height"]) == (app_module.CANVAS_SIZE,) * 2
+        # A finger on the canvas draws: a strip beside it is left to scroll the page with.
+        assert viewport["width"] - (canvas_box["x"] + canvas_box["width"]) >= 48
+        correct_box, label_box, submit_box = boxes[-3:]
+        assert correct_box["x"] + correct_box["width"] <= label_box["x"]  # one row, in order
+        assert label_box["x"] + label_box["width"] <= submit_box["x"]
+        assert label_box["y"] < correct_box["y"] + correct_box["height"]
+
+        session.tap(correct)
+        session.snap("correct")
+        rows = rows_after(module_db, baseline)
+        assert len(rows) == 1, rows
+        assert_stored(rows[0], 7, 7, shown.confidence_percent)
+        saved = session.page.locator('[data-testid="stAlert"]', has_text="Saved:")
+        assert_on_screen(box_of(saved), viewport)
+    finally:
+        finish(session, shared_app)
+
+
 # --- the History page -----------------------------------------------------------------------
 
 
@@ -254,7 +317,7 @@ def test_history_lists_the_answers_newest_first(page, module_db):
     page.snap("history")
     with module_db.connect() as conn:
         stored = conn.execute(
-            "SELECT created_at, predicted_digit, true_label, confidence FROM predictions"
+            "SELECT created_at, predicted_digit, true_label, confidence, model FROM predictions"
             " ORDER BY created_at DESC, id DESC"
         ).fetchall()
 
@@ -266,16 +329,18 @@ def test_history_lists_the_answers_newest_first(page, module_db):
     assert newest == [(0, 6), (7, 7)]
     assert abs(listed[0].confidence_percent - zero.confidence_percent) <= 0.05 + 1e-4
     assert abs(listed[1].confidence_percent - seven.confidence_percent) <= 0.05 + 1e-4
-    for row, (created_at, predicted, true_label, confidence) in zip(listed, stored, strict=True):
-        assert (row.predicted, row.true_label) == (predicted, true_label)
+    for row, (created_at, predicted, true_label, confidence, model) in zip(
+        listed, stored, strict=True
+    ):
+        assert (row.predicted, row.true_label, row.model) == (predicted, true_label, model)
         assert abs(row.confidence_percent - confidence * 100) < 1e-3
         assert abs((row.time - created_at).total_seconds()) < 1  # shown to the second
     times = [row.time for row in listed]
     assert times == sorted(times, reverse=True)
 
-    right = sum(predicted == true_label for _, predicted, true_label, _ in stored)
+    right = sum(predicted == true_label for _, predicted, true_label, _, _ in stored)
     assert page.metric("Answers stored") == str(len(stored))
-    assert page.metric("Model accuracy on your feedback") == f"{right / len(stored):.1%}"
+    assert page.metric("Model accuracy") == f"{right / len(stored):.1%}"
 
 
 # --- the database goes away -----------------------------------------------------------------

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
 import os
+import random
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -75,6 +79,7 @@ def test_schema_is_created_once_as_specified(clean_db):
         ("true_label", "smallint", "NO"),
         ("confidence", "real", "NO"),
         ("submission_id", "uuid", "YES"),
+        ("model", "text", "YES"),
     ]
     defaults = {name: default for name, _, _, default in columns}
     assert defaults["id"].startswith("nextval(")  # bigserial
@@ -86,6 +91,7 @@ def test_schema_is_created_once_as_specified(clean_db):
         "CHECK (((true_label >= 0) AND (true_label <= 9)))": "c",
         "CHECK (((confidence >= (0)::double precision) AND "
         "(confidence <= (1)::double precision)))": "c",
+        "CHECK (((char_length(model) >= 1) AND (char_length(model) <= 100)))": "c",
     }
 
 
@@ -111,6 +117,38 @@ def test_init_db_upgrades_a_table_without_submission_id(pg_server):
     assert [(r["predicted_digit"], r["true_label"]) for r in rows] == [(1, 1), (4, 9)]
 
 
+# The table as created before the model column existed.
+TABLE_WITHOUT_MODEL = """
+    CREATE TABLE predictions (
+        id bigserial PRIMARY KEY,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        predicted_digit smallint NOT NULL CHECK (predicted_digit BETWEEN 0 AND 9),
+        true_label smallint NOT NULL CHECK (true_label BETWEEN 0 AND 9),
+        confidence real NOT NULL CHECK (confidence >= 0 AND confidence <= 1),
+        submission_id uuid UNIQUE
+    )
+"""
+
+
+def test_init_db_adds_the_model_column_and_keeps_every_row(pg_server):
+    with pg_server.connect() as conn:
+        conn.execute("DROP TABLE IF EXISTS predictions")
+        conn.execute(TABLE_WITHOUT_MODEL)
+        conn.execute(
+            "INSERT INTO predictions (created_at, predicted_digit, true_label, confidence,"
+            " submission_id) SELECT now() - n * interval '1 minute', n % 10, n * 3 % 10,"
+            " n % 101 / 100.0, gen_random_uuid() FROM generate_series(1, 1000) AS n"
+        )
+        before = conn.execute("SELECT * FROM predictions ORDER BY id").fetchall()
+    db.configure(pg_server.url)
+    db.init_db()
+    db.log_prediction(1, 1, 0.9, model=MODEL_A)
+    with pg_server.connect() as conn:
+        after = conn.execute("SELECT * FROM predictions ORDER BY id").fetchall()
+    assert [row[:-1] for row in after[:-1]] == before
+    assert [row[-1] for row in after] == [None] * 1000 + [MODEL_A]
+
+
 # --- round trip ---------------------------------------------------------------------------------
 
 
@@ -125,7 +163,9 @@ def test_rows_round_trip_newest_first(clean_db):
     assert [r["id"] for r in rows] == ids[::-1]
     assert [(r["predicted_digit"], r["true_label"]) for r in rows] == [(0, 9), (7, 1), (3, 3)]
     assert [r["confidence"] for r in rows] == [0.0, 1.0, 0.25]
-    assert set(rows[0]) == {"id", "created_at", "predicted_digit", "true_label", "confidence"}
+    assert set(rows[0]) == {
+        "id", "created_at", "predicted_digit", "true_label", "confidence", "model"
+    }  # fmt: skip
     for row in rows:
         assert row["created_at"].tzinfo is not None
         assert before - timedelta(seconds=5) <= row["created_at"] <= datetime.now(UTC)
@@ -585,3 +625,107 @@ def test_concurrent_inserts_from_8_threads(clean_db):
     assert len(ids) == len(set(ids)) == 400
     assert count_rows(clean_db) == 400
     assert db.count_predictions() == 400
+
+
+def test_log_prediction_rejects_an_invalid_model_name(clean_db):
+    for name in ["", "x" * 101, 7]:
+        with pytest.raises(ValueError, match="model"):
+            db.log_prediction(1, 1, 0.5, model=name)
+    assert count_rows(clean_db) == 0
+
+
+# --- History: counts from the database ----------------------------------------------------------
+
+MODEL_A, MODEL_B = "model.pth@aaaaaaaaaaaa", "model.pth@bbbbbbbbbbbb"
+HISTORY_START = datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def history(clean_db) -> list[tuple]:
+    """12,000 answers stored a minute apart, as (created_at, predicted_digit, true_label,
+    confidence, model): 2,000 from before models were recorded, 6,000 of model A, then 4,000
+    of model B, right nine times in ten."""
+    rng = random.Random(16)
+    rows = []
+    for n in range(12_000):
+        model = None if n < 2_000 else MODEL_A if n < 8_000 else MODEL_B
+        true_label = rng.randrange(10)
+        predicted = true_label if rng.random() < 0.9 else rng.randrange(10)
+        rows.append((HISTORY_START + timedelta(minutes=n), predicted, true_label, 0.5, model))
+    columns = "created_at, predicted_digit, true_label, confidence, model"
+    with (
+        clean_db.connect() as conn,
+        conn.cursor().copy(f"COPY predictions ({columns}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row(row)
+    return rows
+
+
+def of_model(rows: list[tuple], model: str | None) -> list[tuple]:
+    """What the History filter *model* should select: None all, "" the unrecorded ones."""
+    return [row for row in rows if model is None or (row[4] or "") == model]
+
+
+def test_models_answering_counts_each_model_latest_first(history):
+    def expected(model):
+        rows = of_model(history, model)
+        right = sum(row[1] == row[2] for row in rows)
+        return (model, len(rows), right, rows[0][0], rows[-1][0])
+
+    listed = [tuple(entry.values()) for entry in db.models_answering()]
+    assert listed == [expected(MODEL_B), expected(MODEL_A), expected("")]
+
+
+@pytest.mark.parametrize("model", [None, MODEL_A, MODEL_B, ""], ids=["all", "A", "B", "unrecorded"])
+def test_history_counts_are_exactly_those_of_the_rows(history, model):
+    rows = of_model(history, model)
+    cells = Counter((true_label, predicted) for _, predicted, true_label, _, _ in rows)
+
+    counted = {
+        (c["true_label"], c["predicted_digit"]): c["answers"] for c in db.confusion_counts(model)
+    }
+    assert counted == cells
+    assert [tuple(d.values()) for d in db.digit_accuracy(model)] == [
+        (digit, sum(n for (t, _), n in cells.items() if t == digit), cells[digit, digit])
+        for digit in range(10)
+    ]
+    mistakes = sorted(
+        ((t, p, n) for (t, p), n in cells.items() if t != p), key=lambda c: (-c[2], c[0], c[1])
+    )
+    assert [tuple(c.values()) for c in db.most_confused(model, limit=5)] == mistakes[:5]
+    newest = db.recent_predictions(limit=3, model=model)
+    assert [(r["created_at"], r["model"]) for r in newest] == [(r[0], r[4]) for r in rows[:-4:-1]]
+
+
+def test_accuracy_over_time_per_day_and_per_answers(history):
+    def counted(key) -> list[tuple]:
+        """(key..., answers, right) for the rows grouped by key(number, row), in time order."""
+        answers, right = Counter(), Counter()
+        for number, row in enumerate(history, start=1):
+            answers[key(number, row)] += 1
+            right[key(number, row)] += row[1] == row[2]
+        return [(*group, answers[group], right[group]) for group in answers]
+
+    per_day = [tuple(d.values()) for d in db.accuracy_per_day()]
+    assert per_day == counted(lambda _, row: (row[0].date(), row[4] or ""))
+    # Groups of 70: the 29th (answers 1961-2030) is split where model A takes over.
+    per_70 = db.accuracy_per_answers(size=70)
+    assert [(g["model"], g["answers"], g["correct"]) for g in per_70] == [
+        group[1:] for group in counted(lambda number, row: ((number - 1) // 70, row[4] or ""))
+    ]
+    assert [g["last_answer"] for g in per_70[27:30]] == [1960, 2000, 2030]
+    assert [g["answers"] for g in db.accuracy_per_answers(MODEL_B, size=1000)] == [1000] * 4
+
+
+def test_csv_export_holds_every_row_of_the_model(history):
+    for model in (None, MODEL_B):
+        exported = list(csv.DictReader(io.StringIO(db.export_csv(model).decode())))
+        rows = of_model(history, model)
+        assert [
+            (int(e["predicted_digit"]), int(e["true_label"]), float(e["confidence"]), e["model"])
+            for e in exported
+        ] == [(predicted, label, conf, m or "") for _, predicted, label, conf, m in rows]
+    assert list(exported[0]) == [
+        "id", "created_at", "predicted_digit", "true_label", "confidence", "model"
+    ]  # fmt: skip
