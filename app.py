@@ -81,6 +81,7 @@ FEEDBACK_BUSY = (
 FEEDBACK_FAILED = "Feedback not saved: unexpected error (details in the server log)."
 SAVING = "Saving your answer..."
 DRAWING_TOO_LARGE = "The drawing is too large to read: clear the canvas and draw again."
+HISTORY_BUSY = "History unavailable: the database is busy. Try again in a moment."
 HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
 HISTORY_FAILED = "History unavailable: unexpected database error (details in the server log)."
 NO_HISTORY = "No feedback stored yet: draw a digit, then press Correct or Submit correction."
@@ -513,6 +514,10 @@ def history_page() -> None:
     st.title("History")
     try:
         show_history()
+    except db.DatabaseBusy as exc:  # healthy but slow: not an outage
+        logger.warning("history unavailable: %s", exc)
+        st.error(HISTORY_BUSY)
+        return
     except db.DatabaseUnavailable as exc:
         database_status().ready = False
         logger.warning("history unavailable: %s", exc)

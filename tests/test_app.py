@@ -570,6 +570,19 @@ def test_history_with_the_database_down_shows_an_error(fresh_pg_server):
     assert at.dataframe == []
 
 
+def test_history_with_a_busy_database_says_busy_not_down(clean_db, monkeypatch):
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1)
+    db.configure(clean_db.url)
+    db.log_prediction(7, 7, 0.9)
+    with clean_db.connect() as locker:  # e.g. a restore holding the table
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+        at = history_app()
+        locker.execute("ROLLBACK")
+    assert values(at.error) == [app.HISTORY_BUSY]
+    assert app.database_status().ready  # busy is not an outage
+
+
 def test_a_malformed_database_url_never_crashes_the_app(model_file):
     db.configure("not a connection string")
     at = start_app()
