@@ -94,7 +94,8 @@ PEAK_WRAPPER = (
 def _train_run(project, command: list[str], shm: str | None = None) -> dict:
     """Run the train service (as `docker compose --profile train up -d train` does) with
     *command*, then its cgroup's peak memory; /dev/shm use is sampled every 0.5 s meanwhile."""
-    service = {"command": ["sh", "-c", PEAK_WRAPPER, "sh", *command]}
+    # $$: compose would otherwise substitute the shell's $ variables itself.
+    service = {"command": ["sh", "-c", PEAK_WRAPPER.replace("$", "$$"), "sh", *command]}
     if shm:
         service["shm_size"] = shm
     project.add_override("train-bench.yml", json.dumps({"services": {"train": service}}))

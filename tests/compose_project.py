@@ -16,7 +16,8 @@ A new project first takes down those of its prefix left by a killed run (``remov
 On a machine without a container registry (``../shared/docker/offline-engine.sh``, which
 exports ``TORCH_INDEX_URL``), builds go through an override file that adds host networking and
 that index, through ``COMPOSE_FILE``; the compose files themselves are the shipped ones.
-``engine_problem()`` says why no engine can be used, or None.
+``engine_problem()`` says why no engine can be used, or None; ``require_engine()``, in a test,
+fails without one under CI=true and skips otherwise.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def engine_problem() -> str | None:
     if compose.returncode != 0:
         return f"no Compose plugin: {compose.stderr.strip()[-300:]}"
     return None
+
+
+def require_engine() -> None:
+    """In a test: fail without an engine under CI=true (CI must run these tests), else skip."""
+    import pytest
+
+    if problem := engine_problem():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a Docker engine for this test: {problem}")
+        pytest.skip(f"{problem} (bash .ci/run starts one)")
 
 
 def checkout_files(root: Path = ROOT) -> list[str]:

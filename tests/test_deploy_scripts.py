@@ -439,12 +439,9 @@ def test_deploy_workflow_runs_the_update_script_over_ssh(tmp_path: Path) -> None
 
 @pytest.mark.docker
 def test_update_script_deploys_a_new_commit_to_the_running_stack(tmp_path: Path) -> None:
-    from compose_project import ComposeProject, engine_problem
+    from compose_project import ComposeProject, require_engine
 
-    if problem := engine_problem():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs a Docker engine for this test: {problem}")
-        pytest.skip(f"{problem} (bash .ci/run starts one)")
+    require_engine()
     server = ComposeProject(prefix="mnistupdate")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     try:

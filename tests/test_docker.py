@@ -26,7 +26,7 @@ from pathlib import Path
 
 import browser
 import pytest
-from compose_project import ROOT, ComposeProject, engine_problem
+from compose_project import ROOT, ComposeProject, require_engine
 from mnist_files import copy_subset
 
 pytestmark = pytest.mark.docker
@@ -74,10 +74,7 @@ def test_hadolint_is_clean() -> None:
 @pytest.fixture(scope="module")
 def project() -> Iterator[ComposeProject]:
     """The project copy with its image built (`docker compose build`, cached layers reused)."""
-    if problem := engine_problem():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs a Docker engine for these tests: {problem}")
-        pytest.skip(f"{problem} (bash .ci/run starts one)")
+    require_engine()
     project = ComposeProject()
     try:
         project.compose("build", "app", timeout=1200)
