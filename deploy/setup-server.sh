@@ -7,8 +7,8 @@
 #   DRY_RUN=1 deploy/setup-server.sh       # print the system commands instead of running them
 #
 # Steps: install Docker Engine + Compose plugin if missing (Docker's apt repository);
-# create .env from .env.example with a generated POSTGRES_PASSWORD if it has none (an existing
-# password is never changed); make ./models and ./data writable by the containers' UID 1000;
+# create .env from .env.example with generated POSTGRES_PASSWORD and APP_DB_PASSWORD where it has
+# none (an existing password is never changed); make ./models and ./data writable by the containers' UID 1000;
 # allow SSH and the app port (or 80/443 with --https) in ufw and enable it;
 # `docker compose up -d --build --wait`.
 #
@@ -166,17 +166,22 @@ EOF
 }
 
 ensure_env_file() {
+    local name
     if [ ! -f .env ]; then
         [ -f .env.example ] || die ".env.example not found in $REPO_DIR"
         (umask 077 && cp .env.example .env)
-        env_set POSTGRES_PASSWORD "$(generate_password)"
-        log "Created .env from .env.example with a generated POSTGRES_PASSWORD"
-    elif [ -z "$(env_get POSTGRES_PASSWORD)" ]; then
-        env_set POSTGRES_PASSWORD "$(generate_password)"
-        log "Added a generated POSTGRES_PASSWORD to the existing .env"
-    else
-        log ".env already sets POSTGRES_PASSWORD: left unchanged"
+        log "Created .env from .env.example"
     fi
+    # The database owner's password, and the app role's (mnist_app: it may only read and insert
+    # predictions). A password already set is never changed: PostgreSQL keeps the first one.
+    for name in POSTGRES_PASSWORD APP_DB_PASSWORD; do
+        if [ -z "$(env_get "$name")" ]; then
+            env_set "$name" "$(generate_password)"
+            log "Generated $name in .env"
+        else
+            log ".env already sets $name: left unchanged"
+        fi
+    done
     chmod 600 .env
     # Run through sudo: hand .env to the calling user, so `docker compose` works without sudo too.
     if [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then

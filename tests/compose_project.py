@@ -38,11 +38,13 @@ BUILD_OVERRIDE = """\
 # Written by tests/compose_project.py: builds reach the loopback torch index (offline engine).
 services:
   app:
-    build:
+    build: &build
       context: .
       network: host
       args:
         TORCH_INDEX_URL: {index}
+  migrate:
+    build: *build
 """
 
 

@@ -131,47 +131,56 @@ def printed_commands(output: str) -> list[str]:
     return [line[2:] for line in output.splitlines() if line.startswith("+ ")]
 
 
-def test_dry_run_creates_env_with_a_strong_random_password(checkout: Path, tmp_path: Path) -> None:
+PASSWORDS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD")
+
+
+def test_dry_run_creates_env_with_strong_random_passwords(checkout: Path, tmp_path: Path) -> None:
     result = run_setup(checkout)
     assert result.returncode == 0, result.stderr
     env_file = checkout / ".env"
     values = env_values(env_file)
-    password = values["POSTGRES_PASSWORD"]
-    assert re.fullmatch(r"[0-9a-f]{64}", password), password  # 256 random bits
+    passwords = [values[name] for name in PASSWORDS]
+    for password in passwords:
+        assert re.fullmatch(r"[0-9a-f]{64}", password), password  # 256 random bits
+    assert len(set(passwords)) == 2
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     # every other setting is copied from .env.example unchanged
     example = env_values(checkout / ".env.example")
-    assert {k: v for k, v in values.items() if k != "POSTGRES_PASSWORD"} == {
-        k: v for k, v in example.items() if k != "POSTGRES_PASSWORD"
-    }
-    assert env_file.read_text().count("POSTGRES_PASSWORD=") == 1
-    # a second checkout gets a different password
+    others = set(values) - set(PASSWORDS)
+    assert {k: values[k] for k in others} == {k: v for k, v in example.items() if k in others}
+    for name in PASSWORDS:
+        assert env_file.read_text().count(f"{name}=") == 1
+    # a second checkout gets other passwords
     other = tmp_path / "other"
     shutil.copytree(checkout, other)
     (other / ".env").unlink()
     assert run_setup(other).returncode == 0
-    assert env_values(other / ".env")["POSTGRES_PASSWORD"] != password
+    assert env_values(other / ".env")["POSTGRES_PASSWORD"] != passwords[0]
 
 
-def test_dry_run_leaves_an_existing_password_alone(checkout: Path) -> None:
+def test_an_existing_password_is_kept_and_a_missing_one_added_once(checkout: Path) -> None:
     env_file = checkout / ".env"
     original = "# mine\nPOSTGRES_PASSWORD=correct-horse-battery-staple\nAPP_PORT=8080\n"
     env_file.write_text(original)
-    for _ in range(2):
-        result = run_setup(checkout)
-        assert result.returncode == 0, result.stderr
-        assert env_file.read_text() == original
+    result = run_setup(checkout)
+    assert result.returncode == 0, result.stderr
+    upgraded = env_file.read_text()
+    assert upgraded.startswith(original)  # an .env from before the app had a role of its own
+    assert re.fullmatch(r"APP_DB_PASSWORD=[0-9a-f]{64}\n", upgraded[len(original) :])
+    result = run_setup(checkout)
+    assert env_file.read_text() == upgraded
     assert "left unchanged" in result.stdout
     assert "ufw allow 8080/tcp" in printed_commands(result.stdout)
 
 
 def test_an_empty_password_in_an_existing_env_is_filled_in(checkout: Path) -> None:
     env_file = checkout / ".env"
-    env_file.write_text("APP_PORT=9000\nPOSTGRES_PASSWORD=\nPOSTGRES_USER=me\n")
+    env_file.write_text("APP_PORT=9000\nPOSTGRES_PASSWORD=\nPOSTGRES_USER=me\nAPP_DB_PASSWORD=x\n")
     assert run_setup(checkout).returncode == 0
     lines = env_file.read_text().splitlines()
     assert lines[0] == "APP_PORT=9000" and lines[2] == "POSTGRES_USER=me"
     assert re.fullmatch(r"POSTGRES_PASSWORD=[0-9a-f]{64}", lines[1])
+    assert lines[3] == "APP_DB_PASSWORD=x"
 
 
 def test_dry_run_prints_the_server_steps_and_runs_none(checkout: Path, tmp_path: Path) -> None:
