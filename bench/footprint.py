@@ -161,11 +161,18 @@ def containers() -> list[Row]:
                         "db healthy", time.perf_counter() - start, "s"))  # fmt: skip
         project.down()
 
+        import pendigits
+
         source = mnist_dir()
-        if source is None:
-            rows.append(Row(CONTAINERS, "train container", None, "", note="skipped: no MNIST"))
+        pen_file = pendigits.default_path()
+        pen_file = pen_file if pen_file.is_absolute() else ROOT / pen_file
+        if source is None or not pen_file.is_file():
+            note = "skipped: no MNIST or pen digits (MNIST_DIR, PENDIGITS_DIR)"
+            rows.append(Row(CONTAINERS, "train container", None, "", note=note))
             return rows
         shutil.copytree(source, project.dir / "data" / "mnist", dirs_exist_ok=True)
+        (project.dir / "data" / "pendigits").mkdir(exist_ok=True)
+        shutil.copy2(pen_file, project.dir / "data" / "pendigits" / pendigits.FILE_NAME)
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "1000:1000", "data"], cwd=project.dir, check=True)
         config = project.compose("--profile", "train", "config", "--format", "json").stdout
