@@ -136,7 +136,8 @@ def parse_run(text: str) -> RunRecord:
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    return sorted(directory.iterdir()) if directory.is_dir() else []
+    """The checkpoints in `directory` (beside them: the cached pen renderings)."""
+    return sorted(train.list_checkpoints(directory))
 
 
 def assert_checkpoints_load(directory: Path) -> int:
