@@ -882,13 +882,15 @@ class AppPage:
         return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
     def history_rows(self) -> list[HistoryRow]:
-        """The rows of the History page's newest answers (its last table), top to bottom.
+        """The rows of the History page's newest answers, top to bottom.
 
         st.dataframe draws its cells on a <canvas> (glide-data-grid); the same grid keeps an
         accessible <table role="grid"> inside that canvas for screen readers, with the raw
         values (unformatted: full-precision confidence, ISO time) of the rows in view.
         """
-        table = self.page.locator('[data-testid="stDataFrame"] table[role="grid"]').last
+        tables = self.page.locator('[data-testid="stDataFrame"] table[role="grid"]')
+        # The newest answers' table, not whichever grid is drawn last so far.
+        table = tables.filter(has=self.page.locator("thead th", has_text="true label"))
         table.wait_for(state="attached")
         header = table.locator("thead th").all_text_contents()
         assert header == ["time", "predicted", "true label", "confidence", "model"], header
