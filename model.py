@@ -15,7 +15,9 @@ TRAIN_COMMAND = "python train.py --download"
 
 
 class DigitCNN(nn.Module):
-    """A small, fast CNN for 28x28 digits: three conv blocks, each halving the resolution.
+    """A small, fast CNN for 28x28 digits: three conv blocks (24, 48, 96 channels, 61k
+    parameters), each halving the resolution; wider than it was (16, 32, 64) since it learns pen
+    handwriting beside MNIST (README, Training).
 
     Trains in a few minutes on two CPU cores and predicts one digit in well under a millisecond.
     """
@@ -23,14 +25,14 @@ class DigitCNN(nn.Module):
     def __init__(self, dropout: float = 0.3) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_block(1, 16, kernel_size=5),
-            _conv_block(16, 32, kernel_size=3),
-            _conv_block(32, 64, kernel_size=3),
+            _conv_block(1, 24, kernel_size=5),
+            _conv_block(24, 48, kernel_size=3),
+            _conv_block(48, 96, kernel_size=3),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout),
-            nn.Linear(64 * 3 * 3, 10),
+            nn.Linear(96 * 3 * 3, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
