@@ -49,7 +49,7 @@ train: $(VENV)/.runtime
 	$(BIN)/python train.py --download
 
 bench: $(VENV)/.dev
-	$(BIN)/python -m bench
+	$(BIN)/python -m lab.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

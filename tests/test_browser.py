@@ -18,12 +18,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import browser
 import pytest
-from browser import AppPage, AppProcess, Screenshots
 from conftest import PostgresProcess, TcpProxy
 
 import app as app_module
+from lab import browser
+from lab.browser import AppPage, AppProcess, Screenshots
 
 pytestmark = pytest.mark.browser
 

@@ -448,7 +448,7 @@ def test_deploy_workflow_runs_the_update_script_over_ssh(tmp_path: Path) -> None
 
 @pytest.mark.docker
 def test_update_script_deploys_a_new_commit_to_the_running_stack(tmp_path: Path) -> None:
-    from compose_project import ComposeProject, require_engine
+    from lab.compose_project import ComposeProject, require_engine
 
     require_engine()
     server = ComposeProject(prefix="mnistupdate")

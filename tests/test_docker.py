@@ -4,7 +4,7 @@ Every test here but hadolint needs the engine (marker ``docker``): ``bash .ci/ru
 (../shared/docker/offline-engine.sh on a machine without a registry). Without an engine they
 fail under CI=true and are skipped, with the reason, elsewhere.
 
-One throwaway copy of the project (tests/compose_project.py) is built once and run under its own
+One throwaway copy of the project (lab/compose_project.py) is built once and run under its own
 compose project name, image tag and free port on 127.0.0.1; the tests run the commands of the
 README and deploy guide (``DOCUMENTED``, checked against both files) and look at what a person
 would see: the page in Chromium, the rows in the compose database (read with psql as the
@@ -24,10 +24,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import browser
 import pytest
-from compose_project import ROOT, ComposeProject, require_engine
 from mnist_files import copy_subset
+
+from lab import browser
+from lab.compose_project import ROOT, ComposeProject, require_engine
 
 pytestmark = pytest.mark.docker
 
@@ -156,7 +157,7 @@ def test_image_runs_as_non_root_with_cpu_torch_and_no_secrets_or_extras(
     assert found["cuda"] is None and found["nvidia"] == []
     assert not found["pgserver"], "pgserver is for `make run` only"
     # .dockerignore: no secrets, data, tests or tooling in the image (the copy has a .env).
-    assert {".env", ".git", "tests", "bench", "deploy", ".venv"}.isdisjoint(found["files"])
+    assert {".env", ".git", "tests", "lab", "deploy", ".venv"}.isdisjoint(found["files"])
     assert {"app.py", "train.py", "models"} <= set(found["files"])
 
 

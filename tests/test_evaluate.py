@@ -7,9 +7,9 @@ import pytest
 import torch
 from mnist_files import SUBSET
 
-import evaluate
 import mnist
 import model
+from lab import evaluate
 
 
 @pytest.fixture(scope="module")

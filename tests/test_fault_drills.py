@@ -503,7 +503,7 @@ ONE_STROKE = {
 
 
 def one_stroke(digit: int):
-    import browser
+    from lab import browser
 
     return ONE_STROKE[digit] or browser.DIGIT_STROKES[digit]
 
@@ -522,7 +522,7 @@ def app_log_problems(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def chromium_browser():
-    import browser
+    from lab import browser
 
     try:
         browser.chromium_executable()
@@ -541,9 +541,8 @@ def test_database_down_at_startup_crash_restart_and_long_outage(
     failed answer is kept for a retry, and each answer is stored exactly once. Unicode digits
     typed in the real text field are refused on the way. (tests/test_browser.py covers one
     outage in the middle of a session.)"""
-    import browser
-
     import app
+    from lab import browser
 
     fresh_pg_server.stop()
     process = browser.AppProcess(fresh_pg_server.url, log_path=tmp_path / "app.log")
@@ -627,9 +626,8 @@ def test_sixteen_people_draw_and_submit_five_digits_each_at_once(
     or Submit correction) before any reply is awaited, more than the pool's connections. Every
     answer is stored exactly once, with the prediction and confidence its own session showed,
     and no page shows an error. (Stroke-to-prediction figures: ``python -m bench``.)"""
-    import browser
-
     import app
+    from lab import browser
 
     expected: list[tuple[int, int, float]] = []  # (shown prediction, true label, confidence %)
     process = browser.AppProcess(fresh_pg_server.url, log_path=tmp_path / "app.log")

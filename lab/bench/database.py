@@ -6,7 +6,7 @@ import threading
 import time
 import uuid
 
-from bench.common import Row, at_most, percentile, postgres_server
+from lab.bench.common import Row, at_most, percentile, postgres_server
 
 SECTION = "Database"
 SEQUENTIAL = 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import Row, at_most, percentile, postgres_server
+from lab.bench.common import Row, at_most, percentile, postgres_server
 
 SECTION = "App"
 COLD_STARTS = 3
@@ -23,7 +23,7 @@ ONE_STROKE_DIGITS = [
 def cold_start(browser, database_url: str) -> tuple[float, float]:
     """Seconds from spawning ``streamlit run app.py`` to a healthy /_stcore/health, and to
     the first prediction shown in the (already running) browser."""
-    from browser import AppPage, AppProcess
+    from lab.browser import AppPage, AppProcess
 
     app = AppProcess(database_url)
     start = time.perf_counter()
@@ -63,7 +63,8 @@ def session_latencies(
     "Prediction: N" heading) and from the page's request to the end of that run, and the app
     process's CPU seconds (user + system) per drawing, its Correct included."""
     import psutil
-    from browser import AppPage, AppProcess
+
+    from lab.browser import AppPage, AppProcess
 
     latencies, runs = [], []
     with AppProcess(database_url) as app:
@@ -102,7 +103,7 @@ def session_latencies(
 
 
 def run() -> list[Row]:
-    from browser import chromium
+    from lab.browser import chromium
 
     with postgres_server(durable=True) as server, chromium() as browser:
         starts = [cold_start(browser, server.url) for _ in range(COLD_STARTS)]

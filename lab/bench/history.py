@@ -6,7 +6,7 @@ import random
 import time
 from datetime import UTC, datetime, timedelta
 
-from bench.common import Row, at_most, percentile, postgres_server
+from lab.bench.common import Row, at_most, percentile, postgres_server
 
 SECTION = "History"
 ROWS = 100_000
@@ -57,7 +57,7 @@ def query_seconds() -> float:
 def page_seconds(browser, app_url: str, runs: int = RUNS) -> list[float]:
     """Seconds from a click on History (in a session on the Draw page) until its charts and
     tables are drawn, *runs* times."""
-    from browser import AppPage
+    from lab.browser import AppPage
 
     seconds = []
     with AppPage.open(browser, app_url) as page:
@@ -71,9 +71,8 @@ def page_seconds(browser, app_url: str, runs: int = RUNS) -> list[float]:
 
 
 def run() -> list[Row]:
-    from browser import AppPage, AppProcess, chromium
-
     import db
+    from lab.browser import AppPage, AppProcess, chromium
 
     with postgres_server(durable=False) as server:
         db.configure(server.url)

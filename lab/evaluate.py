@@ -18,9 +18,9 @@ writers the model was trained without (`pen_held_out.writers` in its model.json)
 their recorded strokes with the app's brush exactly as train.py measured them, per digit and
 with the worst confusions.
 
-    python evaluate.py                          # the shipped model on all five sets
-    python evaluate.py --write                  # ... and the figures into models/model.json
-    python evaluate.py --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
+    python -m lab.evaluate                          # the shipped model on all five sets
+    python -m lab.evaluate --write                  # ... and the figures into models/model.json
+    python -m lab.evaluate --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
 """
 
 from __future__ import annotations

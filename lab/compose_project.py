@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 # What docker and compose need from the caller's environment; nothing else leaks in (a
 # POSTGRES_PASSWORD or DATABASE_URL of the test process would override .env).
 PASSED_ENV = ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_BUILDKIT", "TMPDIR")

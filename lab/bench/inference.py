@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import ROOT, Row, at_most, percentile
+from lab.bench.common import ROOT, Row, at_most, percentile
 
 SECTION = "Inference"
 RUNS = 500
@@ -19,8 +19,8 @@ CANVAS_STYLES = ("small", "large", "off-centre", "thick brush", "thin brush")
 
 def canvas_drawings(count: int, seed: int = 0) -> list[np.ndarray]:
     """Real MNIST test digits (the committed subset) redrawn as 280x280 RGBA canvas images."""
-    import evaluate
     import mnist
+    from lab import evaluate
 
     images, labels = mnist.load_split(ROOT / "tests" / "data" / "mnist-subset", "test")
     rng = np.random.default_rng(seed)

@@ -14,7 +14,7 @@ from importlib import metadata
 
 from packaging.requirements import Requirement
 
-from bench.common import ROOT, Row
+from lab.bench.common import ROOT, Row
 
 SECTION = "Footprint"
 
@@ -128,9 +128,8 @@ def _train_run(project, command: list[str], shm: str | None = None) -> dict:
 
 def containers() -> list[Row]:
     """Image size, build times, `up --wait` to healthy, and the train container's memory."""
-    from compose_project import ComposeProject, engine_problem
-
-    from bench.common import mnist_dir
+    from lab.bench.common import mnist_dir
+    from lab.compose_project import ComposeProject, engine_problem
 
     if problem := engine_problem():
         return [Row(CONTAINERS, "containers", None, "", note=f"skipped: {problem}")]

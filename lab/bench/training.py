@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import ROOT, Row, at_most, child_env, mnist_dir
+from lab.bench.common import ROOT, Row, at_most, child_env, mnist_dir
 
 SECTION = "Training"
 # Issue 12: the default run, data preparation included, on 2 cores; its peak memory.
@@ -165,7 +165,7 @@ def run(mode: str = "epoch") -> list[Row]:
             at_most(SECTION, "default training, total (EXTRAPOLATED)", total, "s", TOTAL_LIMIT_S,
                 note=f"start-up and data {begin:.1f} s + {epochs} x epoch + final evaluation "
                 f"{tail:.1f} s; "
-                "`python -m bench --training full` measures it"),
+                "`python -m lab.bench --training full` measures it"),
             at_most(SECTION, "peak RSS, default settings (--workers 0)", one.peak_main_mb, "MB",
                 RSS_LIMIT_MB, note="VmHWM of train.py over 1 epoch + final evaluation"),
         ]  # fmt: skip

@@ -1,9 +1,9 @@
-"""``python -m bench``: run the benchmarks, print one Markdown table, write bench/results.json.
+"""``python -m lab.bench``: run the benchmarks, print one Markdown table, write results.json.
 
-    python -m bench                      # everything; training: 1 epoch, the rest extrapolated
-    python -m bench --training full      # the real default training run (~4 min on 2 cores)
-    python -m bench --only inference database
-    python -m bench --skip browser training
+    python -m lab.bench                      # everything; training: 1 epoch, the rest extrapolated
+    python -m lab.bench --training full      # the real default training run (~4 min on 2 cores)
+    python -m lab.bench --only inference database
+    python -m lab.bench --skip browser training
 
 Training needs the full MNIST (MNIST_DIR, else data/mnist); the app and browser rows need
 Chromium (/usr/bin/chromium, or CHROMIUM). Numbers depend on what else runs on the machine: the
@@ -24,39 +24,39 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.common import ROOT, Row
+from lab.bench.common import ROOT, Row
 
 SECTIONS = ("footprint", "inference", "database", "history", "browser", "training", "containers")
-RESULTS = ROOT / "bench" / "results.json"
+RESULTS = ROOT / "lab" / "bench" / "results.json"
 
 
 def section_runner(name: str, training_mode: str) -> Callable[[], list[Row]]:
     if name == "footprint":
-        from bench import footprint
+        from lab.bench import footprint
 
         return footprint.run
     if name == "inference":
-        from bench import inference
+        from lab.bench import inference
 
         return inference.run
     if name == "database":
-        from bench import database
+        from lab.bench import database
 
         return database.run
     if name == "history":
-        from bench import history
+        from lab.bench import history
 
         return history.run
     if name == "browser":
-        from bench import browser_app
+        from lab.bench import browser_app
 
         return browser_app.run
     if name == "containers":
-        from bench import footprint
+        from lab.bench import footprint
 
         return footprint.containers
     if name == "training":
-        from bench import training
+        from lab.bench import training
 
         return lambda: training.run(training_mode)
     raise ValueError(name)
@@ -125,7 +125,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.split("\n\n")[0], epilog=__doc__
+        prog="python -m lab.bench", description=__doc__.split("\n\n")[0], epilog=__doc__
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.training == "skip" and "training" in chosen:
         chosen.remove("training")
     info = {
-        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m lab.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": machine(),
