@@ -5,3 +5,12 @@ app in headless Chromium; ``compose_project``: a throwaway ``docker compose`` st
 The lab imports the product; the product (app, utils, model, db, feedback, train and its data
 modules) never imports the lab, and the Docker image leaves this folder out.
 """
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the caller binds it soon)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
