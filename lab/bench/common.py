@@ -6,20 +6,14 @@ import contextlib
 import math
 import os
 import shutil
-import socket
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-TESTS = ROOT / "tests"
+from lab.postgres import PostgresProcess
 
-# The project's modules and the test helpers (conftest's PostgreSQL server, browser helpers).
-for _path in (str(ROOT), str(TESTS)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -54,36 +48,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# Production-like durability: conftest's servers turn fsync off for speed; a benchmark of insert
-# latency must not (the later settings in postgresql.conf win).
-_DURABLE_CONF = """
-# --- bench: durable like production ---
-fsync = on
-full_page_writes = on
-synchronous_commit = on
-"""
-
-
 @contextlib.contextmanager
-def postgres_server(durable: bool = True) -> Iterator[object]:
-    """A running PostgreSQL (tests/conftest.py's PostgresProcess) in a temporary data directory
-    on local disk, removed afterwards. Yields the server (``.url``, ``.stop()``, ``.start()``)."""
-    from conftest import PostgresProcess
-
+def postgres_server(durable: bool = True) -> Iterator[PostgresProcess]:
+    """A running PostgreSQL (lab.postgres) in a temporary data directory on local disk, fsync on
+    unless not *durable*, removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="bench-postgres-"))
     base.chmod(0o711)  # as root, PostgreSQL runs as another user, who must traverse it
     server = None
     try:
-        server = PostgresProcess(base / "pgdata")
-        if durable:
-            with (server.datadir / "postgresql.conf").open("a") as conf:
-                conf.write(_DURABLE_CONF)
+        server = PostgresProcess(base / "pgdata", durable=durable)
         server.start()
         yield server
     finally:
