@@ -168,7 +168,7 @@ def test_invalid_values_are_refused_before_reaching_the_database(call):
 def test_text_is_only_ever_a_value_never_sql(clean_db):
     db.log_prediction(1, 1, 0.5, model=INJECTION)
     assert [row["model"] for row in db.recent_predictions(model=INJECTION)] == [INJECTION]
-    assert db.most_confused(INJECTION) == db.models_answering()[1:] == []
+    assert [entry["model"] for entry in db.models_answering()] == [INJECTION]
     assert INJECTION in db.export_csv(INJECTION).decode()
     assert rows(clean_db, "model") == [(INJECTION,)]
 
@@ -245,19 +245,19 @@ def test_a_busy_server_is_waited_for_then_said_busy_not_down(clean_db, monkeypat
     """A restore-like lock holds the table: 40 saves at once (10 per pooled connection) wait
     their turn and are stored; held past the statement timeout, a save fails as busy, and the
     next one is not refused as if the server were down."""
-    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1)
-    db.configure(clean_db.url)
     sids = [uuid.uuid4() for _ in range(40)]
     with clean_db.connect() as locker:
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
-        timer = threading.Timer(0.5, locker.execute, args=("COMMIT",))
+        timer = threading.Timer(1, locker.execute, args=("COMMIT",))
         timer.start()
         outcomes = run_at_once(40, lambda n: db.log_prediction(n % 10, n % 10, 0.5, sids[n]))
         timer.join()
         assert [result for _, result in outcomes if not isinstance(result, int)] == []
-        assert min(elapsed for elapsed, _ in outcomes) >= 0.4
+        assert min(elapsed for elapsed, _ in outcomes) >= 0.8
 
+        monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1)
+        db.configure(clean_db.url)  # new connections, with the shorter timeout
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(db.DatabaseBusy, match="^database busy: .*longer than 1 s"):
