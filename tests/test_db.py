@@ -73,6 +73,7 @@ def run_at_once(count: int, call) -> list[tuple[float, object]]:
     + [((1, 1, c, None), errors.CheckViolation) for c in (1.5, -0.1, "NaN")]
     + [((1, 1, 0.5, m), errors.CheckViolation) for m in ("", "x" * 101)]
     + [((1, None, 0.5, None), errors.NotNullViolation)],
+    ids=lambda value: ascii(value)[:24] if isinstance(value, tuple) else value.__name__,
 )
 def test_the_table_refuses_values_out_of_range(clean_db, values, error):
     """The last line of defence, for writers other than db.log_prediction."""
