@@ -1,4 +1,4 @@
-"""Fault drills with real processes: training killed at random moments, bad images, and (marked
+"""Fault drills with real processes: training killed at random moments and (marked
 ``browser``) the database failing under a real ``streamlit run`` app, and 8 users at once.
 
 Each drill prints what it did (run pytest with ``-s`` to see it). The random moments of the
