@@ -100,8 +100,8 @@ def _opaque(rgb: np.ndarray) -> np.ndarray:
 
 
 def _transparent(rgb: np.ndarray) -> np.ndarray:
-    """White everywhere: only alpha carries the drawing."""
-    return np.dstack([np.full_like(rgb, 255), rgb[..., 0]])
+    """Black everywhere: only alpha carries the drawing."""
+    return np.dstack([np.zeros_like(rgb), rgb[..., 0]])
 
 
 def _blue_on_grey() -> np.ndarray:
@@ -132,6 +132,8 @@ DIGIT, INPUT = "the seven", "an input"  # INPUT: a finite input or EmptyImageErr
 EMPTY, FORMAT = utils.EmptyImageError, utils.ImageFormatError
 IMAGES = {
     "grey": (lambda: SEVEN[..., 0], DIGIT),
+    "one-channel": (lambda: SEVEN[..., :1], DIGIT),
+    "faint-ink": (lambda: draw_seven(ink=(45, 45, 45)), DIGIT),
     "opaque-rgba": (lambda: _opaque(SEVEN), DIGIT),
     "transparent-rgba": (lambda: _transparent(SEVEN), DIGIT),
     "transparent-1400": (lambda: _transparent(draw_seven(*SEVEN_BIG)), DIGIT),
@@ -147,6 +149,7 @@ IMAGES = {
         f"PIL-{mode}": (lambda mode=mode: Image.fromarray(SEVEN).convert(mode), DIGIT)
         for mode in ["RGB", "RGBA", "L", "LA", "I;16", "F", "CMYK", "P", "1"]
     },
+    "PIL-transparent": (lambda: Image.fromarray(_transparent(SEVEN)), DIGIT),
     "reversed-view": (lambda: SEVEN[::-1, ::-1], INPUT),
     "noise": (lambda: _noise(280, 280, 3), INPUT),
     "noise-rgba": (lambda: _noise(280, 280, 4), INPUT),
