@@ -262,7 +262,7 @@ def test_an_unchanged_drawing_is_predicted_once_and_the_model_loaded_once(clean_
     assert logged("loaded model") == 1
 
 
-def test_app_threads_sets_the_torch_threads(monkeypatch):
+def test_app_threads_sets_the_torch_threads(clean_db, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("APP_THREADS", "3")
     try:
@@ -276,7 +276,7 @@ def test_app_threads_sets_the_torch_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_missing_model_shows_how_to_train_one(tmp_path, monkeypatch):
+def test_missing_model_shows_how_to_train_one(clean_db, tmp_path, monkeypatch):
     monkeypatch.setenv("MODEL_PATH", str(tmp_path / "missing.pth"))
     at = start_app()
     [error] = values(at.error)
