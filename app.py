@@ -27,14 +27,13 @@ import db
 import feedback
 import model
 import utils
+from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 if TYPE_CHECKING:
     from streamlit_drawable_canvas import CanvasResult
 
 logger = logging.getLogger("app")
 
-CANVAS_SIZE = utils.CANVAS_SIZE
-BRUSH_WIDTH = utils.BRUSH_WIDTH
 MODEL_VIEW_SIZE = 140  # the 28x28 model input, shown 5x larger
 MAX_DRAWING_SIDE = 4 * CANVAS_SIZE  # room for high-DPI screens, far below a memory hog
 # The canvas's PNG data URL, checked before it is decoded: a drawing is tens of kB, a 4x screen's
