@@ -30,12 +30,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from lab import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 # What docker and compose need from the caller's environment; nothing else leaks in (a
 # POSTGRES_PASSWORD or DATABASE_URL of the test process would override .env).
 PASSED_ENV = ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_BUILDKIT", "TMPDIR")
 BUILD_OVERRIDE = """\
-# Written by tests/compose_project.py: builds reach the loopback torch index (offline engine).
+# Written by lab/compose_project.py: builds reach the loopback torch index (offline engine).
 services:
   app:
     build: &build
@@ -97,15 +99,7 @@ def remove_stale(prefix: str) -> None:
     label = "com.docker.compose.project"
     template = f'{{{{.Label "{label}"}}}} {{{{.Label "{label}.working_dir"}}}}'
     listed = subprocess.run(
-        [
-            "docker",
-            "ps",
-            "--all",
-            "--filter",
-            "label=com.docker.compose.project",
-            "--format",
-            template,
-        ],
+        ["docker", "ps", "--all", "--filter", f"label={label}", "--format", template],
         capture_output=True,
         text=True,
         timeout=60,
@@ -120,7 +114,7 @@ def remove_stale(prefix: str) -> None:
 
 
 class ComposeProject:
-    def __init__(self, prefix: str = "mnisttest", image: str | None = None):
+    def __init__(self, prefix: str = "mnisttest"):
         remove_stale(prefix)
         self.name = f"{prefix}{secrets.token_hex(3)}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
@@ -129,7 +123,7 @@ class ComposeProject:
             target = self.dir / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target)
-        self.image = image or f"{prefix}-app:latest"
+        self.image = f"{prefix}-app:latest"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.overrides: list[str] = []
@@ -218,11 +212,3 @@ class ComposeProject:
         """down(), then delete the directory (files written by the containers' user included)."""
         self.down()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
