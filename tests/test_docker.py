@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mnist_files import SUBSET
+from mnist_files import PEN_SUBSET, SUBSET
 
 from lab import browser
 from lab.compose_project import ROOT, ComposeProject, require_engine
@@ -38,7 +38,6 @@ TRAIN_FLAGS = ["--workers", "2", "--epochs", "2", "--limit", "2000", "--batch-si
                "--log-every", "0.5"]  # fmt: skip
 PROGRESS = re.compile(r"epoch (\d+)/\d+ step (\d+)/(\d+) loss \S+ acc \S+ \S+ samples/s rss \d+ MB")
 RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+)")
-PEN_SUBSET = ROOT / "tests" / "data" / "pendigits-subset" / "pendigits-orig.tra"
 
 
 def test_hadolint_is_clean() -> None:

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mnist_files import SUBSET
+from mnist_files import PEN_SUBSET, SUBSET
 
 import train
 from model import DigitCNN, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-PEN_SUBSET = ROOT / "tests" / "data" / "pendigits-subset" / "pendigits-orig.tra"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 LIMIT = 600  # MNIST images, plus 400 pen renderings: 1,000 images, 8 steps of 128 per epoch
 STEPS = 8
