@@ -104,44 +104,24 @@ PASSWORDS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD")
 def test_dry_run_creates_env_with_strong_random_passwords(repo: Path) -> None:
     result = run_setup(repo)
     assert result.returncode == 0, result.stderr
+    values, example = env_values(repo / ".env"), env_values(repo / ".env.example")
+    passwords = {values.pop(name) for name in PASSWORDS}
+    assert len(passwords) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", p) for p in passwords)
+    assert values == {k: v for k, v in example.items() if k not in PASSWORDS}  # copied as is
+    assert stat.S_IMODE((repo / ".env").stat().st_mode) == 0o600
+
+
+def test_an_existing_env_gets_its_missing_passwords_once_and_keeps_the_rest(repo: Path) -> None:
     env_file = repo / ".env"
-    values = env_values(env_file)
-    passwords = [values[name] for name in PASSWORDS]
-    for password in passwords:
-        assert re.fullmatch(r"[0-9a-f]{64}", password), password  # 256 random bits
-    assert len(set(passwords)) == 2
-    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    # every other setting is copied from .env.example unchanged
-    example = env_values(repo / ".env.example")
-    others = set(values) - set(PASSWORDS)
-    assert {k: values[k] for k in others} == {k: v for k, v in example.items() if k in others}
-    for name in PASSWORDS:
-        assert env_file.read_text().count(f"{name}=") == 1
-
-
-def test_an_existing_password_is_kept_and_a_missing_one_added_once(repo: Path) -> None:
-    env_file = repo / ".env"
-    original = "# mine\nPOSTGRES_PASSWORD=correct-horse-battery-staple\nAPP_PORT=8080\n"
-    env_file.write_text(original)
-    result = run_setup(repo)
-    assert result.returncode == 0, result.stderr
-    upgraded = env_file.read_text()
-    assert upgraded.startswith(original)  # an .env from before the app had a role of its own
-    assert re.fullmatch(r"APP_DB_PASSWORD=[0-9a-f]{64}\n", upgraded[len(original) :])
-    result = run_setup(repo)
-    assert env_file.read_text() == upgraded
-    assert "left unchanged" in result.stdout
-    assert "ufw allow 8080/tcp" in printed_commands(result.stdout)
-
-
-def test_an_empty_password_in_an_existing_env_is_filled_in(repo: Path) -> None:
-    env_file = repo / ".env"
-    env_file.write_text("APP_PORT=9000\nPOSTGRES_PASSWORD=\nPOSTGRES_USER=me\nAPP_DB_PASSWORD=x\n")
+    env_file.write_text("# mine\nPOSTGRES_PASSWORD=\nAPP_PORT=8080\n")  # from before APP_DB_...
     assert run_setup(repo).returncode == 0
-    lines = env_file.read_text().splitlines()
-    assert lines[0] == "APP_PORT=9000" and lines[2] == "POSTGRES_USER=me"
-    assert re.fullmatch(r"POSTGRES_PASSWORD=[0-9a-f]{64}", lines[1])
-    assert lines[3] == "APP_DB_PASSWORD=x"
+    filled = env_file.read_text()
+    password = "[0-9a-f]{64}"
+    expected = rf"# mine\nPOSTGRES_PASSWORD={password}\nAPP_PORT=8080\nAPP_DB_PASSWORD={password}\n"
+    assert re.fullmatch(expected, filled), filled
+    result = run_setup(repo)
+    assert env_file.read_text() == filled and "left unchanged" in result.stdout
+    assert "ufw allow 8080/tcp" in printed_commands(result.stdout)
 
 
 def test_dry_run_prints_the_server_steps_and_runs_none(repo: Path, tmp_path: Path) -> None:
@@ -171,12 +151,8 @@ def test_dry_run_prints_the_server_steps_and_runs_none(repo: Path, tmp_path: Pat
 
 
 def test_existing_docker_is_not_reinstalled(repo: Path, tmp_path: Path) -> None:
-    stub(
-        tmp_path,
-        "docker",
-        '#!/bin/sh\nif [ "$1 $2 $3" = "compose version --short" ]; then echo 2.29.1; exit 0; fi\n'
-        "exit 99\n",
-    )
+    compose = '[ "$1 $2 $3" = "compose version --short" ] && echo 2.29.1 && exit 0'
+    stub(tmp_path, "docker", f"#!/bin/sh\n{compose}\nexit 99\n")
     result = run_setup(repo)
     assert result.returncode == 0, result.stderr
     assert "already installed" in result.stdout
@@ -189,41 +165,31 @@ def test_existing_docker_is_not_reinstalled(repo: Path, tmp_path: Path) -> None:
 
 def test_https_needs_a_domain_then_opens_80_443_only(repo: Path) -> None:
     result = run_setup(repo, "--https")
-    assert result.returncode != 0
-    assert "DOMAIN" in result.stderr
+    assert result.returncode != 0 and "DOMAIN" in result.stderr
     env_file = repo / ".env"
     env_file.write_text(env_file.read_text().replace("\nDOMAIN=\n", "\nDOMAIN=digits.example\n"))
     result = run_setup(repo, "--https")
     assert result.returncode == 0, result.stderr
     commands = " | ".join(printed_commands(result.stdout))
-    for rule in ("ufw allow 80/tcp", "ufw allow 443/tcp", "ufw allow 443/udp"):
-        assert rule in commands
-    assert "8501" not in commands
-    assert (
-        "docker compose -f docker-compose.yml -f docker-compose.https.yml up -d --build --wait"
-        in commands
-    )
+    assert all(f"ufw allow {rule}" in commands for rule in ("80/tcp", "443/tcp", "443/udp"))
+    assert "8501" not in commands and "-f docker-compose.https.yml up -d" in commands
 
 
 def test_private_app_port_is_not_opened(repo: Path) -> None:
     (repo / ".env").write_text("POSTGRES_PASSWORD=x\nAPP_BIND=127.0.0.1\n")
     result = run_setup(repo, "--no-start")
     assert result.returncode == 0, result.stderr
-    commands = printed_commands(result.stdout)
-    assert not any("8501" in c for c in commands)
-    assert not any("docker compose" in c for c in commands)
+    commands = " | ".join(printed_commands(result.stdout))
+    assert "8501" not in commands and "docker compose" not in commands
 
 
 def test_unknown_option_is_an_error(repo: Path) -> None:
     result = run_setup(repo, "--frobnicate")
-    assert result.returncode == 2
-    assert "Usage" in result.stderr
+    assert result.returncode == 2 and "Usage" in result.stderr
     assert not (repo / ".env").exists()
 
 
-# --------------------------------------------------------------------------------------------
-# backup-db.sh / restore-db.sh
-# --------------------------------------------------------------------------------------------
+# --- backup-db.sh / restore-db.sh ----------------------------------------------------------------
 
 DOCKER_STUB = """#!/usr/bin/env bash
 # Stands in for `docker compose exec -T db sh -c CMD`: runs CMD here, against the test server.
@@ -286,14 +252,11 @@ def test_backup_keeps_only_the_newest(repo: Path, tmp_path: Path) -> None:
 
 
 def test_restore_rejects_a_missing_file(repo: Path, tmp_path: Path) -> None:
-    stub(tmp_path, "docker", "#!/bin/sh\nexit 99\n")
     result = run_script(repo, "restore-db.sh", str(tmp_path / "nope.sql.gz"))
     assert result.returncode == 2 and "Usage" in result.stderr
 
 
-# --------------------------------------------------------------------------------------------
-# GitHub Actions workflows and deploy/update.sh
-# --------------------------------------------------------------------------------------------
+# --- GitHub Actions workflows and deploy/update.sh -----------------------------------------------
 
 
 def deploy_steps() -> dict[str, str]:
@@ -364,21 +327,18 @@ def test_update_script_deploys_a_new_commit_to_the_running_stack(tmp_path: Path)
     server = ComposeProject(prefix="mnistupdate")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     try:
-        # The server's checkout is a clone of "origin"; a developer pushes a commit to it.
-        server.run([*git, "init", "-q", "-b", "main"])
-        server.run([*git, "add", "-A"])
-        server.run([*git, "commit", "-qm", "deployed"])
+        # The server's checkout tracks "origin"; a developer pushes a commit there.
         origin, dev = tmp_path / "origin.git", tmp_path / "dev"
-        server.run(["git", "clone", "-q", "--bare", ".", str(origin)])
-        server.run(["git", "remote", "add", "origin", str(origin)])
-        server.run(["git", "fetch", "-q", "origin"])
-        server.run(["git", "branch", "-q", "-u", "origin/main"])
+        subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+        for command in ("init -q -b main", "add -A", "commit -qm deployed",
+                        f"remote add origin {origin}", "push -qu origin main"):  # fmt: skip
+            server.run([*git, *command.split()])
         server.run("docker compose up -d --build --wait")
         server.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
-        server.run(["git", "clone", "-q", str(origin), str(dev)])
+        subprocess.run(["git", "clone", "-q", str(origin), str(dev)], check=True)
         (dev / "release.txt").write_text("v2\n")
-        for command in (["add", "release.txt"], ["commit", "-qm", "v2"], ["push", "-q"]):
-            subprocess.run([*git, *command], cwd=dev, check=True, capture_output=True)
+        for command in ("add release.txt", "commit -qm v2", "push -q"):
+            subprocess.run([*git, *command.split()], cwd=dev, check=True, capture_output=True)
 
         result = server.run(["deploy/update.sh"], timeout=900)
         assert "app health: ok" in result.stdout, result.stdout

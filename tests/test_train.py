@@ -1,9 +1,6 @@
-"""train.py: it learns, checkpoints every epoch, survives SIGKILL at any moment and SIGTERM, and
-fails clearly. Most tests run it as a real process on the committed MNIST and pen subsets.
-
-The SIGKILL drill kills it at three random moments chosen from a seed it prints (pytest -s shows
-it); ``DRILL_SEED=<seed>`` replays them.
-"""
+"""train.py, mostly as a real process on the committed MNIST and pen subsets: it learns,
+checkpoints every epoch, survives SIGKILL at any moment (the drill's moments come from the seed it
+prints, pytest -s; ``DRILL_SEED=<seed>`` replays them) and SIGTERM, and fails clearly."""
 
 from __future__ import annotations
 
