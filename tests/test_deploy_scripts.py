@@ -98,6 +98,8 @@ def printed_commands(output: str) -> list[str]:
     return [line[2:] for line in output.splitlines() if line.startswith("+ ")]
 
 
+# --- setup-server.sh -----------------------------------------------------------------------------
+
 PASSWORDS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD")
 
 
