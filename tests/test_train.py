@@ -250,8 +250,7 @@ def test_an_interrupted_atomic_save_leaves_the_old_file_and_nothing_else(tmp_pat
 
 
 def test_an_empty_drawing_counts_as_wrong():
-    blank = np.zeros((280, 280, 4), dtype=np.uint8)
-    blank[:, :, 3] = 255
+    blank = np.full((280, 280, 4), (0, 0, 0, 255), dtype=np.uint8)  # opaque black, no ink
     assert train.predicted_digits(DigitCNN().eval(), [blank]) == [None]
     report = train.accuracy_report([1, 2, None, 4], [1, 2, 3, 5])
     assert report["accuracy"] == 0.5 and report["by_digit"] == {"1": 1, "2": 1, "3": 0, "5": 0}
