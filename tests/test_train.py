@@ -48,17 +48,18 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV
+def start_until(command: list[str], pattern: str) -> tuple[subprocess.Popen, str]:
+    """train.py started, its output read as it comes until a line matches *pattern* (or it
+    ends): the process and the output so far."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
     )
-
-
-def wait_for(log: Path, pattern: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern, log.read_text()):
-        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{log.read_text()[-3000:]}"
-        time.sleep(0.002)
+    text = ""
+    for line in process.stdout:
+        text += line
+        if re.search(pattern, line):
+            break
+    return process, text
 
 
 def checkpoints(directory: Path) -> list[str]:
@@ -113,17 +114,15 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(tmp
     command, ckpt = train_command(tmp_path, "--log-every", "0"), tmp_path / "ckpt"
     done, saved = [], set()  # epochs logged done (by every run) and logged saved
     for index, moment in enumerate([*moments, None]):
-        on_disk, log = newest_loadable(ckpt), tmp_path / f"run{index}.log"
-        process = start(command, log)
+        on_disk = newest_loadable(ckpt)
+        process, text = start_until(command, moment[0] if moment else "(?!)")  # (?!): to the end
         try:
             if moment:
-                wait_for(log, moment[0])
                 time.sleep(moment[1])
                 process.kill()
-            process.wait(300)
+            text += process.communicate(timeout=300)[0]
         finally:
             process.kill()
-        text = log.read_text()
         print(f"  run {index}: killed at {moment}: exit {process.returncode}")
         assert process.returncode == (-signal.SIGKILL if moment else 0), text[-3000:]
         resumed = RESUMED.search(text)
@@ -145,17 +144,14 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(tmp
 
 
 def test_sigterm_saves_a_loadable_checkpoint_mid_epoch_and_resumes_there(tmp_path):
-    log = tmp_path / "first.log"
     command = train_command(tmp_path, "--batch-size", "32", "--epochs", "2", "--log-every", "0")
-    process = start(command, log)
+    process, text = start_until(command, "epoch 1/2 step")
     try:
-        wait_for(log, "epoch 1/2 step")
         process.send_signal(signal.SIGTERM)
-        process.wait(60)
+        text += process.communicate(timeout=60)[0]
     finally:
         process.kill()
-    assert process.returncode == train.EXIT_TERMINATED, log.read_text()
-    assert "SIGTERM received" in log.read_text()
+    assert process.returncode == train.EXIT_TERMINATED and "SIGTERM received" in text, text
     [saved] = checkpoints(tmp_path / "ckpt")
     state = torch.load(tmp_path / "ckpt" / saved, weights_only=True)
     assert state["epoch"] == 0 and state["step"] > 0
