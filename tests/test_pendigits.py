@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
+import hashlib
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+from mnist_files import PEN_SUBSET, http_server
 
 import pendigits
 import utils
 from mnist import DatasetError
-
-SUBSET = Path(__file__).parent / "data" / "pendigits-subset"
 
 GOOD = """.INCLUDE        dene.doc
 .LEXICON "0" "1" "2" "3" "4" "5" "6" "7" "8" "9"
@@ -64,14 +60,8 @@ def test_a_malformed_file_is_an_error_naming_the_line(text, line, words):
         pendigits.parse_unipen(text, name="test.tra")
 
 
-def test_the_committed_subset_is_real_pen_handwriting():
-    digits = pendigits.load(SUBSET / pendigits.FILE_NAME)
-    assert len(digits) == 160 and {d.writer for d in digits} == {1, 2, 3, 8}
-    assert {d.label for d in digits} == set(range(10))
-
-
 def test_the_writer_split_never_puts_a_writer_on_both_sides():
-    digits = pendigits.load(SUBSET / pendigits.FILE_NAME)
+    digits = pendigits.load(PEN_SUBSET)
     kept, held_out = pendigits.split_writers(digits, pendigits.HELD_OUT_WRITERS)
     assert {d.writer for d in held_out} == {3, 8}
     assert not {d.writer for d in kept} & {d.writer for d in held_out}
@@ -86,7 +76,7 @@ def test_rendering_stays_inside_the_canvas_and_repeats_for_a_seed():
         assert image.shape == (utils.CANVAS_SIZE, utils.CANVAS_SIZE)
         edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
         assert image.max() == 255 and edges.max() == 0, f"seed {seed}: ink cut at the edge"
-    digits = pendigits.load(SUBSET / pendigits.FILE_NAME)[:20]
+    digits = pendigits.load(PEN_SUBSET)[:20]
     first, _ = pendigits.render_for_training(digits, 2, seed=5)
     again, labels = pendigits.render_for_training(digits, 2, seed=5)
     other, _ = pendigits.render_for_training(digits, 2, seed=6)
@@ -102,31 +92,16 @@ def archive(tmp_path):
     served.mkdir()
     with zipfile.ZipFile(served / "pendigits.zip", "w") as zipped:
         zipped.writestr("pendigits-orig.names", "about the data")
-        zipped.write(SUBSET / "pendigits-orig.tra.Z", "pendigits-orig.tra.Z")
-    handler = functools.partial(QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/pendigits.zip"
-    server.shutdown()
-    server.server_close()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+        zipped.write(PEN_SUBSET.with_suffix(".tra.Z"), "pendigits-orig.tra.Z")
+    with http_server(served) as url:
+        yield url + "pendigits.zip"
 
 
 def test_download_unpacks_the_archive_and_checks_the_uncompressed_file(tmp_path, archive):
     target = tmp_path / "data" / pendigits.FILE_NAME
-    subset = SUBSET / pendigits.FILE_NAME
-    pendigits.download(target, urls=["http://127.0.0.1:9/", archive], sha256=_sha256(subset))
-    assert target.read_bytes() == subset.read_bytes()
+    sha256 = hashlib.sha256(PEN_SUBSET.read_bytes()).hexdigest()
+    pendigits.download(target, urls=["http://127.0.0.1:9/", archive], sha256=sha256)
+    assert target.read_bytes() == PEN_SUBSET.read_bytes()
     assert list(target.parent.iterdir()) == [target]
 
 
