@@ -253,6 +253,9 @@ _IDLE = """({since, quietMs}) => {
   return [Math.max(states[i][0], since), end];
 }"""
 
+_STATES = """() => ({now: performance.now(), scriptStates: window.__probe.states.slice(-6),
+  connection: document.querySelector('[data-testid="stApp"]')?.dataset.testConnectionState})"""
+
 _INK_PIXELS = """(canvases) => canvases.reduce((total, canvas) => {
   const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
   let ink = 0;
@@ -340,10 +343,9 @@ class AppPage(contextlib.AbstractContextManager):
                     timeout=timeout_ms,
                 )
             except PlaywrightTimeoutError as exc:
-                states = self.page.evaluate("() => window.__probe.states.slice(-6)")
+                states = self.page.evaluate(_STATES)
                 raise PlaywrightTimeoutError(
-                    f"no finished run since {finished:.0f} ms in {timeout_ms / 1000:.0f} s;"
-                    f" script states [page ms, state]: {states}"
+                    f"no finished run since {finished:.0f} ms in {timeout_ms / 1000:.0f} s: {states}"
                 ) from exc
             start, finished = handle.json_value()
             started = start if started is None else started
