@@ -36,7 +36,6 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from lab import free_port
 
@@ -239,18 +238,18 @@ _PROBE = """(() => {
   }
 })();"""
 
-# The run's [start, end] once the app ran at or after `since` and is idle again, else null.
+# When the page is idle: [the first "running" at or after `since` (else `since`), the last
+# "notRunning"], once it has been notRunning for `quietMs`, nothing stale, every image loaded.
 _IDLE = """({since, quietMs}) => {
   const states = window.__probe.states;
   const app = document.querySelector('[data-testid="stApp"]');
   if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return null;
-  const i = states.findIndex(([t, s], i) => s === 'running' && (t >= since ||
-    (states[i + 1] || [Infinity])[0] >= since));  // running at `since`, or started after it
   const [end, last] = states[states.length - 1];
-  if (i < 0 || last !== 'notRunning' || performance.now() - end < quietMs) return null;
+  if (last !== 'notRunning' || performance.now() - end < quietMs) return null;
   if (document.querySelector('[data-stale="true"]')) return null;
   if (![...document.images].every((img) => img.complete)) return null;
-  return [Math.max(states[i][0], since), end];
+  const started = states.find(([t, s]) => s === 'running' && t >= since);
+  return [started ? started[0] : since, Math.max(end, since)];
 }"""
 
 _STATES = """() => ({now: performance.now(), scriptStates: window.__probe.states.slice(-6),
@@ -283,19 +282,22 @@ class AppPage(contextlib.AbstractContextManager):
 
     def __init__(self, context: BrowserContext, page: Page, screenshots: Screenshots | None):
         self.context, self.page, self.screenshots = context, page, screenshots
-        self.rerun_pending = False  # the last run ended early for a rerun (st.rerun())
+        self.runs_finished, self.rerun_pending, self.last_message = 0, False, time.monotonic()
         page.on("websocket", lambda socket: socket.on("framereceived", self._received))
 
     def _received(self, frame: str | bytes) -> None:
-        """Notes runs ended early for a rerun (read with Streamlit's own message classes): the
-        page shows notRunning until the next run starts, after a gc.collect() on the server."""
+        """Counts the runs that finished, read with Streamlit's own message classes: a run whose
+        messages all arrive at once may never show "running" on the page (React batches it), and
+        after a run ended early by st.rerun() the page shows notRunning until the next starts."""
         from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
+        self.last_message = time.monotonic()
         message = ForwardMsg.FromString(frame) if isinstance(frame, bytes) else ForwardMsg()
         if message.WhichOneof("type") == "new_session":
             self.rerun_pending = False
         elif message.WhichOneof("type") == "script_finished":
             self.rerun_pending = message.script_finished == ForwardMsg.FINISHED_EARLY_FOR_RERUN
+            self.runs_finished += not self.rerun_pending
 
     @classmethod
     def open(cls, browser: Browser, url: str, screenshots=None, setup=None, **options) -> AppPage:
@@ -308,7 +310,7 @@ class AppPage(contextlib.AbstractContextManager):
                 setup(context)
             app = cls(context, context.new_page(), screenshots)
             app.page.goto(url, timeout=FIRST_RUN_TIMEOUT_MS)
-            app.wait_until_idle(0, FIRST_RUN_TIMEOUT_MS)
+            app.wait_until_idle((0, 0), FIRST_RUN_TIMEOUT_MS)
         except BaseException:
             context.close()
             raise
@@ -325,41 +327,41 @@ class AppPage(contextlib.AbstractContextManager):
         if self.screenshots:
             self.screenshots.take(self.page, step)
 
-    def now_ms(self) -> float:
-        return self.page.evaluate("() => performance.now()")
+    def mark(self) -> tuple[float, int]:
+        """Now, for ``wait_until_idle``: the page time and the number of runs finished so far."""
+        return self.page.evaluate("() => performance.now()"), self.runs_finished
 
     def last_pointer_up_ms(self) -> float:
         return self.page.evaluate("() => window.__probe.pointerUp")
 
-    def wait_until_idle(self, since_ms: float, timeout_ms: float = ACTION_TIMEOUT_MS) -> Run:
-        """Wait until the app ran at or after page time *since_ms* and is idle again."""
-        started, finished = None, since_ms
-        while started is None or self.rerun_pending:  # Playwright calls _received meanwhile
-            try:
-                handle = self.page.wait_for_function(
-                    _IDLE,
-                    arg={"since": finished, "quietMs": QUIET_MS},
-                    polling=50,
-                    timeout=timeout_ms,
-                )
-            except PlaywrightTimeoutError as exc:
-                states = self.page.evaluate(_STATES)
-                raise PlaywrightTimeoutError(
-                    f"no finished run since {finished:.0f} ms in {timeout_ms / 1000:.0f} s: {states}"
-                ) from exc
-            start, finished = handle.json_value()
-            started = start if started is None else started
-            finished += 0.01  # the rerun starts after it
-        return Run(started, finished - 0.01)
+    def wait_until_idle(self, mark: tuple[float, int], timeout_ms=ACTION_TIMEOUT_MS) -> Run:
+        """Wait until a run finished after *mark* (``mark()`` before an action of your own) and
+        the app has been idle for ``QUIET_MS``: no run pending, no message, nothing stale."""
+        since, finished_before = mark
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:  # Playwright calls _received meanwhile
+            idle = self.page.evaluate(_IDLE, {"since": since, "quietMs": QUIET_MS})
+            quiet = time.monotonic() - self.last_message > QUIET_MS / 1000
+            if idle and quiet and self.runs_finished > finished_before and not self.rerun_pending:
+                return Run(*idle)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no run finished in {timeout_ms} ms: {self._state()}")
+            self.page.wait_for_timeout(50)
+
+    def _state(self) -> dict:
+        state = self.page.evaluate(_STATES)
+        return {**state, "runs finished": self.runs_finished, "pending": self.rerun_pending}
 
     def wait_for_drawing(self) -> Run:
         """Wait for the run of the drawing the canvas sends after the last pointer-up."""
-        return self.wait_until_idle(self.last_pointer_up_ms() + CANVAS_DEBOUNCE_MS - 5)
+        sent = self.last_pointer_up_ms() + CANVAS_DEBOUNCE_MS - 5
+        self.page.wait_for_function("(sent) => performance.now() >= sent", arg=sent, polling=10)
+        return self.wait_until_idle((sent, self.runs_finished))
 
     def _act(self, action: Callable[[], object]) -> Run:
-        since = self.now_ms()
+        mark = self.mark()
         action()
-        return self.wait_until_idle(since)
+        return self.wait_until_idle(mark)
 
     def canvas(self) -> Locator:
         """fabric.js's drawing surface: the top canvas layer, which takes the mouse."""

@@ -156,7 +156,7 @@ def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
     gate.wait_for_finished_runs(page.page, 1)  # analysed on the server, not on screen
     assert page.prediction() == shown
     page.snap("new-drawing-not-shown-yet")
-    clicked = page.now_ms()
+    clicked = page.mark()
     page.button(app_module.CORRECT_BUTTON).click()
     gate.wait_for_finished_runs(page.page, 2)
     gate.release()
@@ -245,7 +245,7 @@ def test_sessions_drawing_and_answering_at_once_each_store_what_they_showed(
                 page.type_true_label(str(label))
                 button = page.button(app_module.SUBMIT_CORRECTION_BUTTON)
             expected.append((shown[index], label))
-            clicked.append(page.now_ms())
+            clicked.append(page.mark())
             button.click()
         for page, since, (prediction, label) in zip(
             pages, clicked, expected[-SESSIONS:], strict=True

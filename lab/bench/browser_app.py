@@ -84,7 +84,7 @@ def session_latencies(
                     runs.append(run.finished_ms - run.started_ms)
                 clicked = []
                 for page in pages:
-                    clicked.append(page.now_ms())
+                    clicked.append(page.mark())
                     page.button("correct").click()
                 for page, since in zip(pages, clicked, strict=True):
                     page.wait_until_idle(since)
