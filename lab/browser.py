@@ -2,18 +2,16 @@
 
 ``AppProcess(database_url)``: the app on 127.0.0.1 (a context manager). ``chromium()``: a headless
 Chromium. ``AppPage.open(browser, url, **PHONES["390x844"])`` (no phone: a desktop window): a new
-browser context, so a new Streamlit session, its first run finished (the first of a process is
-slow: torch import, model load). Every action (``draw``, ``touch_draw``, ``click_correct``,
-``submit_correction``, ``tap``, ``open_history``, ``open_draw``) returns once the app has
-finished the run it triggered, as a ``Run`` (page-clock ms of its start and end).
-``MessageGate``: holds back what the app sends to one page (a page still showing an old run).
+Streamlit session, its first run finished (slow in a new process: torch import, model load).
+Actions (``draw``, ``touch_draw``, ``click_correct``, ``submit_correction``, ``tap``, ...) return
+once the app has finished the runs they triggered, as a ``Run`` (page-clock ms of start and end).
 
-How "finished" is known: Streamlit's app root carries ``data-test-script-state`` (running,
-notRunning, ...). An init script records each change of it, in page time. An action started at
-page time ``since`` is done when the app was running at or after ``since``, is notRunning again
-and has been for ``QUIET_MS`` (a save ends its run with ``st.rerun()``: the next run starts
-a few ms later), no element is stale and every image is loaded. A drawing is sent by the
-canvas ``CANVAS_DEBOUNCE_MS`` after the last mouse-up, so a draw waits from then. No sleeps.
+How "finished" is known: an init script records each change of the app root's
+``data-test-script-state`` (running, notRunning) in page time; Playwright hands each message the
+page receives to ``AppPage._received``, which counts the runs that ended (Streamlit's own message
+classes). After an action, the page is idle when a run has ended since the action, none is
+pending after an ``st.rerun()``, the page says notRunning, nothing came for ``QUIET_MS``, nothing
+is stale and every image is loaded. A drawing is sent by the canvas 200 ms after the mouse-up.
 """
 
 from __future__ import annotations
@@ -23,8 +21,6 @@ import itertools
 import math
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +38,6 @@ from lab import free_port
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-VIEWPORT = {"width": 1280, "height": 1000}
 # Browser contexts of phones held upright: touch screens at 3 device pixels per CSS pixel.
 _PHONE = {"device_scale_factor": 3, "is_mobile": True, "has_touch": True}
 PHONES = {
@@ -67,6 +62,11 @@ def ellipse(cx: float, cy: float, rx: float, ry: float, tilt_deg: float) -> list
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in ovals]
 
 
+# One stroke each: sent once, 200 ms after its only mouse-up (for load tests and benchmarks).
+ONE_STROKE = {
+    1: [[(150, 52), (146, 100), (141, 150), (137, 200), (134, 236)]],
+    7: [[(74, 64), (134, 59), (194, 58), (208, 60), (190, 98), (154, 176), (128, 238)]],
+}
 # Digits as a person draws them on the 280x280 canvas, stroke by stroke, slightly wobbly.
 DIGIT_STROKES: dict[int, list[list[Point]]] = {
     7: [  # the top bar, the diagonal from its right end, the crossbar
@@ -75,37 +75,13 @@ DIGIT_STROKES: dict[int, list[list[Point]]] = {
         [(132, 150), (158, 149), (186, 147)],
     ],
     0: [ellipse(140, 142, 56, 92, tilt_deg=10)],
-    1: [
-        [(118, 84), (134, 68), (150, 52)],
-        [(150, 52), (146, 100), (141, 150), (137, 200), (134, 236)],
-    ],
+    1: [[(118, 84), (134, 68), (150, 52)], ONE_STROKE[1][0]],  # a lead-in flick, the stroke
     4: [  # the open left part, then the long vertical
         [(112, 50), (96, 104), (82, 158), (150, 156), (212, 154)],
         [(176, 92), (174, 150), (171, 206), (170, 240)],
     ],
 }
-# One stroke each: sent once, 200 ms after its only mouse-up (for load tests and benchmarks).
-ONE_STROKE = {
-    0: DIGIT_STROKES[0],
-    1: [[(150, 52), (146, 100), (141, 150), (137, 200), (134, 236)]],
-    7: [[(74, 64), (134, 59), (194, 58), (208, 60), (190, 98), (154, 176), (128, 238)]],
-}
-
-
-class Screenshots:
-    """Numbered full-page screenshots, test-artifacts/<name>/01-step.png, ... (git-ignored; CI
-    uploads them when a run fails); the old ones of *name* are deleted."""
-
-    def __init__(self, name: str):
-        self.directory = ARTIFACTS / re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for old in self.directory.glob("*.png"):
-            old.unlink()
-        self.count = 0
-
-    def take(self, page: Page, step: str) -> None:
-        self.count += 1
-        page.screenshot(path=str(self.directory / f"{self.count:02d}-{step}.png"), full_page=True)
+ONE_STROKE[0] = DIGIT_STROKES[0]
 
 
 class AppProcess:
@@ -148,12 +124,10 @@ class AppProcess:
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, then SIGKILL after *timeout*."""
         if self.is_running:
-            self.process.send_signal(signal.SIGTERM)
-            try:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            self.process.kill()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -167,14 +141,9 @@ class AppProcess:
 
 @contextlib.contextmanager
 def chromium() -> Iterator[Browser]:
-    """Playwright and a headless Chromium, both stopped on exit."""
-    path = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-    executable = shutil.which(path)
-    if executable is None:
-        raise RuntimeError(
-            f"Chromium not found at {path!r}: the browser tests need it. Install it with"
-            " `sudo apt-get install chromium`, or set CHROMIUM to its path."
-        )
+    """Playwright and a headless Chromium (``$CHROMIUM``, else /usr/bin/chromium: ``apt-get
+    install chromium``), both stopped on exit."""
+    executable = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     with sync_playwright() as playwright:
         yield playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
 
@@ -252,9 +221,6 @@ _IDLE = """({since, quietMs}) => {
   return [started ? started[0] : since, Math.max(end, since)];
 }"""
 
-_STATES = """() => ({now: performance.now(), scriptStates: window.__probe.states.slice(-6),
-  connection: document.querySelector('[data-testid="stApp"]')?.dataset.testConnectionState})"""
-
 _INK_PIXELS = """(canvases) => canvases.reduce((total, canvas) => {
   const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
   let ink = 0;
@@ -280,15 +246,14 @@ class ShownPrediction:
 class AppPage(contextlib.AbstractContextManager):
     """One session of the app in its own browser context. See the module docstring."""
 
-    def __init__(self, context: BrowserContext, page: Page, screenshots: Screenshots | None):
-        self.context, self.page, self.screenshots = context, page, screenshots
+    def __init__(self, context: BrowserContext, page: Page, screenshots: Path | None):
+        self.context, self.page, self.screenshots, self.snaps = context, page, screenshots, 0
         self.runs_finished, self.rerun_pending, self.last_message = 0, False, time.monotonic()
         page.on("websocket", lambda socket: socket.on("framereceived", self._received))
 
     def _received(self, frame: str | bytes) -> None:
-        """Counts the runs that finished, read with Streamlit's own message classes: a run whose
-        messages all arrive at once may never show "running" on the page (React batches it), and
-        after a run ended early by st.rerun() the page shows notRunning until the next starts."""
+        """Counts the runs that ended (Streamlit's message classes): React may batch a fast run
+        away from the page, and after an st.rerun() the page shows notRunning till the next."""
         from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
         self.last_message = time.monotonic()
@@ -302,7 +267,7 @@ class AppPage(contextlib.AbstractContextManager):
     @classmethod
     def open(cls, browser: Browser, url: str, screenshots=None, setup=None, **options) -> AppPage:
         """*setup(context)* runs before the page loads; *options* go to ``new_context``."""
-        context = browser.new_context(**{"viewport": VIEWPORT, **options})
+        context = browser.new_context(**{"viewport": {"width": 1280, "height": 1000}, **options})
         try:
             context.add_init_script(_PROBE)
             context.set_default_timeout(ACTION_TIMEOUT_MS)
@@ -324,8 +289,11 @@ class AppPage(contextlib.AbstractContextManager):
         self.close()
 
     def snap(self, step: str) -> None:
+        """A full-page screenshot, ``<screenshots>/NN-step.png``, if a folder was given."""
         if self.screenshots:
-            self.screenshots.take(self.page, step)
+            self.snaps += 1
+            path = self.screenshots / f"{self.snaps:02d}-{step}.png"
+            self.page.screenshot(path=str(path), full_page=True)
 
     def mark(self) -> tuple[float, int]:
         """Now, for ``wait_until_idle``: the page time and the number of runs finished so far."""
@@ -345,18 +313,23 @@ class AppPage(contextlib.AbstractContextManager):
             if idle and quiet and self.runs_finished > finished_before and not self.rerun_pending:
                 return Run(*idle)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no run finished in {timeout_ms} ms: {self._state()}")
+                states = self.page.evaluate("() => window.__probe.states.slice(-5)")
+                pending = f"{self.runs_finished} runs ended, rerun pending: {self.rerun_pending}"
+                raise TimeoutError(f"no run ended in {timeout_ms} ms; {pending}; page: {states}")
             self.page.wait_for_timeout(50)
 
-    def _state(self) -> dict:
-        state = self.page.evaluate(_STATES)
-        return {**state, "runs finished": self.runs_finished, "pending": self.rerun_pending}
+    def release(self) -> None:
+        """Lift the mouse button ``draw_held`` holds: the canvas sends the drawing 200 ms later."""
+        self.page.mouse.up()
+        self._sent()
+
+    def _sent(self) -> None:
+        sent = self.last_pointer_up_ms() + CANVAS_DEBOUNCE_MS - 5  # the drawing, not sent yet
+        self.drawing_mark = (sent, self.runs_finished)
 
     def wait_for_drawing(self) -> Run:
-        """Wait for the run of the drawing the canvas sends after the last pointer-up."""
-        sent = self.last_pointer_up_ms() + CANVAS_DEBOUNCE_MS - 5
-        self.page.wait_for_function("(sent) => performance.now() >= sent", arg=sent, polling=10)
-        return self.wait_until_idle((sent, self.runs_finished))
+        """Wait for the run of the drawing sent after the last ``release`` or draw."""
+        return self.wait_until_idle(self.drawing_mark)
 
     def _act(self, action: Callable[[], object]) -> Run:
         mark = self.mark()
@@ -390,7 +363,7 @@ class AppPage(contextlib.AbstractContextManager):
 
     def draw_held(self, strokes: Sequence[Stroke]) -> None:
         """Draw *strokes* with the mouse (down, moves, up), but keep the button down at the end
-        of the last one: ``page.mouse.up()`` sends the drawing (200 ms later)."""
+        of the last one: ``release()`` lifts it."""
         for number, stroke in enumerate(strokes):
             if number:
                 self.page.mouse.up()
@@ -403,7 +376,7 @@ class AppPage(contextlib.AbstractContextManager):
     def draw(self, strokes: Sequence[Stroke]) -> Run:
         """Draw *strokes* (lists of canvas pixels, origin top left) and wait for the run."""
         self.draw_held(strokes)
-        self.page.mouse.up()
+        self.release()
         return self.wait_for_drawing()
 
     def draw_digit(self, digit: int) -> Run:
@@ -424,6 +397,7 @@ class AppPage(contextlib.AbstractContextManager):
                 cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
         finally:
             cdp.detach()
+        self._sent()
         return self.wait_for_drawing()
 
     def prediction(self) -> ShownPrediction | None:

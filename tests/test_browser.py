@@ -10,6 +10,8 @@ Screenshots of every step go to test-artifacts/<test name>/.
 from __future__ import annotations
 
 import contextlib
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from conftest import PostgresProcess, TcpProxy
 
 import app as app_module
 from lab import browser
-from lab.browser import AppPage, AppProcess, Screenshots
+from lab.browser import AppPage, AppProcess
 
 pytestmark = pytest.mark.browser
 
@@ -55,7 +57,9 @@ def shared_app(proxy: TcpProxy):
 def open_session(chromium, shared_app: AppProcess, request: pytest.FixtureRequest):
     """open_session(**options) -> a new session of the shared app (options: a phone, setup),
     screenshotted at the end and closed."""
-    screenshots = Screenshots(request.node.name)
+    screenshots = browser.ARTIFACTS / re.sub(r"[^\w.-]+", "-", request.node.name)
+    shutil.rmtree(screenshots, ignore_errors=True)
+    screenshots.mkdir(parents=True)
     with contextlib.ExitStack() as stack:
 
         def open_one(**options) -> AppPage:
@@ -152,7 +156,7 @@ def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
     shown = draw_and_read(page, 1)
     gate.hold()
     page.draw_held([[(96, 238), (140, 236), (184, 234)]])
-    page.page.mouse.up()
+    page.release()
     gate.wait_for_finished_runs(page.page, 1)  # analysed on the server, not on screen
     assert page.prediction() == shown
     page.snap("new-drawing-not-shown-yet")
@@ -231,7 +235,7 @@ def test_sessions_drawing_and_answering_at_once_each_store_what_they_showed(
         for index, page in enumerate(pages):
             page.draw_held(browser.ONE_STROKE[(0, 1, 7)[(index + n) % 3]])
         for page in pages:
-            page.page.mouse.up()
+            page.release()
         shown = []
         for page in pages:
             page.wait_for_drawing()

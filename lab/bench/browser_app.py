@@ -74,7 +74,7 @@ def session_latencies(
                     page.page.evaluate(_WATCH_PREDICTION)
                     page.draw_held(ONE_STROKE[(1, 7)[(index + n) % 2]])
                 for page in pages:
-                    page.page.mouse.up()
+                    page.release()
                 for page in pages:
                     released = page.last_pointer_up_ms()
                     run = page.wait_for_drawing()
