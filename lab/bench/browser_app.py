@@ -11,19 +11,12 @@ SECTION = "App"
 COLD_STARTS = 3
 DRAWINGS = 20
 LOADS = ((1, DRAWINGS), (8, 5), (16, 5))  # (sessions, digits each)
-# One-stroke digits, so that every drawing is sent once, 200 ms after its only mouse-up.
-# (Multi-stroke drawings right after a saved answer can lose their strokes: the canvas is
-# re-mounted when the "Saved" message above it goes away; see tests/test_browser.py.)
-ONE_STROKE_DIGITS = [
-    [[(150, 52), (146, 100), (141, 150), (137, 200), (134, 236)]],  # 1
-    [[(74, 64), (134, 59), (194, 58), (208, 60), (190, 98), (154, 176), (128, 238)]],  # 7
-]
 
 
 def cold_start(browser, database_url: str) -> tuple[float, float]:
     """Seconds from spawning ``streamlit run app.py`` to a healthy /_stcore/health, and to
     the first prediction shown in the (already running) browser."""
-    from lab.browser import AppPage, AppProcess
+    from lab.browser import ONE_STROKE, AppPage, AppProcess
 
     app = AppProcess(database_url)
     start = time.perf_counter()
@@ -31,7 +24,7 @@ def cold_start(browser, database_url: str) -> tuple[float, float]:
         app.start()
         healthy = time.perf_counter() - start
         with AppPage.open(browser, app.url) as page:
-            page.draw(ONE_STROKE_DIGITS[1])
+            page.draw(ONE_STROKE[7])
             page.wait_for_prediction()
             shown = time.perf_counter() - start
     finally:
@@ -64,34 +57,34 @@ def session_latencies(
     process's CPU seconds (user + system) per drawing, its Correct included."""
     import psutil
 
-    from lab.browser import AppPage, AppProcess
+    from lab.browser import ONE_STROKE, AppPage, AppProcess
 
     latencies, runs = [], []
     with AppProcess(database_url) as app:
         pages = [AppPage.open(browser, app.url) for _ in range(sessions)]
         try:
             for page in pages:  # warm-up: the first drawing of a process or session is slower
-                page.draw(ONE_STROKE_DIGITS[0])
+                page.draw(ONE_STROKE[1])
                 page.click_correct()
-            process = psutil.Process(app.pid)
+            process = psutil.Process(app.process.pid)
             cpu_before = sum(process.cpu_times()[:2])
             for n in range(digits):
                 for index, page in enumerate(pages):
                     assert page.prediction() is None
                     page.page.evaluate(_WATCH_PREDICTION)
-                    page.draw_held(ONE_STROKE_DIGITS[(index + n) % len(ONE_STROKE_DIGITS)])
+                    page.draw_held(ONE_STROKE[(1, 7)[(index + n) % 2]])
                 for page in pages:
-                    page.page.mouse.up()
+                    page.release()
                 for page in pages:
                     released = page.last_pointer_up_ms()
-                    run = page.wait_until_idle(released + 195)  # the canvas's 200 ms debounce
+                    run = page.wait_for_drawing()
                     page.wait_for_prediction()
                     shown = page.page.evaluate("() => window.__predictionShownMs")
                     latencies.append(shown - released)
-                    runs.append(run.finished_ms - run.sent_ms)
+                    runs.append(run.finished_ms - run.started_ms)
                 clicked = []
                 for page in pages:
-                    clicked.append(page.now_ms())
+                    clicked.append(page.mark())
                     page.button("correct").click()
                 for page, since in zip(pages, clicked, strict=True):
                     page.wait_until_idle(since)
@@ -150,10 +143,10 @@ def run() -> list[Row]:
         ),
         Row(
             SECTION,
-            "page request to end of the script run, p50",
+            "script run of a drawing, as the page sees it, p50",
             percentile(runs, 50),
             "ms",
-            note="from the page sending the drawing to its receiving script_finished (the run "
+            note="the app root's data-test-script-state from running to notRunning (the run "
             "goes on after the prediction is shown: chart, image, feedback row)",
         ),
     ]
