@@ -227,19 +227,22 @@ def test_sessions_drawing_and_answering_at_once_each_store_what_they_showed(
     """8 sessions of one app in lockstep: in each round all draw a digit holding the mouse
     button at the end, then release it one right after the other (the app gets 8 drawings at
     once); then all answer (Correct or Submit correction) before any reply is awaited. Every
-    answer is stored once, with the prediction and confidence its own session showed."""
+    session shows the prediction for its own drawing, and every answer is stored once, with the
+    prediction and confidence its session showed."""
     pages = [open_session() for _ in range(SESSIONS)]
     baseline = last_id(module_db)
     expected = []  # (shown prediction, true label)
     for n in range(DIGITS):
-        for index, page in enumerate(pages):
-            page.draw_held(browser.ONE_STROKE[(0, 1, 7)[(index + n) % 3]])
+        drawn = [(0, 1, 7)[(index + n) % 3] for index in range(SESSIONS)]
+        for page, digit in zip(pages, drawn, strict=True):
+            page.draw_held(browser.ONE_STROKE[digit])
         for page in pages:
             page.release()
         shown = []
         for page in pages:
             page.wait_for_drawing()
             shown.append(page.wait_for_prediction())
+        assert [prediction.digit for prediction in shown] == drawn  # each its own drawing
         clicked = []
         for index, page in enumerate(pages):
             label = shown[index].digit if (index + n) % 2 else (index + n) % 10

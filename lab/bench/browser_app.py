@@ -53,8 +53,9 @@ def session_latencies(
     all hold the mouse button at the end of the stroke, then all release it, so the app gets
     the drawings at once; then all answer Correct (which clears the canvas). Returns the
     milliseconds from each mouse-up to the prediction on screen (the first frame with the
-    "Prediction: N" heading) and from the page's request to the end of that run, and the app
-    process's CPU seconds (user + system) per drawing, its Correct included."""
+    "Prediction: N" heading), the length of that run as the page saw it (its script state
+    running, then notRunning), and the app process's CPU seconds (user + system) per drawing,
+    its Correct included."""
     import psutil
 
     from lab.browser import ONE_STROKE, AppPage, AppProcess
@@ -86,8 +87,8 @@ def session_latencies(
                 for page in pages:
                     clicked.append(page.mark())
                     page.button("correct").click()
-                for page, since in zip(pages, clicked, strict=True):
-                    page.wait_until_idle(since)
+                for page, mark in zip(pages, clicked, strict=True):
+                    page.wait_until_idle(mark)
             cpu = (sum(process.cpu_times()[:2]) - cpu_before) / (sessions * digits)
         finally:
             for page in pages:
