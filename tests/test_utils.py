@@ -111,6 +111,13 @@ def _blue_on_grey() -> np.ndarray:
     return grey
 
 
+def _faint_specks() -> np.ndarray:
+    """Scanner dust: faint dots in the corners, far below the ink."""
+    seven = SEVEN.copy()
+    seven[[5, 5, 270, 270], [5, 270, 5, 270]] = 30
+    return seven
+
+
 def _speck() -> np.ndarray:
     image = np.zeros((280, 280), np.uint8)
     image[140:146, 100:106] = 255
@@ -127,16 +134,16 @@ def _line() -> np.ndarray:
     return line
 
 
-SEVEN_BIG = (1400, (300, 200, 1100, 1200), 90)  # the 7 on a 5x larger canvas
 DIGIT, INPUT = "the seven", "an input"  # INPUT: a finite input or EmptyImageError
 EMPTY, FORMAT = utils.EmptyImageError, utils.ImageFormatError
 IMAGES = {
     "grey": (lambda: SEVEN[..., 0], DIGIT),
     "one-channel": (lambda: SEVEN[..., :1], DIGIT),
     "faint-ink": (lambda: draw_seven(ink=(45, 45, 45)), DIGIT),
+    "faint-specks": (_faint_specks, DIGIT),
     "opaque-rgba": (lambda: _opaque(SEVEN), DIGIT),
     "transparent-rgba": (lambda: _transparent(SEVEN), DIGIT),
-    "transparent-1400": (lambda: _transparent(draw_seven(*SEVEN_BIG)), DIGIT),
+    "transparent-1400": (lambda: _transparent(draw_seven(1400, (300, 200, 1100, 1200), 90)), DIGIT),
     "black-on-white": (lambda: draw_seven(ink="black", background="white"), DIGIT),
     "red-on-black": (lambda: draw_seven(ink="red"), DIGIT),
     "green-on-grey": (lambda: draw_seven(ink="#00ff00", background="#202020"), DIGIT),
