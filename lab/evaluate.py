@@ -43,9 +43,8 @@ import model as model_lib
 import pendigits
 import train
 import utils
+from utils import BRUSH_WIDTH, CANVAS_SIZE
 
-CANVAS_SIZE = utils.CANVAS_SIZE
-APP_BRUSH_WIDTH = utils.BRUSH_WIDTH
 # Pen digits use brush widths around the app's (px on the 280 px canvas).
 PEN_BRUSH_WIDTHS = (10, 26)
 PEN_DIGIT_SIZES = (80, 250)
@@ -288,7 +287,7 @@ def styled_digits(count: int = 2000, seed: int = 0) -> Iterator[DrawnDigit]:
 
 
 def _pen_trajectory(
-    strokes: list[Stroke], rng: np.random.Generator, brush: int = APP_BRUSH_WIDTH
+    strokes: list[Stroke], rng: np.random.Generator, brush: int = BRUSH_WIDTH
 ) -> np.ndarray:
     """One hand's version of a template: bent by a smooth random warp, each stroke put down a
     little off, the whole slanted, then drawn 110-240 px tall with a round brush, anti-aliased

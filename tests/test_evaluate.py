@@ -7,6 +7,7 @@ from mnist_files import PEN_SUBSET, SUBSET
 
 import mnist
 import model
+import utils
 from lab import evaluate
 
 
@@ -51,7 +52,7 @@ def test_pen_digits_are_opaque_canvases_with_strokes_of_the_brush_width(subset):
     low = evaluate.PEN_BRUSH_WIDTHS[0]
     for digit in drawn:
         assert digit.style == "pen"
-        assert digit.image.shape == (evaluate.CANVAS_SIZE, evaluate.CANVAS_SIZE, 4)
+        assert digit.image.shape == (utils.CANVAS_SIZE, utils.CANVAS_SIZE, 4)
         assert digit.image.dtype == np.uint8
         assert (digit.image[:, :, 3] == 255).all()
         rows = _ink_rows(digit.image)
@@ -72,7 +73,7 @@ def test_drawn_digits_take_every_style_in_turn(subset):
     drawn = list(evaluate.drawn_digits(images, labels, count=16, seed=0))
     assert [d.style for d in drawn] == list(evaluate.DRAWN_STYLES) * 2
     for digit in drawn:
-        assert digit.image.shape[:2] == (evaluate.CANVAS_SIZE, evaluate.CANVAS_SIZE)
+        assert digit.image.shape[:2] == (utils.CANVAS_SIZE, utils.CANVAS_SIZE)
         assert digit.image.dtype == np.uint8
 
 
@@ -83,13 +84,13 @@ def test_writing_styles_cover_every_digit_drawn_with_the_app_brush():
     assert {d.label for d in drawn} == set(range(10))
     for digit in drawn:
         assert digit.label == int(digit.style[0])
-        assert digit.image.shape == (evaluate.CANVAS_SIZE, evaluate.CANVAS_SIZE, 4)
+        assert digit.image.shape == (utils.CANVAS_SIZE, utils.CANVAS_SIZE, 4)
         assert (digit.image[:, :, 3] == 255).all()
         rows = _ink_rows(digit.image)
         assert 100 <= rows[-1] - rows[0] + 1 <= 280
         ink = digit.image[:, :, 0] > 127
         widths = np.diff(np.flatnonzero(np.diff(np.pad(ink[rows[len(rows) // 2]], 1))))[::2]
-        assert widths.min() >= evaluate.APP_BRUSH_WIDTH - 3, "no stroke thinner than the brush"
+        assert widths.min() >= utils.BRUSH_WIDTH - 3, "no stroke thinner than the brush"
     again = [d.image for d in evaluate.styled_digits(count=count, seed=4)]
     assert all(np.array_equal(a, d.image) for a, d in zip(again, drawn, strict=True))
 
