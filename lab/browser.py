@@ -34,6 +34,7 @@ from playwright.sync_api import Browser, BrowserContext, Locator, Page, sync_pla
 from playwright.sync_api import Error as PlaywrightError
 
 from lab import free_port
+from utils import CANVAS_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -48,7 +49,7 @@ ACTION_TIMEOUT_MS = 60_000  # generous: the machine is slow and shared
 FIRST_RUN_TIMEOUT_MS = 120_000  # a new process imports torch and loads the model
 QUIET_MS = 250
 CANVAS_DEBOUNCE_MS = 200  # streamlit-drawable-canvas sends a drawing 200 ms after a mouse-up
-CANVAS_SIZE = 280  # utils.CANVAS_SIZE, not imported: the lab drives the app from outside
+
 
 Point = tuple[float, float]
 Stroke = Sequence[Point]

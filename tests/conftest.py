@@ -6,6 +6,7 @@
 - ``fresh_pg_server``: a server of the test's own, free to ``stop()`` and ``start()``; its
   ``url`` survives restarts. ``db`` is not pointed at it: call ``db.configure(server.url)``.
 - ``pg_template`` (session): a stopped data directory to copy a ``PostgresProcess`` from.
+- ``chromium`` (session): one headless Chromium (fails, never skips, if it is missing).
 - The ``db`` module's pool and configuration are reset after every test.
 """
 
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 
 import db
-from lab.postgres import PG_BIN, PostgresProcess, TcpProxy, initdb, pg_command  # noqa: F401
+from lab import browser
+from lab.postgres import PostgresProcess, initdb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +32,7 @@ os.environ.setdefault("PENDIGITS_DIR", str(ROOT / "tests" / "data" / "pendigits-
 
 
 @pytest.fixture(scope="session")
-def _pg_base_dir() -> Iterator[Path]:
+def pg_base_dir() -> Iterator[Path]:
     """Where the data directories go: /dev/shm (tmpfs) if it has room, they are I/O heavy and
     disposable. Not under pytest's tmp_path: as root, PostgreSQL runs as another user, who must
     traverse the path, and each pytest session (anyone's) resets /tmp/pytest-of-root to 0700."""
@@ -43,23 +45,23 @@ def _pg_base_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def pg_template(_pg_base_dir: Path) -> Path:
-    datadir = _pg_base_dir / "template"
+def pg_template(pg_base_dir: Path) -> Path:
+    datadir = pg_base_dir / "template"
     initdb(datadir)
     return datadir
 
 
 @pytest.fixture(scope="session")
-def pg_server(pg_template: Path, _pg_base_dir: Path) -> Iterator[PostgresProcess]:
-    server = PostgresProcess(_pg_base_dir / "shared", template=pg_template)
+def pg_server(pg_template: Path, pg_base_dir: Path) -> Iterator[PostgresProcess]:
+    server = PostgresProcess(pg_base_dir / "shared", template=pg_template)
     server.start()
     yield server
     server.destroy()
 
 
 @pytest.fixture
-def fresh_pg_server(pg_template: Path, _pg_base_dir: Path) -> Iterator[PostgresProcess]:
-    directory = Path(tempfile.mkdtemp(prefix="fresh-", dir=_pg_base_dir))
+def fresh_pg_server(pg_template: Path, pg_base_dir: Path) -> Iterator[PostgresProcess]:
+    directory = Path(tempfile.mkdtemp(prefix="fresh-", dir=pg_base_dir))
     server = PostgresProcess(directory / "pgdata", template=pg_template)
     server.start()
     yield server
@@ -80,3 +82,9 @@ def clean_db(pg_server: PostgresProcess) -> PostgresProcess:
 def _reset_db_module() -> Iterator[None]:
     yield
     db.configure(None)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[browser.Browser]:
+    with browser.chromium() as instance:
+        yield instance

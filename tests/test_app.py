@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import streamlit as st
 import torch
-from conftest import ROOT, PostgresProcess
+from conftest import ROOT
 from PIL import Image, ImageDraw
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
@@ -29,6 +29,7 @@ import db
 import feedback
 import model
 import utils
+from lab.postgres import PostgresProcess
 
 NO_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/postgres"
 # Strokes (polylines in canvas pixels) that read as the digit to a person.

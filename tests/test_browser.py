@@ -16,25 +16,19 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import PostgresProcess, TcpProxy
 
 import app as app_module
 from lab import browser
 from lab.browser import AppPage, AppProcess
+from lab.postgres import PostgresProcess, TcpProxy
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def chromium():
-    with browser.chromium() as instance:  # never skipped: fails if Chromium is missing
-        yield instance
-
-
-@pytest.fixture(scope="module")
-def module_db(pg_template: Path, _pg_base_dir: Path):
+def module_db(pg_template: Path, pg_base_dir: Path):
     """This module's own server (the session's shared one has its table dropped by others)."""
-    server = PostgresProcess(Path(tempfile.mkdtemp(dir=_pg_base_dir)) / "pgdata", pg_template)
+    server = PostgresProcess(Path(tempfile.mkdtemp(dir=pg_base_dir)) / "pgdata", pg_template)
     server.start()
     yield server
     server.destroy()

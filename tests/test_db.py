@@ -343,8 +343,8 @@ def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch)
 
 
 @pytest.fixture
-def embedded_pgdata(_pg_base_dir):
-    directory = Path(tempfile.mkdtemp(prefix="embedded-", dir=_pg_base_dir))
+def embedded_pgdata(pg_base_dir):
+    directory = Path(tempfile.mkdtemp(prefix="embedded-", dir=pg_base_dir))
     directory.chmod(0o711)
     pgdata = directory / "data" / "postgres"  # no parent yet, like data/ in a fresh clone
     yield pgdata

@@ -208,7 +208,7 @@ exec sh -c "$3"
 def test_backup_and_restore_round_trip_with_real_postgres(
     fresh_pg_server, repo: Path, tmp_path: Path
 ):
-    from conftest import PG_BIN
+    from lab.postgres import PG_BIN
 
     stub(tmp_path, "docker", DOCKER_STUB.format(pg_bin=PG_BIN, port=fresh_pg_server.port))
     with fresh_pg_server.connect() as conn:

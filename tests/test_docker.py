@@ -52,12 +52,6 @@ def stack(project: ComposeProject) -> ComposeProject:
     return project
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[browser.Browser]:
-    with browser.chromium() as instance:
-        yield instance
-
-
 def config(project: ComposeProject, *files: str, **env: str) -> subprocess.CompletedProcess:
     args = [arg for name in files for arg in ("-f", name)]
     return project.run(
