@@ -13,6 +13,7 @@ load average before and after is recorded with them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -30,36 +31,24 @@ SECTIONS = ("footprint", "inference", "database", "history", "browser", "trainin
 RESULTS = ROOT / "lab" / "bench" / "results.json"
 
 
+# Each section's module in lab/bench and its function, imported only when the section runs.
+RUNNERS = {
+    "footprint": ("footprint", "run"),
+    "inference": ("inference", "run"),
+    "database": ("database", "run"),
+    "history": ("history", "run"),
+    "browser": ("browser_app", "run"),
+    "containers": ("footprint", "containers"),
+}
+
+
 def section_runner(name: str, training_mode: str) -> Callable[[], list[Row]]:
-    if name == "footprint":
-        from lab.bench import footprint
-
-        return footprint.run
-    if name == "inference":
-        from lab.bench import inference
-
-        return inference.run
-    if name == "database":
-        from lab.bench import database
-
-        return database.run
-    if name == "history":
-        from lab.bench import history
-
-        return history.run
-    if name == "browser":
-        from lab.bench import browser_app
-
-        return browser_app.run
-    if name == "containers":
-        from lab.bench import footprint
-
-        return footprint.containers
     if name == "training":
         from lab.bench import training
 
         return lambda: training.run(training_mode)
-    raise ValueError(name)
+    module, function = RUNNERS[name]
+    return getattr(importlib.import_module(f"lab.bench.{module}"), function)
 
 
 def machine() -> dict:
