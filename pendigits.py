@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -28,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import utils
-from mnist import DatasetError
+from mnist import DatasetError, atomic_file
 
 log = logging.getLogger("pendigits")
 
@@ -278,7 +277,8 @@ def download(path: str | Path, urls: Sequence[str] = URLS, sha256: str = SHA256)
             log.warning("could not get %s from %s: %s", FILE_NAME, url, exc)
             errors.append(f"{url}: {exc}")
             continue
-        _write_atomically(content, path)
+        with atomic_file(path) as tmp:
+            tmp.write(content)
         log.info("downloaded %s from %s", path, url)
         return
     raise DatasetError(
@@ -345,17 +345,3 @@ def uncompress(data: bytes) -> bytes:
             table.append(previous + entry[:1])
         previous = entry
     return bytes(out)
-
-
-def _write_atomically(content: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(content)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)

@@ -212,28 +212,14 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """torch.save, atomically (mnist.atomic_file): the file is whole or absent."""
+    with mnist.atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with mnist.atomic_file(path) as handle:
+        handle.write(text.encode())
 
 
 def load_newest_checkpoint(directory: Path, settings: dict) -> dict | None:
