@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -51,21 +52,28 @@ def pg_template(pg_base_dir: Path) -> Path:
     return datadir
 
 
+@contextlib.contextmanager
+def own_server(pg_base_dir: Path, pg_template: Path) -> Iterator[PostgresProcess]:
+    """A started server of its own (copied from the template), destroyed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="pg-", dir=pg_base_dir))
+    server = PostgresProcess(directory / "pgdata", template=pg_template)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
 @pytest.fixture(scope="session")
 def pg_server(pg_template: Path, pg_base_dir: Path) -> Iterator[PostgresProcess]:
-    server = PostgresProcess(pg_base_dir / "shared", template=pg_template)
-    server.start()
-    yield server
-    server.destroy()
+    with own_server(pg_base_dir, pg_template) as server:
+        yield server
 
 
 @pytest.fixture
 def fresh_pg_server(pg_template: Path, pg_base_dir: Path) -> Iterator[PostgresProcess]:
-    directory = Path(tempfile.mkdtemp(prefix="fresh-", dir=pg_base_dir))
-    server = PostgresProcess(directory / "pgdata", template=pg_template)
-    server.start()
-    yield server
-    server.destroy()
+    with own_server(pg_base_dir, pg_template) as server:
+        yield server
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import own_server
 
 import app as app_module
 from lab import browser
@@ -28,10 +28,8 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def module_db(pg_template: Path, pg_base_dir: Path):
     """This module's own server (the session's shared one has its table dropped by others)."""
-    server = PostgresProcess(Path(tempfile.mkdtemp(dir=pg_base_dir)) / "pgdata", pg_template)
-    server.start()
-    yield server
-    server.destroy()
+    with own_server(pg_base_dir, pg_template) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
