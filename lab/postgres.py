@@ -50,7 +50,10 @@ def _hand_over(path: Path) -> None:
         entry = pwd.getpwnam(PG_OS_USER)
     for parent in path.parents:
         if not parent.stat().st_mode & stat.S_IXOTH:
-            raise PermissionError(f"{parent} is closed to {PG_OS_USER}, who runs PostgreSQL")
+            raise PermissionError(
+                f"{parent} is closed to {PG_OS_USER}, who runs PostgreSQL as root: choose a"
+                " folder it may traverse (a temporary folder of your own: chmod it 0o711)"
+            )
     for dirpath, _, filenames in os.walk(path):
         for name in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
             os.chown(name, entry.pw_uid, entry.pw_gid)
