@@ -159,12 +159,15 @@ def embedded_pgdata() -> Path:
 
 
 def _root_owned_dir(path: Path) -> Path:
-    """Create (or check) *path* as a folder of root's that every user may traverse, not write."""
-    path.mkdir(mode=0o755, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != 0 or info.st_mode & 0o022:
-        raise PermissionError(f"{path} must be owned by root and writable by root alone")
-    path.chmod(0o755)  # our own folder: a umask may have narrowed it
+    """Create *path* as a folder of root's that every user may traverse, not write; or check
+    that it is one writable by root alone (an existing folder's permissions are left alone)."""
+    try:
+        path.mkdir(mode=0o755, parents=True)
+        path.chmod(0o755)  # ours, just made: a umask may have narrowed it
+    except FileExistsError:
+        info = path.stat()
+        if info.st_uid != 0 or info.st_mode & 0o022:
+            raise PermissionError(f"{path} must be owned by root, writable by root alone") from None
     return path
 
 
