@@ -161,8 +161,10 @@ def embedded_pgdata() -> Path:
 def _root_owned_dir(path: Path) -> Path:
     """Create *path* as a folder of root's that every user may traverse, not write; or check
     that it is one writable by root alone (an existing folder's permissions are left alone)."""
+    if not path.parent.exists():
+        _root_owned_dir(path.parent)
     try:
-        path.mkdir(mode=0o755, parents=True)
+        path.mkdir(mode=0o755)
         path.chmod(0o755)  # ours, just made: a umask may have narrowed it
     except FileExistsError:
         info = path.stat()
