@@ -117,8 +117,9 @@ def resolve_conninfo(
     ``POSTGRES_PORT`` (5432), ``POSTGRES_DB`` (postgres) as ``APP_DB_USER`` (``APP_ROLE``) with
     ``APP_DB_PASSWORD``, or as the owner ``POSTGRES_USER`` (postgres) with ``POSTGRES_PASSWORD``;
     else an embedded PostgreSQL (pgserver) whose data lives in *pgdata* (default
-    ``data/postgres`` in the project), started if not already running and left running for the
-    next process, and migrated (its superuser is the owner; the app connects as ``APP_ROLE``).
+    ``embedded_pgdata()``: ``data/postgres`` in the project, elsewhere as root), started if not
+    already running and left running for the next process, and migrated (its superuser is the
+    owner; the app connects as ``APP_ROLE``).
     *environ* defaults to ``os.environ`` after loading the project's ``.env`` (variables already
     set win). Empty values count as unset.
     """
