@@ -3,6 +3,7 @@
 #   make test    ruff + the whole test suite (needs Chromium: see README)
 #   make train   train models/model.pth (MNIST from MNIST_DIR, or downloaded into data/mnist)
 #   make bench   the benchmark table
+#   make screenshots  the README's pictures of the app (docs/screenshots/, needs Chromium)
 # Outside this project's CI machines, PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 # keeps pip from downloading the CUDA build of torch on Linux.
 
@@ -12,7 +13,7 @@ PIP_ARGS ?=
 BIN := $(VENV)/bin
 PORT ?= 8501
 
-.PHONY: run test lint format train bench clean
+.PHONY: run test lint format train bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,9 @@ train: $(VENV)/.runtime
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m lab.bench
+
+screenshots: $(VENV)/.dev
+	$(BIN)/python -m lab.screenshots
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

@@ -6,7 +6,6 @@ pg_dump...). The superuser "postgres" needs no password; other roles must give t
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pwd
 import shutil
@@ -18,14 +17,15 @@ from pathlib import Path
 
 import psycopg
 
+import db
 from lab import free_port
 
-_pgserver_spec = importlib.util.find_spec("pgserver")
-assert _pgserver_spec is not None and _pgserver_spec.submodule_search_locations
-PG_BIN = Path(_pgserver_spec.submodule_search_locations[0]) / "pginstall" / "bin"
+# pgserver's binaries; as root, db.py's copy of them that the server user may read (the clone,
+# .venv included, may lie in a folder only root may enter).
+PG_BIN = db.embedded_bin_dir()
 
 # PostgreSQL refuses to run as root: as root, run it as pgserver's own system user.
-PG_OS_USER = "pgserver" if os.geteuid() == 0 else None
+PG_OS_USER = db.EMBEDDED_OS_USER if os.geteuid() == 0 else None
 
 # Disposable servers: no fsync (PostgresProcess(durable=True) turns it back on).
 _SERVER_CONF = """
@@ -39,7 +39,8 @@ _PG_HBA = "host all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram
 
 
 def _hand_over(path: Path) -> None:
-    """Let PG_OS_USER own *path* (recursively) and traverse its parents."""
+    """Let PG_OS_USER own *path* (recursively). Its parents must let that user through: they
+    are checked, never loosened (they may be someone's private folders)."""
     if PG_OS_USER is None:
         return
     try:
@@ -48,8 +49,11 @@ def _hand_over(path: Path) -> None:
         subprocess.run(["useradd", "--system", PG_OS_USER], check=True, capture_output=True)
         entry = pwd.getpwnam(PG_OS_USER)
     for parent in path.parents:
-        if not (mode := parent.stat().st_mode) & stat.S_IXOTH:
-            parent.chmod(mode | stat.S_IXOTH)
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            raise PermissionError(
+                f"{parent} is closed to {PG_OS_USER}, who runs PostgreSQL as root: choose a"
+                " folder it may traverse (a temporary folder of your own: chmod it 0o711)"
+            )
     for dirpath, _, filenames in os.walk(path):
         for name in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
             os.chown(name, entry.pw_uid, entry.pw_gid)
@@ -62,6 +66,7 @@ def pg_command(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
         user=PG_OS_USER,
         group=PG_OS_USER,
         extra_groups=[] if PG_OS_USER else None,
+        cwd="/",  # PG_OS_USER may not be able to enter the current folder
         capture_output=True,
         text=True,
         timeout=60,

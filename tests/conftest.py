@@ -56,6 +56,7 @@ def pg_template(pg_base_dir: Path) -> Path:
 def own_server(pg_base_dir: Path, pg_template: Path) -> Iterator[PostgresProcess]:
     """A started server of its own (copied from the template), destroyed afterwards."""
     directory = Path(tempfile.mkdtemp(prefix="pg-", dir=pg_base_dir))
+    directory.chmod(0o711)  # ours: as root, PostgreSQL's user must traverse it (lab.postgres)
     server = PostgresProcess(directory / "pgdata", template=pg_template)
     server.start()
     try:
