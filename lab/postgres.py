@@ -17,15 +17,15 @@ from pathlib import Path
 
 import psycopg
 
-import db
+import embedded_pg
 from lab import free_port
 
-# pgserver's binaries; as root, db.py's copy of them that the server user may read (the clone,
+# pgserver's binaries; as root, embedded_pg's copy of them that the server user may read (the clone,
 # .venv included, may lie in a folder only root may enter).
-PG_BIN = db.embedded_bin_dir()
+PG_BIN = embedded_pg.bin_dir()
 
 # PostgreSQL refuses to run as root: as root, run it as pgserver's own system user.
-PG_OS_USER = db.EMBEDDED_OS_USER if os.geteuid() == 0 else None
+PG_OS_USER = embedded_pg.OS_USER if os.geteuid() == 0 else None
 
 # Disposable servers: no fsync (PostgresProcess(durable=True) turns it back on).
 _SERVER_CONF = """
