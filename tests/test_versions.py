@@ -12,19 +12,25 @@ import hashlib
 import io
 import json
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+import streamlit as st
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
 from psycopg.conninfo import make_conninfo
+from streamlit.testing.v1 import AppTest
+from test_app import STROKES, click, draw, drawing_png
 
+import app
 import db
 import mnist
+import model as model_lib
 import pendigits
 import utils
 import versions
@@ -319,3 +325,124 @@ def test_app_role_may_only_read_the_versions(server, live_file):
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
+
+
+# --- the live model in every app process -----------------------------------------------------
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def registry(server, live_file, vandal_candidates) -> dict[str, str]:
+    """The shipped model live (initial), the sevens vandal's candidate a version; db pointed at
+    the server. Hashes by name."""
+    vandal = vandal_candidates["sevens"][0]
+    with server.connect() as conn:
+        shipped = versions.ensure_live(conn, live_file)
+        vandal_sha = versions.register(conn, vandal, {"sources": ["feedback"]})
+    db.configure(server.url)
+    return {"shipped": shipped, "vandal": vandal_sha}
+
+
+def file_model(path: Path = SHIPPED):
+    return lambda: (model_lib.load_model(path), "file")
+
+
+def test_live_model_serves_the_file_until_a_version_is_live_then_follows_it(
+    server, live_file, vandal_candidates
+):
+    db.configure(server.url)
+    live = versions.LiveModel(file_model(), check_s=0.2)
+    assert live.get()[1] == "file"  # empty registry
+    with server.connect() as conn:
+        shipped = versions.ensure_live(conn, live_file)
+        versions.register(conn, vandal_candidates["sevens"][0], {})
+    assert wait_for(lambda: live.get()[1] == versions.version_name(shipped))
+    vandal = sha(vandal_candidates["sevens"][0])
+    versions.rollback(vandal[:6], conninfo=server.url, out=None)
+    assert wait_for(lambda: live.get()[1] == versions.version_name(vandal))
+    served = live.get()[0].state_dict()
+    expected = versions.load_weights(vandal_candidates["sevens"][0]).state_dict()
+    assert all(torch.equal(served[name], expected[name]) for name in expected)
+
+
+def test_live_model_keeps_its_model_while_the_database_is_down(registry, server, caplog):
+    live = versions.LiveModel(file_model(), check_s=0.2)
+    serving = live.get()
+    assert serving[1] == versions.version_name(registry["shipped"])
+    server.stop()
+    time.sleep(0.5)
+    for _ in range(5):
+        assert live.get() is serving  # never raises, never falls back to the file
+        time.sleep(0.2)
+    assert wait_for(lambda: "kept the model" in caplog.text and "unreachable" in caplog.text)
+    server.start()
+    versions.rollback(registry["vandal"][:8], conninfo=server.url, out=None)
+    assert wait_for(lambda: live.get()[1] == versions.version_name(registry["vandal"]))
+
+
+@pytest.mark.parametrize("damage", ["not a model", "not its hash"])
+def test_live_model_keeps_its_model_when_the_new_weights_are_corrupt(
+    registry, server, caplog, damage
+):
+    live = versions.LiveModel(file_model(), check_s=0.2)
+    serving = live.get()
+    with server.connect() as conn:
+        if damage == "not a model":
+            bad = versions.register(conn, b"PK\x03\x04 not a state_dict", {})
+        else:
+            bad = registry["vandal"]
+            conn.execute(
+                "UPDATE model_versions SET weights = 'x' || weights WHERE sha256 = %s", (bad,)
+            )
+        conn.execute(
+            "INSERT INTO model_promotions (sha256, action) VALUES (%s, 'rollback')", (bad,)
+        )
+    expected = "corrupt or not a state_dict" if damage == "not a model" else "do not match"
+    assert wait_for(lambda: live.get() is serving and expected in caplog.text)  # get() checks
+    assert f"kept the model {serving[1]}" in caplog.text
+
+
+def seven(shift: int) -> bytes:
+    """The same 7 drawn *shift* pixels to the right: a new drawing, read alike."""
+    return drawing_png([[(x + shift, y) for x, y in stroke] for stroke in STROKES[7]])
+
+
+def test_a_running_app_serves_a_promoted_model_within_30_s_without_a_restart(
+    registry, server, tmp_path, monkeypatch
+):
+    """The app as it runs (AppTest, the default 10 s check): a 7 drawn before the change is read
+    by the shipped model; after the vandal's version is made live, within 30 s, the same 7 is
+    read by it, and the answer stored names it."""
+    monkeypatch.setenv("DATABASE_URL", server.url)
+    monkeypatch.setenv("MODEL_PATH", str(SHIPPED))
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=30).run()
+    shipped_name = versions.version_name(registry["shipped"])
+    before = draw(at, seven(0)).session_state[app.ANALYSIS]
+    assert (before.model_name, before.prediction.digit) == (shipped_name, 7)
+
+    versions.rollback(registry["vandal"][:10], conninfo=server.url, out=None)
+    changed = time.monotonic()
+    vandal_name = versions.version_name(registry["vandal"])
+    shift = 0
+    while at.session_state[app.ANALYSIS].model_name != vandal_name:
+        assert time.monotonic() - changed < 30, "the app still serves the old model"
+        time.sleep(1)
+        shift = 1 - shift  # another drawing: a new prediction
+        draw(at, seven(shift))
+    after = draw(at, seven(0)).session_state[app.ANALYSIS]
+    assert after.model_name == vandal_name
+    assert after.prediction.probabilities != before.prediction.probabilities
+    click(at, app.CORRECT_BUTTON)
+    with server.connect() as conn:
+        stored = conn.execute("SELECT predicted_digit, model FROM predictions").fetchall()
+    assert stored == [(after.prediction.digit, vandal_name)]
+    st.cache_resource.clear()
