@@ -292,9 +292,9 @@ def history_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _report_figures(report: Mapping[str, Any]) -> str:
     parts = []
-    for name, figures in (report.get("sets") or {}).items():
+    for figures in report.get("sets") or []:
         count = figures.get("count") or 0
-        text = f"{name} {_percent(figures.get('candidate', 0), count)} of {count}"
+        text = f"{figures.get('name')} {_percent(figures.get('candidate', 0), count)} of {count}"
         if figures.get("primary"):
             text += (
                 f" (only it right: {figures.get('only_candidate')},"
@@ -355,6 +355,7 @@ class SetComparison:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "name": self.name,
             "primary": self.primary,
             **self.overall.as_dict(),
             "by_digit": {str(d): paired.as_dict() for d, paired in self.by_digit.items()},
@@ -510,7 +511,7 @@ def promote(
             reasons = ["the candidate is the live model already"]
         report = {
             "compared_with": live,
-            "sets": {c.name: c.as_dict() for c in comparisons},
+            "sets": [c.as_dict() for c in comparisons],  # a list: jsonb would reorder keys
             "refused": reasons,
         }
         if not reasons:

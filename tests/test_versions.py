@@ -269,7 +269,8 @@ def test_better_candidate_promoted_its_weights_written(
         (report,) = conn.execute(
             "SELECT report FROM model_promotions WHERE action = 'promote'"
         ).fetchone()
-    feedback_figures = report["sets"][versions.PRIMARY]
+    feedback_figures = report["sets"][0]
+    assert feedback_figures["name"] == versions.PRIMARY
     assert feedback_figures["only_candidate"] > feedback_figures["only_live"]
 
 
@@ -445,4 +446,40 @@ def test_a_running_app_serves_a_promoted_model_within_30_s_without_a_restart(
     with server.connect() as conn:
         stored = conn.execute("SELECT predicted_digit, model FROM predictions").fetchall()
     assert stored == [(after.prediction.digit, vandal_name)]
+    st.cache_resource.clear()
+
+
+def test_history_shows_each_version_when_live_its_figures_and_its_answers(
+    server, live_file, vandal_candidates, drill, monkeypatch
+):
+    vandal = vandal_candidates["sevens"][0]
+    write(live_file, vandal)
+    info = json.loads(SHIPPED.with_suffix(".json").read_text())
+    shipped = versions.promote(
+        SHIPPED, info, honest_sets(drill), conninfo=server.url, out=live_file
+    )
+    names = versions.version_name(shipped.candidate_sha256), versions.version_name(sha(vandal))
+    with server.connect() as conn:  # 2 of 3 answers right by the shipped model, 0 of 1 before
+        answers = [(7, 1, names[1]), (7, 7, names[0]), (1, 1, names[0]), (4, 9, names[0])]
+        for predicted, true, name in answers:
+            conn.execute(
+                "INSERT INTO predictions (predicted_digit, true_label, confidence, model)"
+                " VALUES (%s, %s, 0.9, %s)",
+                (predicted, true, name),
+            )
+    monkeypatch.setenv("DATABASE_URL", server.url)
+    st.cache_resource.clear()
+    at = AppTest.from_string("import app\napp.history_page()", default_timeout=30).run()
+    assert not at.exception
+
+    table = next(frame.value for frame in at.dataframe if "version" in frame.value.columns)
+    assert list(table["version"]) == list(names)
+    assert list(table["how"]) == ["promote", "initial"]
+    assert table["live"][0].endswith("(live)") and " to " in table["live"][1]
+    report = table["figures at promotion"][0]
+    assert report.startswith(f"{versions.PRIMARY} ") and "; MNIST test " in report
+    assert table["figures at promotion"][1] == "-"  # made live as the first version
+    assert "MNIST test 99.41%" in table["figures from training"][0]  # model.json's figures
+    assert list(table["answers"]) == [3, 1]
+    assert list(table["accuracy of its answers"]) == pytest.approx([200 / 3, 0.0])
     st.cache_resource.clear()
