@@ -352,12 +352,16 @@ class SetComparison:
     primary: bool
     overall: Paired
     by_digit: dict[int, Paired] = field(default_factory=dict)
+    live_loss: float | None = None  # mean cross-entropy of the true labels
+    candidate_loss: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "primary": self.primary,
             **self.overall.as_dict(),
+            "live_loss": self.live_loss,
+            "candidate_loss": self.candidate_loss,
             "by_digit": {str(d): paired.as_dict() for d, paired in self.by_digit.items()},
         }
 
@@ -369,13 +373,13 @@ def sign_test(successes: int, trials: int) -> float:
     return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
 
 
-def predictions(net: torch.nn.Module, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+def log_probabilities(net: torch.nn.Module, images: torch.Tensor, batch: int = 1000):
     net.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            out.append(net(images[start : start + batch].float()).argmax(1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+            out.append(torch.log_softmax(net(images[start : start + batch].float()), dim=1))
+    return torch.cat(out) if out else torch.empty((0, 10))
 
 
 def compare(
@@ -384,25 +388,29 @@ def compare(
     results = []
     for name, eval_set in eval_sets.items():
         labels = eval_set.labels.long()
-        live_right = predictions(live, eval_set.images) == labels
-        candidate_right = predictions(candidate, eval_set.images) == labels
+        live_out = log_probabilities(live, eval_set.images)
+        candidate_out = log_probabilities(candidate, eval_set.images)
+        live_right = live_out.argmax(1) == labels
+        candidate_right = candidate_out.argmax(1) == labels
         by_digit = {
             digit: Paired.of(live_right[labels == digit], candidate_right[labels == digit])
             for digit in sorted(set(labels.tolist()))
         }
-        results.append(
-            SetComparison(
-                name, eval_set.paired_primary, Paired.of(live_right, candidate_right), by_digit
-            )
-        )
+        losses = [
+            float(torch.nn.functional.nll_loss(out, labels)) if len(labels) else None
+            for out in (live_out, candidate_out)
+        ]
+        overall = Paired.of(live_right, candidate_right)
+        results.append(SetComparison(name, eval_set.paired_primary, overall, by_digit, *losses))
     return results
 
 
 def refusals(comparisons: list[SetComparison]) -> list[str]:
     """The rule; why the candidate may not be promoted (empty: promote it).
 
-    1. On the held-out feedback (people's drawings never trained on), strictly more drawings
-       only the candidate reads right than drawings only the live model reads right.
+    1. On the held-out feedback (people's drawings never trained on), more drawings only the
+       candidate reads right than drawings only the live model reads right; or as many, and a
+       lower mean loss (cross-entropy of the true labels: surer of the right answers).
     2. On every set, overall: not worse beyond the noise, i.e. not more live-only than
        candidate-only drawings with a one-sided sign test p < GUARD_ALPHA.
     3. On every set, each digit: likewise with p < PER_DIGIT_ALPHA.
@@ -412,11 +420,23 @@ def refusals(comparisons: list[SetComparison]) -> list[str]:
     if not primary or primary[0].overall.count == 0:
         reasons.append(f"no {PRIMARY} to judge the candidate by")
     else:
-        paired = primary[0].overall
-        if paired.only_candidate <= paired.only_live:
+        paired, first = primary[0].overall, primary[0]
+        surer = (
+            first.live_loss is not None
+            and first.candidate_loss is not None
+            and first.candidate_loss < first.live_loss
+        )
+        if paired.only_candidate < paired.only_live or (
+            paired.only_candidate == paired.only_live and not surer
+        ):
             reasons.append(
-                f"not better on {primary[0].name}: {paired.only_candidate} drawings only the"
+                f"not better on {first.name}: {paired.only_candidate} drawings only the"
                 f" candidate reads right, {paired.only_live} only the live model"
+                + (
+                    f"; mean loss {_loss(first.candidate_loss)} against {_loss(first.live_loss)}"
+                    if paired.only_candidate == paired.only_live
+                    else ""
+                )
             )
     for comparison in comparisons:
         paired = comparison.overall
@@ -435,6 +455,10 @@ def refusals(comparisons: list[SetComparison]) -> list[str]:
     return reasons
 
 
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _percent(right: int, count: int) -> str:
     return f"{100 * right / count:.2f}%" if count else "-"
 
@@ -445,7 +469,7 @@ def comparison_table(
     lines = [
         f"candidate {candidate[:12]} against the live model {live[:12]}",
         f"{'set':<22}{'images':>8}{'live':>9}{'cand.':>9}{'only live':>11}{'only cand.':>12}"
-        f"{'p worse':>9}{'p better':>10}",
+        f"{'p worse':>9}{'p better':>10}{'loss live':>11}{'loss cand.':>11}",
     ]
     for c in comparisons:
         paired = c.overall
@@ -453,6 +477,7 @@ def comparison_table(
             f"{c.name:<22}{paired.count:>8}{_percent(paired.live, paired.count):>9}"
             f"{_percent(paired.candidate, paired.count):>9}{paired.only_live:>11}"
             f"{paired.only_candidate:>12}{paired.p_worse():>9.3g}{paired.p_better():>10.3g}"
+            f"{_loss(c.live_loss):>11}{_loss(c.candidate_loss):>11}"
         )
     lines.append("per digit, accuracy live -> candidate (only live / only candidate):")
     for c in comparisons:

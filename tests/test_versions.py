@@ -179,7 +179,9 @@ def test_sign_test_is_the_exact_binomial_tail():
     assert versions.sign_test(5, 10) == pytest.approx(638 / 1024)
 
 
-def comparison(name: str, only_live: int, only_candidate: int, primary=False, sevens_lost=0):
+def comparison(
+    name: str, only_live: int, only_candidate: int, primary=False, sevens_lost=0, losses=(None,) * 2
+):
     """A set of 1,000 drawings, 100 per digit; *sevens_lost* 7s read right by the live model
     only, and no 7 by the candidate only."""
     overall = versions.Paired(
@@ -187,7 +189,7 @@ def comparison(name: str, only_live: int, only_candidate: int, primary=False, se
     )
     by_digit = {d: versions.Paired(100, 95, 95, 0, 0) for d in range(10)}
     by_digit[7] = versions.Paired(100, 95, 95 - sevens_lost, sevens_lost, 0)
-    return versions.SetComparison(name, primary, overall, by_digit)
+    return versions.SetComparison(name, primary, overall, by_digit, *losses)
 
 
 def test_the_rule_needs_better_feedback_and_no_loss_beyond_the_noise():
@@ -196,6 +198,12 @@ def test_the_rule_needs_better_feedback_and_no_loss_beyond_the_noise():
     # Not strictly better on the people's drawings.
     (reason,) = versions.refusals([comparison("held-out feedback", 3, 3, primary=True), *rest])
     assert reason.startswith("not better on held-out feedback")
+    # As many, and surer of the right answers (a lower mean cross-entropy): better.
+    tied = comparison("held-out feedback", 1, 1, primary=True, losses=(0.05, 0.04))
+    assert versions.refusals([tied, *rest]) == []
+    tied = comparison("held-out feedback", 1, 1, primary=True, losses=(0.04, 0.04))
+    (reason,) = versions.refusals([tied, *rest])
+    assert reason.endswith("mean loss 0.0400 against 0.0400")
     # A loss on MNIST beyond the noise (15 to 5: p = 0.021 < 0.05) overall; within it
     # (13 to 6: p = 0.084), not.
     better = comparison("held-out feedback", 0, 5, primary=True)
