@@ -28,6 +28,7 @@ import math
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -562,12 +563,13 @@ def promote(
 class LiveModel:
     """The model an app process serves, with its name for ``predictions.model``.
 
-    ``get()`` costs a dict lookup. At most every *check_s* it starts one background check of the
-    live version's hash (a one-row query with the app's pool); a new hash's weights are read
-    once, checked against their hash, loaded, passed to *prepare* (warm-up), and served from the
-    next ``get()`` on. The first ``get()`` checks before it answers. While the database is down
-    or the new weights are unusable, the current model stays (logged); with an empty (or not yet
-    migrated) registry, ``load_file()`` serves models/model.pth as before versions existed.
+    The first ``get()`` looks up the live version, then starts a thread that looks again every
+    *check_s* seconds (a one-row query with the app's pool), whether or not anyone draws; a new
+    hash's weights are read once, checked against their hash, loaded, passed to *prepare*
+    (warm-up), and served from the next ``get()`` on. ``get()`` itself never touches the
+    database. While the database is down or the new weights are unusable, the current model
+    stays (logged); with an empty (or not yet migrated) registry, ``load_file()`` serves
+    models/model.pth as before versions existed. The thread ends once the LiveModel is gone.
     """
 
     def __init__(
@@ -580,10 +582,10 @@ class LiveModel:
         self.prepare = prepare
         self.check_s = MODEL_CHECK_S if check_s is None else check_s
         self._lock = threading.Lock()
+        self._started = False
+        self.closed = False  # close(): the thread stops
         self._served: tuple[torch.nn.Module, str] | None = None  # from the registry
         self._sha: str | None = None
-        self._next_check: float | None = None  # None: never checked
-        self._checking = False
         self._unusable: set[str] = set()  # hashes whose weights failed: not read again
         self._problem: str | None = None  # the last failure logged, to log each one once
 
@@ -592,20 +594,23 @@ class LiveModel:
         return self._sha
 
     def get(self) -> tuple[torch.nn.Module, str]:
-        now = time.monotonic()
-        next_check = self._next_check
-        if next_check is None or now >= next_check:
+        if not self._started:
             with self._lock:
-                start = not self._checking and (self._next_check is None or now >= self._next_check)
-                if start:
-                    self._checking = True
-                    self._next_check = now + self.check_s
-            if start and next_check is None:
-                self._check()
-            elif start:
-                threading.Thread(target=self._check, name="model-check", daemon=True).start()
+                if not self._started:
+                    self._check()
+                    threading.Thread(
+                        target=_follow_live,
+                        args=(weakref.ref(self), self.check_s),
+                        name="live-model",
+                        daemon=True,
+                    ).start()
+                    self._started = True
         served = self._served
         return served if served is not None else self.load_file()
+
+    def close(self) -> None:
+        """Stop looking for new versions (the thread ends at its next wake-up)."""
+        self.closed = True
 
     def _check(self) -> None:
         try:
@@ -614,8 +619,6 @@ class LiveModel:
             self._report(f"kept the model {self._current_name()}: {exc}", exc)
         else:
             self._problem = None
-        finally:
-            self._checking = False
 
     def _current_name(self) -> str:
         return self._served[1] if self._served else "file " + str(model_lib.model_path())
@@ -665,6 +668,16 @@ class LiveModel:
         previous = self._current_name()
         self._served, self._sha = (net, name), sha
         log.info("now serving version %s (was %s)", name, previous)
+
+
+def _follow_live(ref: weakref.ref[LiveModel], interval: float) -> None:
+    """A LiveModel's thread: a check every *interval* seconds while the LiveModel exists."""
+    while True:
+        time.sleep(interval)
+        if (live := ref()) is None or live.closed:
+            return
+        live._check()
+        del live
 
 
 # --- command line --------------------------------------------------------------------------

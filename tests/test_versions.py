@@ -364,11 +364,25 @@ def file_model(path: Path = SHIPPED):
     return lambda: (model_lib.load_model(path), "file")
 
 
+@pytest.fixture
+def live_model():
+    """A LiveModel that looks every 0.2 s, closed after the test (its thread stops)."""
+    made = []
+
+    def make() -> versions.LiveModel:
+        made.append(versions.LiveModel(file_model(), check_s=0.2))
+        return made[-1]
+
+    yield make
+    for live in made:
+        live.close()
+
+
 def test_live_model_serves_the_file_until_a_version_is_live_then_follows_it(
-    server, live_file, vandal_candidates
+    server, live_file, vandal_candidates, live_model
 ):
     db.configure(server.url)
-    live = versions.LiveModel(file_model(), check_s=0.2)
+    live = live_model()
     assert live.get()[1] == "file"  # empty registry
     with server.connect() as conn:
         shipped = versions.ensure_live(conn, live_file)
@@ -382,8 +396,10 @@ def test_live_model_serves_the_file_until_a_version_is_live_then_follows_it(
     assert all(torch.equal(served[name], expected[name]) for name in expected)
 
 
-def test_live_model_keeps_its_model_while_the_database_is_down(registry, server, caplog):
-    live = versions.LiveModel(file_model(), check_s=0.2)
+def test_live_model_keeps_its_model_while_the_database_is_down(
+    registry, server, caplog, live_model
+):
+    live = live_model()
     serving = live.get()
     assert serving[1] == versions.version_name(registry["shipped"])
     server.stop()
@@ -399,9 +415,9 @@ def test_live_model_keeps_its_model_while_the_database_is_down(registry, server,
 
 @pytest.mark.parametrize("damage", ["not a model", "not its hash"])
 def test_live_model_keeps_its_model_when_the_new_weights_are_corrupt(
-    registry, server, caplog, damage
+    registry, server, caplog, damage, live_model
 ):
-    live = versions.LiveModel(file_model(), check_s=0.2)
+    live = live_model()
     serving = live.get()
     with server.connect() as conn:
         if damage == "not a model":
