@@ -279,13 +279,13 @@ def history_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         table.append(
             {
                 "version": version_name(row["sha256"]),
-                "live": "; ".join(reversed(periods)),
-                "how": ", ".join(dict.fromkeys(p["action"] for p in row["live"])),
-                "figures at promotion": _report_figures(promoted[-1]) if promoted else "-",
-                "trained on": "+".join(info.get("sources") or []) or "-",
-                "figures from training": _figures(info),
-                "answers": answers,
                 "accuracy of its answers": 100 * correct / answers if answers else None,
+                "answers": answers,
+                "live": "; ".join(reversed(periods)),
+                "figures at promotion": _report_figures(promoted[-1]) if promoted else "-",
+                "figures from training": _figures(info),
+                "trained on": "+".join(info.get("sources") or []) or "-",
+                "how": ", ".join(dict.fromkeys(p["action"] for p in row["live"])),
             }
         )
     return table
