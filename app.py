@@ -27,6 +27,7 @@ import db
 import feedback
 import model
 import utils
+import versions
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 if TYPE_CHECKING:
@@ -104,15 +105,20 @@ PHONE_CSS = """
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
 def load_classifier(path: str, file_version: tuple[int, int] | None) -> model.DigitCNN:
     """The model at *path*, loaded once per process and file version (reloaded after retraining)."""
+    start = time.perf_counter()
+    classifier = model.load_model(path)
+    warm_up(classifier)
+    logger.info("loaded model %s in %.0f ms", path, (time.perf_counter() - start) * 1000)
+    return classifier
+
+
+def warm_up(classifier: torch.nn.Module) -> None:
+    """Ready a freshly loaded model for predictions, from a file or the registry."""
     # One small image at a time: more threads only add synchronisation, which costs up to
     # ~150 ms per prediction when the CPU is shared (measured on 2 cores). APP_THREADS: more.
     torch.set_num_threads(app_threads())
-    start = time.perf_counter()
-    classifier = model.load_model(path)
     # The first forward pass is ~200 ms slower than the next ones: pay it here, not on a drawing.
     model.predict(classifier, utils.normalize(np.zeros((28, 28), dtype=np.uint8))[None, None])
-    logger.info("loaded model %s in %.0f ms", path, (time.perf_counter() - start) * 1000)
-    return classifier
 
 
 def app_threads() -> int:
@@ -131,9 +137,21 @@ def stored_model_name(path: str, file_version: tuple[int, int] | None) -> str:
     return f"{Path(path).name}@{digest[:12]}"
 
 
+@st.cache_resource(show_spinner=False)
+def live_model() -> versions.LiveModel:
+    """The registry's live version, followed within ~10 s of a promotion (versions.py); the
+    model file while the registry is empty."""
+    return versions.LiveModel(file_classifier, prepare=warm_up)
+
+
 def current_classifier() -> tuple[model.DigitCNN, str]:
-    """The model and its name; raises model.ModelLoadError, saying how to train a model, if
-    there is none."""
+    """The model and its name, taken together (the name stored is the model's that predicted);
+    raises model.ModelLoadError, saying how to train a model, if there is none."""
+    return live_model().get()
+
+
+def file_classifier() -> tuple[model.DigitCNN, str]:
+    """The model file (MODEL_PATH) and its name, reloaded when the file changes."""
     path = model.model_path()
     try:
         stat = path.stat()
@@ -513,6 +531,7 @@ def history_page() -> None:
     st.title("History")
     try:
         show_history()
+        show_versions()
     except db.DatabaseBusy as exc:  # healthy but slow: not an outage
         logger.warning("history unavailable: %s", exc)
         st.error(HISTORY_BUSY)
@@ -583,6 +602,25 @@ def show_history() -> None:
         mime="text/csv",
         on_click="ignore",
         icon=":material/download:",
+    )
+
+
+def show_versions() -> None:
+    """The model versions that were live: when, their figures at promotion, their answers."""
+    rows = versions.history_rows(versions.history(db.models_answering()))
+    if not rows:
+        return
+    st.subheader("Model versions", anchor=False)
+    st.caption(
+        "Each version that served this app, newest first: when it was live, how it compared"
+        " when promoted (README: Versions and promotion), and how often its answers were right."
+    )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        column_config={
+            "accuracy of its answers": st.column_config.NumberColumn(format="%.1f%%"),
+        },
     )
 
 

@@ -16,6 +16,7 @@ Errors every public function may raise, besides ValueError for invalid arguments
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -42,7 +43,7 @@ import embedded_pg
 logger = logging.getLogger("db")
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-APP_ROLE = "mnist_app"  # the app's login: SELECT and INSERT on predictions, nothing else
+APP_ROLE = "mnist_app"  # the app's login: SELECT and INSERT on predictions, SELECT on versions
 CONNECT_TIMEOUT_S = 3  # one connection attempt (psycopg's minimum is 2 s)
 STATEMENT_TIMEOUT_S = 5  # one query, lock waits included (e.g. during a restore)
 BUSY_WAIT_S = 10  # how long a call waits for a free pooled connection on a healthy server
@@ -75,6 +76,27 @@ _SCHEMA_SQL = (
     "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS model text"
     " CONSTRAINT predictions_model_check CHECK (char_length(model) BETWEEN 1 AND 100)",
     "CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at DESC)",
+    # Model versions (versions.py): every trained model's weights, by the SHA-256 of its file.
+    """
+    CREATE TABLE IF NOT EXISTS model_versions (
+        sha256 text PRIMARY KEY
+            CONSTRAINT model_versions_sha256_check CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+        created_at timestamptz NOT NULL DEFAULT now(),
+        weights bytea NOT NULL,
+        info jsonb NOT NULL DEFAULT '{}'
+    )
+    """,
+    # Which version is live: the newest row (versions.py).
+    """
+    CREATE TABLE IF NOT EXISTS model_promotions (
+        id bigserial PRIMARY KEY,
+        sha256 text NOT NULL REFERENCES model_versions (sha256),
+        promoted_at timestamptz NOT NULL DEFAULT now(),
+        action text NOT NULL CONSTRAINT model_promotions_action_check
+            CHECK (action IN ('initial', 'promote', 'rollback')),
+        report jsonb NOT NULL DEFAULT '{}'
+    )
+    """,
 )
 
 # Connection failures that mean the server is gone, not that one query failed: no SQLSTATE
@@ -162,8 +184,8 @@ def migrate(
 ) -> None:
     """As the schema's owner: create or upgrade the table, then (unless *app_role* is None or
     the owner itself) create *app_role* if missing, set its password if given, and grant it
-    SELECT and INSERT on ``predictions`` and nothing else. Idempotent; safe to run at once from
-    several processes."""
+    SELECT and INSERT on ``predictions``, SELECT on the model versions, nothing else.
+    Idempotent; safe to run at once from several processes."""
     try:
         with psycopg.connect(owner_conninfo, connect_timeout=CONNECT_TIMEOUT_S) as conn:
             _create_schema(conn)
@@ -187,6 +209,8 @@ def migrate(
                 "GRANT USAGE ON SCHEMA public TO {role}",
                 "GRANT SELECT, INSERT ON predictions TO {role}",
                 "GRANT USAGE ON SEQUENCE predictions_id_seq TO {role}",
+                # The live model's version and weights (versions.py): read only.
+                "GRANT SELECT ON model_versions, model_promotions TO {role}",
             ):
                 conn.execute(sql.SQL(grant).format(database=database, role=role))
     except psycopg.OperationalError as exc:
@@ -482,6 +506,12 @@ def log_prediction(
 # recorded (model IS NULL). A constant clause with one named parameter, %(model)s.
 _OF_MODEL = "(%(model)s::text IS NULL OR coalesce(model, '') = %(model)s)"
 _CORRECT = "count(*) FILTER (WHERE predicted_digit = true_label)"
+
+
+def connection() -> contextlib.AbstractContextManager[psycopg.Connection]:
+    """A pooled connection in a transaction, for other modules' queries (versions.py);
+    failures raise DatabaseUnavailable or DatabaseBusy."""
+    return _connection()
 
 
 def _select(query: str, **params: Any) -> list[dict[str, Any]]:
