@@ -63,6 +63,17 @@ MAX_POINTS = 10_000  # points per drawing, all strokes together
 MIN_CANVAS_SIZE, MAX_CANVAS_SIZE = 28, 2_000  # side of the square canvas, px
 IMAGE_BYTES = 28 * 28  # the model's input, uint8
 
+
+def _none_in(column: str, path: str, vars: bool = False) -> str:
+    """SQL: true when the strict jsonpath *path* finds nothing in *column*. Structural errors (a
+    stroke that is not an array, ...) count as found: the CHECK fails instead of erroring out.
+    With *vars*: the path may end in a filter comparing @ to $size (the canvas_size)."""
+    if vars:
+        path += " || @ < -$size || @ > 2 * $size)"
+    variables = "jsonb_build_object('size', canvas_size)" if vars else "'{}'"
+    return f"NOT coalesce(jsonb_path_exists({column}, 'strict {path}', {variables}, true), true)"
+
+
 # Serialises schema creation between processes: concurrent CREATE TABLE IF NOT EXISTS can fail.
 _SCHEMA_LOCK_KEY = 0x4D4E495354  # "MNIST"
 
@@ -94,13 +105,11 @@ _SCHEMA_SQL = (
     CREATE TABLE IF NOT EXISTS drawings (
         prediction_id bigint PRIMARY KEY REFERENCES predictions (id) ON DELETE CASCADE,
         strokes jsonb NOT NULL CONSTRAINT drawings_strokes_check CHECK (
-            jsonb_typeof(strokes) = 'array'
-            AND jsonb_array_length(strokes) BETWEEN 1 AND {MAX_STROKES}
-            AND NOT jsonb_path_exists(strokes, 'strict $[*] ? (@.type() != "array"
-                || @.size() < 1 || @.size() > {MAX_STROKE_POINTS})')
-            AND NOT jsonb_path_exists(strokes, 'strict $[*][*] ? (@.type() != "array"
-                || @.size() != 2)')
-            AND jsonb_array_length(jsonb_path_query_array(strokes, 'strict $[*][*]'))
+            coalesce(jsonb_path_query_first(strokes, 'strict $.size()', '{{}}', true)::int, 0)
+                BETWEEN 1 AND {MAX_STROKES}
+            AND {_none_in("strokes", '$[*] ? (@.type() != "array" || @.size() < 1)')}
+            AND {_none_in("strokes", f"$[*] ? (@.size() > {MAX_STROKE_POINTS})")}
+            AND jsonb_array_length(jsonb_path_query_array(strokes, 'strict $[*][*]', '{{}}', true))
                 <= {MAX_POINTS}
         ),
         canvas_size smallint NOT NULL CONSTRAINT drawings_canvas_size_check
@@ -109,10 +118,11 @@ _SCHEMA_SQL = (
             CHECK (brush_width > 0 AND brush_width <= canvas_size / 2),
         image bytea NOT NULL CONSTRAINT drawings_image_check
             CHECK (octet_length(image) = {IMAGE_BYTES}),
-        -- Every coordinate a number within a canvas size of the canvas.
-        CONSTRAINT drawings_points_check CHECK (NOT jsonb_path_exists(strokes,
-            'strict $[*][*][*] ? (@.type() != "number" || @ < -$size || @ > 2 * $size)',
-            jsonb_build_object('size', canvas_size)))
+        -- Every point [x, y], numbers within a canvas size of the canvas.
+        CONSTRAINT drawings_points_check CHECK (
+            {_none_in("strokes", '$[*][*] ? (@.type() != "array" || @.size() != 2)')}
+            AND {_none_in("strokes", '$[*][*][*] ? (@.type() != "number"', vars=True)}
+        )
     )
     """,
 )

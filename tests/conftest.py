@@ -2,7 +2,8 @@
 "postgres" without a password):
 
 - ``pg_server`` (session): one server shared by the whole session. Never stop it.
-- ``clean_db``: ``pg_server`` with an empty ``predictions`` table, ``db`` pointed at it.
+- ``clean_db``: ``pg_server`` with empty ``predictions`` and ``drawings`` tables, ``db`` pointed
+  at it.
 - ``fresh_pg_server``: a server of the test's own, free to ``stop()`` and ``start()``; its
   ``url`` survives restarts. ``db`` is not pointed at it: call ``db.configure(server.url)``.
 - ``pg_template`` (session): a stopped data directory to copy a ``PostgresProcess`` from.
@@ -80,7 +81,7 @@ def fresh_pg_server(pg_template: Path, pg_base_dir: Path) -> Iterator[PostgresPr
 def clean_db(pg_server: PostgresProcess) -> PostgresProcess:
     pg_server.start()  # in case a test stopped it by mistake
     with pg_server.connect() as conn:
-        conn.execute("DROP TABLE IF EXISTS predictions")
+        conn.execute("DROP TABLE IF EXISTS drawings, predictions")
     db.configure(pg_server.url)
     db.init_db()
     return pg_server
