@@ -23,6 +23,7 @@ import pendigits
 import utils
 
 DECIMALS = 3  # canvas px; fabric.js's own coordinates carry float32 noise beyond this
+UNMOVED_PX = 0.5  # a path whose centre is this close to where fabric.js put it was never moved
 
 
 class UnreadableDrawing(ValueError):
@@ -83,7 +84,11 @@ def _stroke(obj: dict[str, Any], path: list[Any]) -> list[list[float]]:
                 ends.append(xy)
             else:
                 raise UnreadableDrawing(f"unexpected path command {kind!r}")
-        if not points:  # "M" alone: a dot
+        if len(points) == 1 and len(ends) == 2:  # no curve: M, L
+            (mx, my), (lx, ly) = ends
+            # A dot (a click): M and L only nudged apart. Else a straight line.
+            points = [[(mx + lx) / 2, (my + ly) / 2]] if math.dist(*ends) < 0.1 else ends
+        elif not points:  # M alone
             points = ends[:1]
         if not points or not all(math.isfinite(v) for p in points + ends for v in p):
             raise UnreadableDrawing("a path without finite points")
@@ -114,8 +119,9 @@ def _own_matrix(obj: dict[str, Any]) -> tuple[float, ...] | None:
     scale_y = float(obj.get("scaleY", 1)) * (-1 if obj.get("flipY") else 1)
     angle, skew_x, skew_y = (float(obj.get(k, 0)) for k in ("angle", "skewX", "skewY"))
     if (scale_x, scale_y, angle, skew_x, skew_y) == (1, 1, 0, 0, 0):
+        # fabric.js's bounds of a sharp turn differ from the exact ones by up to ~0.1 px.
         centre = _path_centre(obj["path"])
-        if abs(centre[0] - left) < 0.01 and abs(centre[1] - top) < 0.01:
+        if abs(centre[0] - left) < UNMOVED_PX and abs(centre[1] - top) < UNMOVED_PX:
             return None
     # translate(left, top) . rotate(angle) . scale . skewX . skewY, as fabric.js composes them.
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
