@@ -2,7 +2,8 @@
 
 Where the database is comes from the environment (see ``resolve_conninfo``). The schema is this
 module's alone: ``python db.py migrate``, run with the owner's credentials, creates or upgrades
-the table and the app's role, which may only read and insert rows (``APP_ROLE``).
+the tables and the app's role, which may only read and insert answers and insert their
+drawings (``APP_ROLE``).
 
 Errors every public function may raise, besides ValueError for invalid arguments:
 
@@ -266,7 +267,9 @@ def migrate(
                 conn.execute(sql.SQL(grant).format(database=database, role=role))
     except psycopg.OperationalError as exc:
         raise _unavailable(exc) from exc
-    logger.info("migrated the schema; %s may read and insert predictions", app_role)
+    logger.info(
+        "migrated the schema; %s may read and insert predictions, insert drawings", app_role
+    )
 
 
 def init_db() -> None:
