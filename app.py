@@ -86,6 +86,11 @@ DRAWING_TOO_LARGE_TO_KEEP = (
     "Not saved: this drawing is too large to keep ({}). Clear the canvas and draw the digit "
     "with fewer, shorter strokes."
 )
+# The app's role may only insert drawings, never read them: they are exported by the owner.
+DRAWINGS_EXPORT = (
+    "The drawings behind the answers are not in the CSV: export them with "
+    "`python db.py export-drawings drawings.jsonl` (database owner; README, *The drawings*)."
+)
 DRAWING_UNREADABLE = "Not saved: the drawing could not be read. Clear the canvas and draw again."
 HISTORY_BUSY = "History unavailable: the database is busy. Try again in a moment."
 HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
@@ -657,6 +662,7 @@ def show_history() -> None:
         on_click="ignore",
         icon=":material/download:",
     )
+    st.caption(DRAWINGS_EXPORT)
 
 
 def plural(count: int, noun: str) -> str:

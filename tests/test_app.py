@@ -495,8 +495,12 @@ def test_a_malformed_database_url_never_crashes_the_app():
 
 def test_history_lists_every_row_newest_first(clean_db):
     stored = [(7, 7, 0.986, "a@1"), (3, 8, 0.5, "a@1"), (1, 1, 0.25, None)]
-    for predicted, true_label, confidence, name in stored:
-        db.log_prediction(predicted, true_label, confidence, model=name)
+    drawing = db.Drawing([[[140.0, 40.0], [140.0, 240.0]]], 280, 18.0, bytes(784))
+    for n, (predicted, true_label, confidence, name) in enumerate(stored):
+        # Answers with their drawing and without (stored before drawings were kept, or with
+        # STORE_DRAWINGS off) count alike.
+        kept = drawing if n == 1 else None
+        db.log_prediction(predicted, true_label, confidence, model=name, drawing=kept)
 
     at = history_app()
 
@@ -513,6 +517,7 @@ def test_history_lists_every_row_newest_first(clean_db):
     [matrix] = at.get("vega_lite_chart")
     assert chart_data(matrix).values.tolist() == [[1, 1, 1], [7, 7, 1], [8, 3, 1]]
     assert "The line appears with more than 50 answers." in values(at.caption)
+    assert app.DRAWINGS_EXPORT in values(at.caption)  # drawings: the owner's export
 
 
 def test_history_filters_by_model(clean_db):
