@@ -5,6 +5,7 @@ Run with ``streamlit run app.py``. Two pages: Draw (the default) and History.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -304,7 +305,12 @@ def database_location() -> str:
 
 def store_drawings() -> bool:
     """Whether each answer's drawing is kept: STORE_DRAWINGS (default on; false/0/no/off)."""
-    value = os.environ.get("STORE_DRAWINGS", "").strip().lower()
+    return _store_drawings(os.environ.get("STORE_DRAWINGS", ""))
+
+
+@functools.cache  # read on every run: an unknown value is logged once
+def _store_drawings(value: str) -> bool:
+    value = value.strip().lower()
     if value in ("", "1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
