@@ -106,6 +106,7 @@ PHONE_CSS = """
 @media (max-width: 640px) {
   [data-testid="stMainBlockContainer"] { padding-top: 3.25rem; padding-bottom: 3rem; }
   h1 { font-size: 1.75rem !important; padding: 0 !important; }
+  .st-key-drawings_notice p { line-height: 1.25; }
 }
 </style>
 """
@@ -484,14 +485,18 @@ def draw_page() -> None:
     except model.ModelLoadError as exc:
         show_model_missing(exc)
         return
-    st.space("small")  # room for the canvas toolbar, which floats above it on hover
+    # Room for the canvas toolbar, which floats above it on hover: the notice that drawings are
+    # kept, if they are (there, it costs no height a phone needs for the feedback row), else a
+    # space. The same on every run: an element changing above the canvas would re-create it.
+    if store_drawings():
+        st.container(key="drawings_notice").caption(DRAWINGS_KEPT)
+    else:
+        st.space("small")
     # The canvas beside the result; a phone stacks them: canvas, guess and feedback row on one
     # screen, then the probabilities and the model's view below.
     canvas_column, result_column = st.columns([3, 4], gap="medium")
     with canvas_column:
         canvas = draw_canvas()
-        if store_drawings():  # below the canvas, and the same on every run
-            st.caption(DRAWINGS_KEPT)
     analysis = current_analysis(canvas, classifier, name)
     with result_column:
         show_prediction(analysis)
