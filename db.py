@@ -1,4 +1,5 @@
-"""PostgreSQL storage of the feedback: one ``predictions`` row per confirmed or corrected digit.
+"""PostgreSQL storage of the feedback: one ``predictions`` row per confirmed or corrected digit,
+and in ``drawings`` the drawing behind it (``Drawing``), stored in the same transaction.
 
 Where the database is comes from the environment (see ``resolve_conninfo``). The schema is this
 module's alone: ``python db.py migrate``, run with the owner's credentials, creates or upgrades

@@ -394,6 +394,17 @@ def test_an_answer_whose_drawing_cannot_be_stored_is_not_stored_either(clean_db)
     assert rows(clean_db) == [] and drawing_rows(clean_db) == []
 
 
+def test_without_the_drawings_table_an_answer_with_a_drawing_says_to_migrate(clean_db):
+    """E.g. an upgraded app whose database was not migrated: nothing half-stored."""
+    with clean_db.connect() as conn:
+        conn.execute("DROP TABLE drawings")
+    with pytest.raises(RuntimeError, match="python db.py migrate"):
+        db.log_prediction(7, 7, 0.9, uuid.uuid4(), drawing=a_drawing())
+    assert rows(clean_db) == []
+    db.log_prediction(7, 7, 0.9)  # answers alone (STORE_DRAWINGS=false) still work
+    assert rows(clean_db) == [(7, 7)]
+
+
 def stroke(points: int, x: float = 100.0) -> list[list[float]]:
     return [[x, 10.0 + n % 200] for n in range(points)]
 
