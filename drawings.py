@@ -24,6 +24,7 @@ import utils
 
 DECIMALS = 3  # canvas px; fabric.js's own coordinates carry float32 noise beyond this
 UNMOVED_PX = 0.5  # a path whose centre is this close to where fabric.js put it was never moved
+PATH_TYPES = ("Path", "path")  # fabric.js 7 writes "Path", older versions "path"
 
 
 class UnreadableDrawing(ValueError):
@@ -63,14 +64,11 @@ def from_canvas(
         raise UnreadableDrawing(str(exc)) from exc
 
 
-PATH_TYPES = ("Path", "path")  # fabric.js 7 writes "Path", older versions "path"
-
-
 def _stroke(obj: dict[str, Any], path: list[Any]) -> list[list[float]]:
     """The sampled points of one path, in canvas pixels (its own transform applied: a stroke
     moved, scaled or rotated with the canvas toolbar's edit toggle is stored where it is shown)."""
     try:
-        points, ends = [], []  # sampled points; all curve end points, for the path's bounds
+        points, ends = [], []  # the sampled points; the M and curve ends (for a dot)
         for command in path:
             kind, *values = command
             xy = [float(v) for v in values]
