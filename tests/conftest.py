@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import db
@@ -97,3 +98,15 @@ def _reset_db_module() -> Iterator[None]:
 def chromium() -> Iterator[browser.Browser]:
     with browser.chromium() as instance:
         yield instance
+
+
+def aligned_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two 28x28 images (of 255), once aligned by at most one pixel:
+    centring rounds a digit's centre of mass to a whole pixel, so the canvas's anti-aliasing,
+    which a re-rendering of its strokes cannot copy exactly, may move the whole image by one."""
+    a, b = a.astype(np.int16), b.astype(np.int16)
+    return min(
+        float(np.abs(np.roll(a, (dy, dx), (0, 1)) - b).mean())
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    )

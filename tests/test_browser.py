@@ -20,7 +20,7 @@ from urllib.parse import urljoin
 
 import numpy as np
 import pytest
-from conftest import own_server
+from conftest import aligned_difference, own_server
 from PIL import Image
 
 import app as app_module
@@ -228,7 +228,7 @@ def test_a_mouse_drawing_is_stored_with_its_strokes_and_the_image_shown(
     again = drawings.model_image(drawing)
     classifier = model.load_model(model.model_path())
     assert model.predict(classifier, utils.normalize(again)[None, None]).digit == shown.digit
-    assert np.abs(again.astype(int) - view.astype(int)).mean() < 3.0
+    assert aligned_difference(again, view) <= 3.0
 
 
 def assert_in_view(locator, viewport: dict[str, int]) -> dict[str, float]:
