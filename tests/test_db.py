@@ -358,6 +358,69 @@ def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch)
         db.count_predictions()
 
 
+# --- the embedded PostgreSQL of `make run` ------------------------------------------------------
+
+
+@pytest.fixture
+def embedded_pgdata(pg_base_dir):
+    directory = Path(tempfile.mkdtemp(prefix="embedded-", dir=pg_base_dir))
+    directory.chmod(0o711)
+    pgdata = directory / "data" / "postgres"  # no parent yet, like data/ in a fresh clone
+    yield pgdata
+    if (pgdata / "postmaster.pid").exists():
+        pg_command("pg_ctl", "stop", "-m", "immediate", "-D", str(pgdata), check=False)
+
+
+def postmasters(pgdata: Path) -> list[int]:
+    """PIDs of PostgreSQL postmasters (not their children) serving *pgdata*."""
+    return [
+        proc.pid
+        for proc in psutil.process_iter(["name", "cmdline"])
+        if proc.info["name"] == "postgres"
+        and str(pgdata) in (proc.info["cmdline"] or [])
+        and psutil.Process(proc.ppid()).name() != "postgres"
+    ]
+
+
+def app_process(pgdata: Path, inserts: int) -> subprocess.Popen[str]:
+    """A new Python process that resolves the database as the app does, inserts, and prints the
+    row count it sees."""
+    code = (
+        "import json, sys, db\n"
+        f"db.configure(db.resolve_conninfo({{}}, pgdata={str(pgdata)!r}))\n"
+        f"for i in range({inserts}): db.log_prediction(i % 10, i % 10, 0.5)\n"
+        "print(json.dumps({'count': db.count_predictions()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "POSTGRES_HOST")}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR is not set")
+def test_the_embedded_default_is_one_server_that_keeps_its_data(embedded_pgdata, caplog):
+    # Two app processes start at once in a fresh clone: one server for both, left running.
+    processes = [app_process(embedded_pgdata, inserts=25) for _ in range(2)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert all(json.loads(output)["count"] >= 25 for output in outputs)
+    [pid] = postmasters(embedded_pgdata)
+
+    caplog.set_level(logging.INFO, logger="db")
+    db.configure(db.resolve_conninfo({}, pgdata=embedded_pgdata))  # reuses it
+    assert str(embedded_pgdata) in caplog.text  # the log says where the data lives
+    assert db.count_predictions() == 50
+    assert postmasters(embedded_pgdata) == [pid]
+    db.close_pool()
+
+    # Stopped (`python db.py stop-embedded`, as `make run` does on Ctrl-C): started again.
+    assert db.stop_embedded(embedded_pgdata)
+    assert postmasters(embedded_pgdata) == []
+    db.configure(db.resolve_conninfo({}, pgdata=embedded_pgdata))
+    assert db.count_predictions() == 50
+    assert len(postmasters(embedded_pgdata)) == 1
+
+
 # --- drawings ------------------------------------------------------------------------------------
 
 
@@ -509,69 +572,6 @@ def test_export_drawings_writes_every_answer_with_its_drawing_as_json_lines(
         "brush_width": 18.0,
     }
     assert not list(tmp_path.glob("*.partial"))
-
-
-# --- the embedded PostgreSQL of `make run` ------------------------------------------------------
-
-
-@pytest.fixture
-def embedded_pgdata(pg_base_dir):
-    directory = Path(tempfile.mkdtemp(prefix="embedded-", dir=pg_base_dir))
-    directory.chmod(0o711)
-    pgdata = directory / "data" / "postgres"  # no parent yet, like data/ in a fresh clone
-    yield pgdata
-    if (pgdata / "postmaster.pid").exists():
-        pg_command("pg_ctl", "stop", "-m", "immediate", "-D", str(pgdata), check=False)
-
-
-def postmasters(pgdata: Path) -> list[int]:
-    """PIDs of PostgreSQL postmasters (not their children) serving *pgdata*."""
-    return [
-        proc.pid
-        for proc in psutil.process_iter(["name", "cmdline"])
-        if proc.info["name"] == "postgres"
-        and str(pgdata) in (proc.info["cmdline"] or [])
-        and psutil.Process(proc.ppid()).name() != "postgres"
-    ]
-
-
-def app_process(pgdata: Path, inserts: int) -> subprocess.Popen[str]:
-    """A new Python process that resolves the database as the app does, inserts, and prints the
-    row count it sees."""
-    code = (
-        "import json, sys, db\n"
-        f"db.configure(db.resolve_conninfo({{}}, pgdata={str(pgdata)!r}))\n"
-        f"for i in range({inserts}): db.log_prediction(i % 10, i % 10, 0.5)\n"
-        "print(json.dumps({'count': db.count_predictions()}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "POSTGRES_HOST")}
-    return subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
-    )
-
-
-@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR is not set")
-def test_the_embedded_default_is_one_server_that_keeps_its_data(embedded_pgdata, caplog):
-    # Two app processes start at once in a fresh clone: one server for both, left running.
-    processes = [app_process(embedded_pgdata, inserts=25) for _ in range(2)]
-    outputs = [process.communicate(timeout=120)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], outputs
-    assert all(json.loads(output)["count"] >= 25 for output in outputs)
-    [pid] = postmasters(embedded_pgdata)
-
-    caplog.set_level(logging.INFO, logger="db")
-    db.configure(db.resolve_conninfo({}, pgdata=embedded_pgdata))  # reuses it
-    assert str(embedded_pgdata) in caplog.text  # the log says where the data lives
-    assert db.count_predictions() == 50
-    assert postmasters(embedded_pgdata) == [pid]
-    db.close_pool()
-
-    # Stopped (`python db.py stop-embedded`, as `make run` does on Ctrl-C): started again.
-    assert db.stop_embedded(embedded_pgdata)
-    assert postmasters(embedded_pgdata) == []
-    db.configure(db.resolve_conninfo({}, pgdata=embedded_pgdata))
-    assert db.count_predictions() == 50
-    assert len(postmasters(embedded_pgdata)) == 1
 
 
 # --- History: counts from the database ----------------------------------------------------------
