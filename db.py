@@ -47,7 +47,7 @@ logger = logging.getLogger("db")
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 EMBEDDED_PGDATA = PROJECT_ROOT / "data" / "postgres"
-APP_ROLE = "mnist_app"  # the app's login: SELECT and INSERT on predictions, nothing else
+APP_ROLE = "mnist_app"  # the app's login: SELECT, INSERT on predictions, INSERT on drawings
 CONNECT_TIMEOUT_S = 3  # one connection attempt (psycopg's minimum is 2 s)
 STATEMENT_TIMEOUT_S = 5  # one query, lock waits included (e.g. during a restore)
 BUSY_WAIT_S = 10  # how long a call waits for a free pooled connection on a healthy server
