@@ -28,6 +28,7 @@ import pytest
 from conftest import ROOT
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
 
 import db
 from lab import free_port
@@ -291,9 +292,9 @@ GOOD_STROKES = "[[[70.5, 50], [210, 50.25]]]"
         ("[[[1, 2]], 5]", 280, 18, 784),
         ("[[[1, 2]], [5]]", 280, 18, 784),
         ("[[[1, 2]], [[null, 2]]]", 280, 18, 784),
-        (json.dumps([[[1, 2]]] * (db.MAX_STROKES + 1)), 280, 18, 784),
-        (json.dumps([[[1, 2]] * (db.MAX_STROKE_POINTS + 1)]), 280, 18, 784),
-        (json.dumps([[[1, 2]] * db.MAX_STROKE_POINTS] * 6), 280, 18, 784),
+        (Jsonb([[[1, 2]]] * (db.MAX_STROKES + 1)), 280, 18, 784),
+        (Jsonb([[[1, 2]] * (db.MAX_STROKE_POINTS + 1)]), 280, 18, 784),
+        (Jsonb([[[1, 2]] * db.MAX_STROKE_POINTS] * 6), 280, 18, 784),
         (GOOD_STROKES, 27, 1, 784),
         (GOOD_STROKES, 280, 0, 784),
         (GOOD_STROKES, 280, 141, 784),
@@ -323,6 +324,8 @@ def test_the_drawings_table_refuses_what_python_refuses(
 def test_export_drawings_writes_every_answer_with_its_drawing_as_json_lines(
     clean_db, monkeypatch, tmp_path
 ):
+    import json
+
     db.log_prediction(1, 1, 0.5)  # an answer from before drawings were kept: not exported
     sid, drawing = uuid.uuid4(), a_drawing()
     row_id = db.log_prediction(7, 1, 0.75, sid, MODEL_A, drawing=drawing)
