@@ -5,12 +5,13 @@ Run with ``streamlit run app.py``. Two pages: Draw (the default) and History.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from PIL import Image
 from psycopg.conninfo import conninfo_to_dict
 
 import db
+import drawings
 import feedback
 import model
 import utils
@@ -81,6 +83,17 @@ FEEDBACK_BUSY = (
 FEEDBACK_FAILED = "Feedback not saved: unexpected error (details in the server log)."
 SAVING = "Saving your answer..."
 DRAWING_TOO_LARGE = "The drawing is too large to read: clear the canvas and draw again."
+DRAWINGS_KEPT = "Your drawings are kept to improve the model."
+DRAWING_TOO_LARGE_TO_KEEP = (
+    "Not saved: this drawing is too large to keep ({}). Clear the canvas and draw the digit "
+    "with fewer, shorter strokes."
+)
+# The app's role may only insert drawings, never read them: they are exported by the owner.
+DRAWINGS_EXPORT = (
+    "The drawings behind the answers are not in the CSV: export them with "
+    "`python db.py export-drawings drawings.jsonl` (database owner; README, *The drawings*)."
+)
+DRAWING_UNREADABLE = "Not saved: the drawing could not be read. Clear the canvas and draw again."
 HISTORY_BUSY = "History unavailable: the database is busy. Try again in a moment."
 HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
 HISTORY_FAILED = "History unavailable: unexpected database error (details in the server log)."
@@ -94,6 +107,7 @@ PHONE_CSS = """
 @media (max-width: 640px) {
   [data-testid="stMainBlockContainer"] { padding-top: 3.25rem; padding-bottom: 3rem; }
   h1 { font-size: 1.75rem !important; padding: 0 !important; }
+  .st-key-drawings_notice p { line-height: 1.25; }
 }
 </style>
 """
@@ -171,6 +185,10 @@ class Analysis:
     model_view_png: bytes | None = None
     hint: str | None = None
     model_name: str | None = None  # the model that made the prediction
+    model_pixels: bytes | None = None  # the 28x28 uint8 image the model read
+    # The canvas's fabric.js objects of this drawing (json_data["objects"]), converted into the
+    # stored strokes only when an answer is saved (drawings.from_canvas).
+    canvas_objects: list | None = field(default=None, compare=False, repr=False)
 
 
 def drawing_digest(png: bytes) -> str:
@@ -178,7 +196,11 @@ def drawing_digest(png: bytes) -> str:
 
 
 def analyse(
-    png: bytes, digest: str, classifier: model.DigitCNN, model_name: str | None = None
+    png: bytes,
+    digest: str,
+    classifier: model.DigitCNN,
+    model_name: str | None = None,
+    canvas_objects: list | None = None,
 ) -> Analysis:
     start = time.perf_counter()
     try:
@@ -199,8 +221,15 @@ def analyse(
         (prepared - start) * 1000,
         (done - prepared) * 1000,
     )
-    view = model_view_png(utils.to_pixels(batch))
-    return Analysis(digest, prediction, view, model_name=model_name)
+    pixels = utils.to_pixels(batch)
+    return Analysis(
+        digest,
+        prediction,
+        model_view_png(pixels),
+        model_name=model_name,
+        model_pixels=pixels.tobytes(),
+        canvas_objects=canvas_objects,
+    )
 
 
 def decode_drawing(png: bytes) -> np.ndarray:
@@ -244,7 +273,7 @@ def current_analysis(
         cached = state.get(ANALYSIS)
         if cached is not None and cached.drawing_digest == digest:
             return cached
-        analysis = analyse(png, digest, classifier, model_name)
+        analysis = analyse(png, digest, classifier, model_name, canvas.json_data["objects"])
     state[ANALYSIS] = analysis
     # Messages about the previous drawing no longer apply.
     state.pop(FEEDBACK_ERROR, None)
@@ -293,8 +322,29 @@ def database_location() -> str:
     return f"{user}@{host}:{params.get('port') or 5432}/{dbname}"
 
 
-def store(submission: feedback.Submission, model_name: str | None = None) -> int:
-    """Store one answer (once, whatever the retries); raises db.DatabaseUnavailable."""
+def store_drawings() -> bool:
+    """Whether each answer's drawing is kept: STORE_DRAWINGS (default on; false/0/no/off)."""
+    return _store_drawings(os.environ.get("STORE_DRAWINGS", ""))
+
+
+@functools.cache  # read on every run: an unknown value is logged once
+def _store_drawings(value: str) -> bool:
+    value = value.strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    logger.warning("STORE_DRAWINGS=%r is not true or false: drawings are kept", value)
+    return True
+
+
+def store(
+    submission: feedback.Submission,
+    model_name: str | None = None,
+    drawing: db.Drawing | None = None,
+) -> int:
+    """Store one answer (once, whatever the retries), with its drawing if given; raises
+    db.DatabaseUnavailable."""
     status = database_status()
     start = time.perf_counter()
     try:
@@ -306,6 +356,7 @@ def store(submission: feedback.Submission, model_name: str | None = None) -> int
             submission.confidence,
             submission_id=submission.submission_id,
             model=model_name,
+            drawing=drawing,
         )
     except db.DatabaseBusy:
         raise
@@ -376,7 +427,21 @@ def save_feedback(analysis: Analysis, true_label: int) -> bool:
     )
     state[PENDING_SUBMISSION] = submission
     try:
-        store(submission, analysis.model_name)
+        drawing = drawing_to_keep(analysis)
+    except db.DrawingTooLarge as exc:
+        logger.warning(
+            "feedback %s not saved: drawing too large: %s", submission.submission_id, exc
+        )
+        state[FEEDBACK_ERROR] = DRAWING_TOO_LARGE_TO_KEEP.format(exc)
+        return False
+    except drawings.UnreadableDrawing as exc:
+        logger.warning(
+            "feedback %s not saved: drawing unreadable: %s", submission.submission_id, exc
+        )
+        state[FEEDBACK_ERROR] = DRAWING_UNREADABLE
+        return False
+    try:
+        store(submission, analysis.model_name, drawing)
     except db.DatabaseBusy as exc:
         logger.warning("feedback %s not saved: %s", submission.submission_id, exc)
         state[FEEDBACK_ERROR] = FEEDBACK_BUSY
@@ -392,6 +457,24 @@ def save_feedback(analysis: Analysis, true_label: int) -> bool:
     state[SAVED_MESSAGE] = saved_message(submission)
     start_new_drawing()
     return True
+
+
+def drawing_to_keep(analysis: Analysis) -> db.Drawing | None:
+    """The drawing of the answer, as shown (the strokes travel with the analysis of the drawing
+    on screen), or None with STORE_DRAWINGS off. Converted here, once per save, never per rerun."""
+    if not store_drawings():
+        return None
+    start = time.process_time()
+    drawing = drawings.from_canvas(
+        analysis.canvas_objects or [], CANVAS_SIZE, BRUSH_WIDTH, analysis.model_pixels or b""
+    )
+    logger.info(
+        "drawing of %d strokes, %d points read in %.2f ms CPU",
+        len(drawing.strokes),
+        sum(len(stroke) for stroke in drawing.strokes),
+        (time.process_time() - start) * 1000,
+    )
+    return drawing
 
 
 def saved_message(submission: feedback.Submission) -> str:
@@ -420,7 +503,13 @@ def draw_page() -> None:
     except model.ModelLoadError as exc:
         show_model_missing(exc)
         return
-    st.space("small")  # room for the canvas toolbar, which floats above it on hover
+    # Room for the canvas toolbar, which floats above it on hover: the notice that drawings are
+    # kept, if they are (there, it costs no height a phone needs for the feedback row), else a
+    # space. The same on every run: an element changing above the canvas would re-create it.
+    if store_drawings():
+        st.container(key="drawings_notice").caption(DRAWINGS_KEPT)
+    else:
+        st.space("small")
     # The canvas beside the result; a phone stacks them: canvas, guess and feedback row on one
     # screen, then the probabilities and the model's view below.
     canvas_column, result_column = st.columns([3, 4], gap="medium")
@@ -603,6 +692,7 @@ def show_history() -> None:
         on_click="ignore",
         icon=":material/download:",
     )
+    st.caption(DRAWINGS_EXPORT)
 
 
 def show_versions() -> None:

@@ -1,8 +1,10 @@
-"""PostgreSQL storage of the feedback: one ``predictions`` row per confirmed or corrected digit.
+"""PostgreSQL storage of the feedback: one ``predictions`` row per confirmed or corrected digit,
+and in ``drawings`` the drawing behind it (``Drawing``), stored in the same transaction.
 
 Where the database is comes from the environment (see ``resolve_conninfo``). The schema is this
 module's alone: ``python db.py migrate``, run with the owner's credentials, creates or upgrades
-the table and the app's role, which may only read and insert rows (``APP_ROLE``).
+the tables and the app's role, which may only read and insert answers and insert their
+drawings (``APP_ROLE``).
 
 Errors every public function may raise, besides ValueError for invalid arguments:
 
@@ -16,7 +18,9 @@ Errors every public function may raise, besides ValueError for invalid arguments
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import math
 import numbers
@@ -28,14 +32,16 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 from dotenv import load_dotenv
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 import embedded_pg
@@ -43,7 +49,7 @@ import embedded_pg
 logger = logging.getLogger("db")
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-APP_ROLE = "mnist_app"  # the app's login: SELECT and INSERT on predictions, SELECT on versions
+APP_ROLE = "mnist_app"  # the app's login: see migrate() for what it may do
 CONNECT_TIMEOUT_S = 3  # one connection attempt (psycopg's minimum is 2 s)
 STATEMENT_TIMEOUT_S = 5  # one query, lock waits included (e.g. during a restore)
 BUSY_WAIT_S = 10  # how long a call waits for a free pooled connection on a healthy server
@@ -51,6 +57,26 @@ FAIL_FAST_S = 0.5  # while the server is known down, how long a call waits for a
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 4
 _WAIT_SLICE_S = 0.25  # a waiting call checks this often whether the server went down meanwhile
+
+# Limits of a stored drawing (see Drawing and the README, "The drawings"). A digit on the 280x280
+# canvas is 1-4 strokes of 20-150 points (one point per pointer event); a slow, shaky 0 drawn for
+# 5 s at 120 Hz, 600. These leave room for any honest drawing and bound a row to ~250 kB.
+MAX_STROKES = 100  # strokes per drawing
+MAX_STROKE_POINTS = 2_000  # points per stroke
+MAX_POINTS = 10_000  # points per drawing, all strokes together
+MIN_CANVAS_SIZE, MAX_CANVAS_SIZE = 28, 2_000  # side of the square canvas, px
+IMAGE_BYTES = 28 * 28  # the model's input, uint8
+
+
+def _none_in(column: str, path: str, vars: bool = False) -> str:
+    """SQL: true when the strict jsonpath *path* finds nothing in *column*. Structural errors (a
+    stroke that is not an array, ...) count as found: the CHECK fails instead of erroring out.
+    With *vars*: the path may end in a filter comparing @ to $size (the canvas_size)."""
+    if vars:
+        path += " || @ < -$size || @ > 2 * $size)"
+    variables = "jsonb_build_object('size', canvas_size)" if vars else "'{}'"
+    return f"NOT coalesce(jsonb_path_exists({column}, 'strict {path}', {variables}, true), true)"
+
 
 # Serialises schema creation between processes: concurrent CREATE TABLE IF NOT EXISTS can fail.
 _SCHEMA_LOCK_KEY = 0x4D4E495354  # "MNIST"
@@ -95,6 +121,33 @@ _SCHEMA_SQL = (
         action text NOT NULL CONSTRAINT model_promotions_action_check
             CHECK (action IN ('initial', 'promote', 'rollback')),
         report jsonb NOT NULL DEFAULT '{}'
+    )
+    """,
+    # The drawing behind an answer (see Drawing), stored with it in one transaction. Answers
+    # stored before this table existed, or with STORE_DRAWINGS off, have none. The CHECKs are
+    # the last line of defence behind Drawing's own checks, for writers other than this module.
+    f"""
+    CREATE TABLE IF NOT EXISTS drawings (
+        prediction_id bigint PRIMARY KEY REFERENCES predictions (id) ON DELETE CASCADE,
+        strokes jsonb NOT NULL CONSTRAINT drawings_strokes_check CHECK (
+            coalesce(jsonb_path_query_first(strokes, 'strict $.size()', '{{}}', true)::int, 0)
+                BETWEEN 1 AND {MAX_STROKES}
+            AND {_none_in("strokes", '$[*] ? (@.type() != "array" || @.size() < 1)')}
+            AND {_none_in("strokes", f"$[*] ? (@.size() > {MAX_STROKE_POINTS})")}
+            AND jsonb_array_length(jsonb_path_query_array(strokes, 'strict $[*][*]', '{{}}', true))
+                <= {MAX_POINTS}
+        ),
+        canvas_size smallint NOT NULL CONSTRAINT drawings_canvas_size_check
+            CHECK (canvas_size BETWEEN {MIN_CANVAS_SIZE} AND {MAX_CANVAS_SIZE}),
+        brush_width real NOT NULL CONSTRAINT drawings_brush_width_check
+            CHECK (brush_width > 0 AND brush_width <= canvas_size / 2),
+        image bytea NOT NULL CONSTRAINT drawings_image_check
+            CHECK (octet_length(image) = {IMAGE_BYTES}),
+        -- Every point [x, y], numbers within a canvas size of the canvas.
+        CONSTRAINT drawings_points_check CHECK (
+            {_none_in("strokes", '$[*][*] ? (@.type() != "array" || @.size() != 2)')}
+            AND {_none_in("strokes", '$[*][*][*] ? (@.type() != "number"', vars=True)}
+        )
     )
     """,
 )
@@ -184,7 +237,8 @@ def migrate(
 ) -> None:
     """As the schema's owner: create or upgrade the table, then (unless *app_role* is None or
     the owner itself) create *app_role* if missing, set its password if given, and grant it
-    SELECT and INSERT on ``predictions``, SELECT on the model versions, nothing else.
+    SELECT and INSERT on ``predictions``, INSERT on ``drawings``, SELECT on the model
+    versions, and nothing else.
     Idempotent; safe to run at once from several processes."""
     try:
         with psycopg.connect(owner_conninfo, connect_timeout=CONNECT_TIMEOUT_S) as conn:
@@ -211,11 +265,15 @@ def migrate(
                 "GRANT USAGE ON SEQUENCE predictions_id_seq TO {role}",
                 # The live model's version and weights (versions.py): read only.
                 "GRANT SELECT ON model_versions, model_promotions TO {role}",
+                # Drawings: written with each answer, never read back by the app.
+                "GRANT INSERT ON drawings TO {role}",
             ):
                 conn.execute(sql.SQL(grant).format(database=database, role=role))
     except psycopg.OperationalError as exc:
         raise _unavailable(exc) from exc
-    logger.info("migrated the schema; %s may read and insert predictions", app_role)
+    logger.info(
+        "migrated the schema; %s may read and insert predictions, insert drawings", app_role
+    )
 
 
 def init_db() -> None:
@@ -454,19 +512,91 @@ def _check_confidence(value: object) -> float:
 MODEL_NAME_MAX = 100  # characters in predictions.model
 
 
+class DrawingTooLarge(ValueError):
+    """A drawing over the documented size limits (MAX_STROKES, MAX_STROKE_POINTS, MAX_POINTS)."""
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """The drawing behind one answer, as the ``drawings`` table keeps it.
+
+    - *strokes*: one list of ``[x, y]`` points per stroke, in drawing order, in canvas pixels
+      (origin top left, y down): the pointer positions the canvas sampled, through which it
+      drew its curves (``drawings.from_canvas``, ``drawings.render``).
+    - *canvas_size*: the side of the square canvas, px; *brush_width*: the stroke width, px.
+    - *image*: the 28x28 image the model read, uint8 row-major (0 background, 255 ink).
+
+    Checked when made: DrawingTooLarge over the size limits, ValueError for anything else
+    invalid, before the database is touched.
+    """
+
+    strokes: list[list[list[float]]]
+    canvas_size: int
+    brush_width: float
+    image: bytes
+
+    def __post_init__(self) -> None:
+        size = self.canvas_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise ValueError(f"canvas_size must be an int, got {size!r}")
+        if not MIN_CANVAS_SIZE <= size <= MAX_CANVAS_SIZE:
+            raise ValueError(f"canvas_size must be {MIN_CANVAS_SIZE} to {MAX_CANVAS_SIZE} px")
+        brush = self.brush_width
+        if isinstance(brush, bool) or not isinstance(brush, numbers.Real):
+            raise ValueError(f"brush_width must be a number, got {brush!r}")
+        if not (math.isfinite(brush) and 0 < brush <= size / 2):
+            raise ValueError(f"brush_width must be above 0 and at most {size / 2} px")
+        if not isinstance(self.image, bytes) or len(self.image) != IMAGE_BYTES:
+            raise ValueError(f"image must be {IMAGE_BYTES} bytes (28x28 uint8)")
+        strokes = self.strokes
+        if not isinstance(strokes, list) or not strokes:
+            raise ValueError("strokes must be a non-empty list of strokes")
+        # Sizes first: an oversized drawing is refused before its points are looked at.
+        if len(strokes) > MAX_STROKES:
+            raise DrawingTooLarge(f"{len(strokes)} strokes (at most {MAX_STROKES})")
+        if not all(isinstance(stroke, list) and stroke for stroke in strokes):
+            raise ValueError("each stroke must be a non-empty list of points")
+        longest = max(len(stroke) for stroke in strokes)
+        if longest > MAX_STROKE_POINTS:
+            raise DrawingTooLarge(f"a stroke of {longest} points (at most {MAX_STROKE_POINTS})")
+        total = sum(len(stroke) for stroke in strokes)
+        if total > MAX_POINTS:
+            raise DrawingTooLarge(f"{total} points (at most {MAX_POINTS})")
+        low, high = -size, 2 * size
+        for stroke in strokes:
+            for point in stroke:
+                if not (
+                    isinstance(point, list)
+                    and len(point) == 2
+                    and all(
+                        isinstance(v, numbers.Real)
+                        and not isinstance(v, bool)
+                        and low <= v <= high  # False for NaN
+                        for v in point
+                    )
+                ):
+                    raise ValueError(
+                        f"each point must be [x, y], numbers from {low} to {high}: {point!r}"
+                    )
+
+
 def log_prediction(
     predicted_digit: int,
     true_label: int,
     confidence: float,
     submission_id: uuid.UUID | None = None,
     model: str | None = None,
+    drawing: Drawing | None = None,
 ) -> int:
     """Store one answer and return its row id.
 
     *model* names the model that made the prediction (1 to 100 characters), or None.
+    *drawing*, if given, is stored in ``drawings`` in the same transaction: both or neither.
     A *submission_id* already stored (a retried submission) stores nothing and returns the
     existing row's id. Invalid values raise ValueError before the database is touched.
     """
+    if drawing is not None and not isinstance(drawing, Drawing):
+        raise ValueError(f"drawing must be a db.Drawing or None, got {type(drawing).__name__}")
     if submission_id is not None and not isinstance(submission_id, uuid.UUID):
         raise ValueError(f"submission_id must be a uuid.UUID or None, got {submission_id!r}")
     if model is not None and not (isinstance(model, str) and 1 <= len(model) <= MODEL_NAME_MAX):
@@ -491,6 +621,8 @@ def log_prediction(
             row = conn.execute(
                 "SELECT id FROM predictions WHERE submission_id = %s", (submission_id,)
             ).fetchone()
+        elif drawing is not None:
+            _insert_drawing(conn, row[0], drawing)
     assert row is not None
     elapsed_ms = (time.perf_counter() - start) * 1000
     if inserted:
@@ -498,6 +630,26 @@ def log_prediction(
     else:
         logger.info("retried submission %s: already stored as id=%d", submission_id, row[0])
     return row[0]
+
+
+def _insert_drawing(conn: psycopg.Connection, prediction_id: int, drawing: Drawing) -> None:
+    try:
+        conn.execute(
+            "INSERT INTO drawings (prediction_id, strokes, canvas_size, brush_width, image)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (
+                prediction_id,
+                Jsonb(drawing.strokes),
+                drawing.canvas_size,
+                drawing.brush_width,
+                drawing.image,
+            ),
+        )
+    except errors.UndefinedTable as exc:
+        raise RuntimeError(
+            "the drawings table is missing: run `python db.py migrate` with the owner's"
+            " credentials (POSTGRES_USER/PASSWORD), or set STORE_DRAWINGS=false"
+        ) from exc
 
 
 # --- History: what the stored answers say, counted by the database ---------------------------
@@ -623,12 +775,45 @@ def export_csv(model: str | None = None) -> bytes:
             return b"".join(bytes(chunk) for chunk in copy)
 
 
+def export_drawings(conninfo: str, out: IO[str]) -> int:
+    """Write every answer that has its drawing to *out* as JSON Lines, oldest first, and return
+    how many. Each line: prediction_id, submission_id, created_at, predicted_digit, true_label,
+    confidence, model, strokes, canvas_size, brush_width, image (base64 of the 784 bytes).
+    Needs a role that may read ``drawings`` (the owner: the app's role may only insert)."""
+    count = 0
+    try:
+        conn = psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError as exc:
+        raise _unavailable(exc) from exc
+    with (
+        conn,
+        conn.cursor("export_drawings", row_factory=dict_row) as cur,  # server-side: streamed
+    ):
+        cur.execute(
+            "SELECT p.id AS prediction_id, p.submission_id, p.created_at, p.predicted_digit,"
+            " p.true_label, p.confidence, p.model, d.strokes, d.canvas_size, d.brush_width,"
+            " d.image FROM predictions p JOIN drawings d ON d.prediction_id = p.id"
+            " ORDER BY p.id"
+        )
+        for row in cur:
+            row["submission_id"] = row["submission_id"] and str(row["submission_id"])
+            row["created_at"] = row["created_at"].isoformat()
+            row["image"] = base64.b64encode(row["image"]).decode("ascii")
+            out.write(json.dumps(row, separators=(",", ":")) + "\n")
+            count += 1
+    return count
+
+
 def main(argv: list[str]) -> int:
     """``python db.py migrate``: create or upgrade the schema and the app's role, as the owner
     (``resolve_conninfo(owner=True)``), the role's password from ``APP_DB_PASSWORD``.
-    ``python db.py stop-embedded``: stop the embedded PostgreSQL of ``make run``, if it runs."""
+    ``python db.py stop-embedded``: stop the embedded PostgreSQL of ``make run``, if it runs.
+    ``python db.py export-drawings FILE``: the stored drawings as JSON Lines (``-``: stdout),
+    read as the owner."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    if len(argv) == 3 and argv[1] == "export-drawings":
+        return _export_drawings_to(argv[2])
     command = argv[1] if len(argv) == 2 else ""
     if command == "migrate":
         owner = resolve_conninfo(owner=True)
@@ -641,8 +826,26 @@ def main(argv: list[str]) -> int:
         if embedded_pg.stop():
             print(f"stopped the embedded PostgreSQL in {embedded_pg.data_dir()}")
         return 0
-    print("usage: python db.py migrate | stop-embedded", file=sys.stderr)
+    print("usage: python db.py migrate | stop-embedded | export-drawings FILE", file=sys.stderr)
     return 2
+
+
+def _export_drawings_to(target: str) -> int:
+    owner = resolve_conninfo(owner=True)
+    if target == "-":
+        count = export_drawings(owner, sys.stdout)
+    else:
+        # Written beside the target, then renamed: an interrupted export leaves no half file.
+        path = Path(target)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            with partial.open("w", encoding="utf-8") as out:
+                count = export_drawings(owner, out)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+    print(f"exported {count} drawings to {target}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

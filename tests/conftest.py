@@ -2,7 +2,8 @@
 "postgres" without a password):
 
 - ``pg_server`` (session): one server shared by the whole session. Never stop it.
-- ``clean_db``: ``pg_server`` with an empty ``predictions`` table, ``db`` pointed at it.
+- ``clean_db``: ``pg_server`` with empty ``predictions`` and ``drawings`` tables, ``db`` pointed
+  at it.
 - ``fresh_pg_server``: a server of the test's own, free to ``stop()`` and ``start()``; its
   ``url`` survives restarts. ``db`` is not pointed at it: call ``db.configure(server.url)``.
 - ``pg_template`` (session): a stopped data directory to copy a ``PostgresProcess`` from.
@@ -19,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import db
@@ -81,7 +83,7 @@ def fresh_pg_server(pg_template: Path, pg_base_dir: Path) -> Iterator[PostgresPr
 def clean_db(pg_server: PostgresProcess) -> PostgresProcess:
     pg_server.start()  # in case a test stopped it by mistake
     with pg_server.connect() as conn:
-        conn.execute("DROP TABLE IF EXISTS predictions")
+        conn.execute("DROP TABLE IF EXISTS drawings, predictions")
     db.configure(pg_server.url)
     db.init_db()
     return pg_server
@@ -97,3 +99,15 @@ def _reset_db_module() -> Iterator[None]:
 def chromium() -> Iterator[browser.Browser]:
     with browser.chromium() as instance:
         yield instance
+
+
+def aligned_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two 28x28 images (of 255), once aligned by at most one pixel:
+    centring rounds a digit's centre of mass to a whole pixel, so the canvas's anti-aliasing,
+    which a re-rendering of its strokes cannot copy exactly, may move the whole image by one."""
+    a, b = a.astype(np.int16), b.astype(np.int16)
+    return min(
+        float(np.abs(np.roll(a, (dy, dx), (0, 1)) - b).mean())
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import logging
 import struct
 import threading
@@ -26,6 +27,7 @@ from streamlit.testing.v1 import AppTest
 
 import app
 import db
+import drawings
 import feedback
 import model
 import utils
@@ -43,6 +45,10 @@ STROKES = {
 # --- drawings, model files, the app ------------------------------------------------------------
 
 
+# The strokes of each PNG drawing_png made: draw() sends them as the canvas's paths.
+STROKES_OF_PNG: dict[bytes, list[list[tuple[int, int]]]] = {}
+
+
 def drawing_png(strokes: list[list[tuple[int, int]]], size: int = utils.CANVAS_SIZE) -> bytes:
     """A PNG like the canvas sends: opaque RGBA, white ink on black."""
     image = Image.new("RGBA", (size, size), (0, 0, 0, 255))
@@ -51,7 +57,20 @@ def drawing_png(strokes: list[list[tuple[int, int]]], size: int = utils.CANVAS_S
         pen.line(line, fill=(255, 255, 255, 255), width=utils.BRUSH_WIDTH, joint="curve")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
+    STROKES_OF_PNG[buffer.getvalue()] = strokes
     return buffer.getvalue()
+
+
+def fabric_path(points: list[tuple[float, float]]) -> dict:
+    """A stroke through *points* as the canvas's JSON holds it (fabric.js 7's pencil brush):
+    M, a Q per point but the last (the point as control, the midpoint to the next as end), L."""
+    path = [["M", *points[0]]]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        path.append(["Q", x0, y0, (x0 + x1) / 2, (y0 + y1) / 2])
+    path.append(["L", *points[-1]])
+    left, top = drawings._path_centre(path)  # where fabric.js puts an unedited stroke
+    return {"type": "Path", "originX": "center", "originY": "center", "left": left, "top": top,
+            "strokeWidth": utils.BRUSH_WIDTH, "path": path}  # fmt: skip
 
 
 def digit_png(digit: int) -> bytes:
@@ -109,8 +128,10 @@ def history_app() -> AppTest:
 
 
 def draw(at: AppTest, png: bytes, drawn: bool = True) -> AppTest:
-    """What the canvas sends when someone draws (drawn=False: after its clear button)."""
-    objects = [{"type": "path", "stroke": "#FFFFFF"}] if drawn else []
+    """What the canvas sends when someone draws (drawn=False: after its clear button): the PNG
+    and, for a drawing_png, its strokes as paths."""
+    strokes = STROKES_OF_PNG.get(png) or [[(0, 0)]]
+    objects = [fabric_path(stroke) for stroke in strokes] if drawn else []
     data_url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     value = {"drawing": {"raw": {"objects": objects}, "data": data_url}, "backgroundFit": None}
     at.session_state[f"canvas-{at.session_state[app.CANVAS_GENERATION]}"] = value
@@ -364,6 +385,59 @@ def test_an_answer_records_the_model_that_made_the_prediction(
     assert first != names[1]
 
 
+def stored_drawings(server: PostgresProcess) -> list[tuple]:
+    with server.connect() as conn:
+        return conn.execute(
+            "SELECT p.submission_id, d.strokes, d.canvas_size, d.brush_width, d.image"
+            " FROM drawings d JOIN predictions p ON p.id = d.prediction_id ORDER BY p.id"
+        ).fetchall()
+
+
+def test_an_answer_keeps_the_drawing_that_was_shown(draw_app, clean_db, model_file):
+    """The strokes as the canvas sent them, the canvas and brush sizes, and the 28x28 image
+    shown as "What the model sees"; the page says that drawings are kept."""
+    assert app.DRAWINGS_KEPT in values(draw_app.caption)
+    png = digit_png(7)
+    draw(draw_app, png)
+    shown = draw_app.session_state[app.ANALYSIS]
+    view = np.asarray(Image.open(io.BytesIO(shown.model_view_png)))
+    click(draw_app, app.CORRECT_BUTTON)
+
+    [(submission_id, strokes, canvas_size, brush_width, image)] = stored_drawings(clean_db)
+    assert [row[3] for row in stored_rows(clean_db)] == [submission_id]
+    assert strokes == [[list(point) for point in stroke] for stroke in STROKES[7]]
+    assert (canvas_size, brush_width) == (utils.CANVAS_SIZE, utils.BRUSH_WIDTH)
+    step = app.MODEL_VIEW_SIZE // utils.FRAME_SIZE  # the view is the image, 5x larger
+    assert image == view[::step, ::step].tobytes() == shown.model_pixels
+    image_read = utils.to_pixels(utils.preprocess(np.asarray(Image.open(io.BytesIO(png)))))
+    assert image == image_read.tobytes()
+
+
+def test_store_drawings_false_stores_the_answer_without_its_drawing(clean_db, monkeypatch):
+    monkeypatch.setenv("STORE_DRAWINGS", "false")
+    at = start_app()
+    assert app.DRAWINGS_KEPT not in values(at.caption)
+    click(draw(at, digit_png(7)), app.CORRECT_BUTTON)
+    assert values(at.success) and len(stored_rows(clean_db)) == 1
+    assert stored_drawings(clean_db) == []
+
+
+def test_a_drawing_too_large_to_keep_is_refused_and_nothing_is_stored(draw_app, clean_db):
+    """Over the documented limit (db.MAX_STROKE_POINTS): a clear message, no row, nothing
+    reset; with a drawing of fewer points, the answer is stored."""
+    (x0, y0), (x1, y1) = STROKES[1][0]
+    count = db.MAX_STROKE_POINTS + 1
+    points = [(x0 + n % 2, y0 + (y1 - y0) * n / count) for n in range(count)]
+    draw(draw_app, drawing_png([points]))
+    click(draw_app, app.CORRECT_BUTTON)
+    [error] = values(draw_app.error)
+    assert error.startswith("Not saved: this drawing is too large to keep (a stroke of 2001 ")
+    assert stored_rows(clean_db) == [] and stored_drawings(clean_db) == []
+    assert_nothing_reset(draw_app, label="")
+    click(draw(draw_app, digit_png(1)), app.CORRECT_BUTTON)
+    assert len(stored_rows(clean_db)) == len(stored_drawings(clean_db)) == 1
+
+
 def test_database_down_keeps_the_drawing_and_label_and_the_retry_stores_once(fresh_pg_server):
     fresh_pg_server.stop()
     db.configure(fresh_pg_server.url)
@@ -421,8 +495,12 @@ def test_a_malformed_database_url_never_crashes_the_app():
 
 def test_history_lists_every_row_newest_first(clean_db):
     stored = [(7, 7, 0.986, "a@1"), (3, 8, 0.5, "a@1"), (1, 1, 0.25, None)]
-    for predicted, true_label, confidence, name in stored:
-        db.log_prediction(predicted, true_label, confidence, model=name)
+    drawing = db.Drawing([[[140.0, 40.0], [140.0, 240.0]]], 280, 18.0, bytes(784))
+    for n, (predicted, true_label, confidence, name) in enumerate(stored):
+        # Answers with their drawing and without (stored before drawings were kept, or with
+        # STORE_DRAWINGS off) count alike.
+        kept = drawing if n == 1 else None
+        db.log_prediction(predicted, true_label, confidence, model=name, drawing=kept)
 
     at = history_app()
 
@@ -439,6 +517,7 @@ def test_history_lists_every_row_newest_first(clean_db):
     [matrix] = at.get("vega_lite_chart")
     assert chart_data(matrix).values.tolist() == [[1, 1, 1], [7, 7, 1], [8, 3, 1]]
     assert "The line appears with more than 50 answers." in values(at.caption)
+    assert app.DRAWINGS_EXPORT in values(at.caption)  # drawings: the owner's export
 
 
 def test_history_filters_by_model(clean_db):

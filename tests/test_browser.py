@@ -10,14 +10,24 @@ Screenshots of every step go to test-artifacts/<test name>/.
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
+import math
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import urljoin
 
+import numpy as np
 import pytest
-from conftest import own_server
+from conftest import aligned_difference, own_server
+from PIL import Image
 
 import app as app_module
+import db
+import drawings
+import model
+import utils
 from lab import browser
 from lab.browser import AppPage, AppProcess
 from lab.postgres import PostgresProcess, TcpProxy
@@ -160,6 +170,65 @@ def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
     page.snap("after-the-click")
     rows = rows_after(module_db, baseline)
     assert len(rows) <= 1 and all(is_shown(row, shown, shown.digit) for row in rows), rows
+    # ... and the drawing kept with it is the 1 that was shown: its two strokes, not the base.
+    assert [len(row[0]) for row in drawings_after(module_db, baseline)] == [2] * len(rows)
+
+
+def drawings_after(server: PostgresProcess, baseline: int) -> list[tuple]:
+    """(strokes, canvas_size, brush_width, image) of the drawings of the rows added since."""
+    with server.connect() as conn:
+        return conn.execute(
+            "SELECT strokes, canvas_size, brush_width, image FROM drawings"
+            " WHERE prediction_id > %s ORDER BY prediction_id",
+            (baseline,),
+        ).fetchall()
+
+
+def model_view_shown(page: AppPage, app_url: str) -> np.ndarray:
+    """The 28x28 image under "What the model sees", as the page shows it (5x larger)."""
+    src = page.page.get_by_test_id("stImage").locator("img").get_attribute("src")
+    png = page.page.request.get(urljoin(app_url + "/", src)).body()
+    step = app_module.MODEL_VIEW_SIZE // utils.FRAME_SIZE
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L"))[::step, ::step]
+
+
+def distance_to_polyline(point: list[float], line) -> float:
+    p = np.asarray(point)
+    distances = []
+    for a, b in itertools.pairwise(np.asarray(line, dtype=float)):
+        t = np.clip(np.dot(p - a, b - a) / max(np.dot(b - a, b - a), 1e-9), 0, 1)
+        distances.append(np.linalg.norm(p - (a + t * (b - a))))
+    return min(distances)
+
+
+def test_a_mouse_drawing_is_stored_with_its_strokes_and_the_image_shown(
+    open_session, module_db, shared_app
+):
+    """The page says drawings are kept; Correct stores the 7 drawn with the mouse as its three
+    strokes, each point on the path the mouse took, with the 28x28 image the page showed; the
+    strokes draw back into that image (drawings.model_image: same digit, near the same pixels)."""
+    page = open_session()
+    assert page.page.get_by_text(app_module.DRAWINGS_KEPT).is_visible()
+    baseline = last_id(module_db)
+    shown = draw_and_read(page, 7)
+    view = model_view_shown(page, shared_app.url)
+    page.click_correct()
+    assert saved_message(7, shown) in page.alerts()
+
+    [(strokes, canvas_size, brush_width, image)] = drawings_after(module_db, baseline)
+    assert (canvas_size, brush_width) == (app_module.CANVAS_SIZE, app_module.BRUSH_WIDTH)
+    assert len(strokes) == len(browser.DIGIT_STROKES[7])
+    for stroke, moved in zip(strokes, browser.DIGIT_STROKES[7], strict=True):
+        assert len(stroke) >= 10  # a point per mouse move, every 4 px at most
+        # (mouse events land on whole CSS pixels: up to 0.5 px off in x and in y, each)
+        assert max(distance_to_polyline(point, moved) for point in stroke) < 1.5
+        assert math.dist(stroke[0], moved[0]) < 1.5 and math.dist(stroke[-1], moved[-1]) < 1.5
+    assert np.array_equal(np.frombuffer(image, np.uint8).reshape(28, 28), view)
+    drawing = db.Drawing(strokes, canvas_size, brush_width, image)
+    again = drawings.model_image(drawing)
+    classifier = model.load_model(model.model_path())
+    assert model.predict(classifier, utils.normalize(again)[None, None]).digit == shown.digit
+    assert aligned_difference(again, view) <= 3.0
 
 
 def assert_in_view(locator, viewport: dict[str, int]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import logging
@@ -19,6 +20,7 @@ import psycopg
 import pytest
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
 
 import db
 from lab import free_port
@@ -90,7 +92,7 @@ OLD_TABLE = """CREATE TABLE predictions (id bigserial PRIMARY KEY,
 def test_init_db_upgrades_an_old_table_and_keeps_every_row(pg_server, old_table):
     columns = "id, created_at, predicted_digit, true_label, confidence"
     with pg_server.connect() as conn:
-        conn.execute("DROP TABLE IF EXISTS predictions")
+        conn.execute("DROP TABLE IF EXISTS drawings, predictions")
         conn.execute(old_table)
         conn.execute(
             "INSERT INTO predictions (created_at, predicted_digit, true_label, confidence)"
@@ -102,11 +104,15 @@ def test_init_db_upgrades_an_old_table_and_keeps_every_row(pg_server, old_table)
     db.init_db()
     db.init_db()  # idempotent
     sid = uuid.uuid4()
-    new_id = db.log_prediction(1, 1, 0.9, submission_id=sid, model=MODEL_A)
+    new_id = db.log_prediction(1, 1, 0.9, submission_id=sid, model=MODEL_A, drawing=a_drawing())
     assert db.log_prediction(1, 1, 0.9, submission_id=sid, model=MODEL_A) == new_id
     after = rows(pg_server, f"{columns}, submission_id, model")
     assert [row[:5] for row in after[:-1]] == before
     assert [row[5:] for row in after] == [(None, None)] * 1000 + [(sid, MODEL_A)]
+    # The old answers stay valid without a drawing, and History counts them all.
+    assert [row[0] for row in drawing_rows(pg_server)] == [sid]
+    assert db.count_predictions() == 1001
+    assert sum(entry["answers"] for entry in db.models_answering()) == 1001
 
 
 # --- storing answers ----------------------------------------------------------------------------
@@ -178,6 +184,161 @@ def test_8_threads_at_once_store_every_row_and_one_retried_submission_once(clean
     assert len({retried for retried, _ in results}) == 1
     assert len({row_id for _, own in results for row_id in own}) == 160
     assert len(rows(clean_db)) == db.count_predictions() == 161
+
+
+# --- drawings ------------------------------------------------------------------------------------
+
+
+def a_drawing(strokes=None, image: bytes = bytes(range(256)) * 3 + bytes(16)) -> db.Drawing:
+    """A drawing as the app stores it: a 7 in two strokes, on the 280 px canvas, brush 18."""
+    if strokes is None:
+        strokes = [[[70.5, 50.0], [210.0, 50.25]], [[207.0, 54.0], [120.0, 240.0]]]
+    return db.Drawing(strokes, 280, 18.0, image)
+
+
+def drawing_rows(server: PostgresProcess, dbname: str = "postgres") -> list[tuple]:
+    with server.connect(dbname=dbname) as conn:
+        return conn.execute(
+            "SELECT p.submission_id, d.strokes, d.canvas_size, d.brush_width, d.image"
+            " FROM drawings d JOIN predictions p ON p.id = d.prediction_id ORDER BY p.id"
+        ).fetchall()
+
+
+def test_an_answer_and_its_drawing_are_stored_together_once(clean_db):
+    drawing, sid = a_drawing(), uuid.uuid4()
+    row_id = db.log_prediction(7, 7, 0.9, sid, MODEL_A, drawing=drawing)
+    assert db.log_prediction(7, 7, 0.9, sid, MODEL_A, drawing=drawing) == row_id  # a retry
+    db.log_prediction(1, 1, 0.8)  # without a drawing (STORE_DRAWINGS off): the answer alone
+    assert drawing_rows(clean_db) == [(sid, drawing.strokes, 280, 18.0, drawing.image)]
+    assert rows(clean_db) == [(7, 7), (1, 1)]
+    assert db.count_predictions() == 2
+
+
+def test_an_answer_whose_drawing_cannot_be_stored_is_not_stored_either(clean_db):
+    drawing = a_drawing()
+    object.__setattr__(drawing, "image", b"\x00" * 783)  # past the Python checks: the CHECK
+    with pytest.raises(errors.CheckViolation):
+        db.log_prediction(7, 7, 0.9, uuid.uuid4(), drawing=drawing)
+    assert rows(clean_db) == [] and drawing_rows(clean_db) == []
+
+
+def test_without_the_drawings_table_an_answer_with_a_drawing_says_to_migrate(clean_db):
+    """E.g. an upgraded app whose database was not migrated: nothing half-stored."""
+    with clean_db.connect() as conn:
+        conn.execute("DROP TABLE drawings")
+    with pytest.raises(RuntimeError, match="python db.py migrate"):
+        db.log_prediction(7, 7, 0.9, uuid.uuid4(), drawing=a_drawing())
+    assert rows(clean_db) == []
+    db.log_prediction(7, 7, 0.9)  # answers alone (STORE_DRAWINGS=false) still work
+    assert rows(clean_db) == [(7, 7)]
+
+
+def stroke(points: int, x: float = 100.0) -> list[list[float]]:
+    return [[x, 10.0 + n % 200] for n in range(points)]
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda: a_drawing([stroke(1)] * (db.MAX_STROKES + 1)), db.DrawingTooLarge),
+        (lambda: a_drawing([stroke(db.MAX_STROKE_POINTS + 1)]), db.DrawingTooLarge),
+        (lambda: a_drawing([stroke(db.MAX_STROKE_POINTS)] * 6), db.DrawingTooLarge),
+        (lambda: a_drawing([]), ValueError),
+        (lambda: a_drawing([[]]), ValueError),
+        (lambda: a_drawing([[[1.0, 2.0, 3.0]]]), ValueError),
+        (lambda: a_drawing([[["1", 2.0]]]), ValueError),
+        (lambda: a_drawing([[[math.nan, 2.0]]]), ValueError),
+        (lambda: a_drawing([[[1.0, 561.0]]]), ValueError),  # beyond twice the canvas
+        (lambda: a_drawing(image=bytes(783)), ValueError),
+        (lambda: db.Drawing([stroke(2)], 0, 18.0, bytes(784)), ValueError),
+        (lambda: db.Drawing([stroke(2)], 280, 0.0, bytes(784)), ValueError),
+        (lambda: db.Drawing([stroke(2)], 280, 141.0, bytes(784)), ValueError),
+    ],
+    ids=lambda v: "" if callable(v) else v.__name__,
+)
+def test_a_drawing_over_the_limits_or_malformed_is_refused_in_python(make, error):
+    with pytest.raises(error):
+        make()
+
+
+def test_the_limits_fit_a_real_drawing_at_their_edge():
+    """Exactly at every limit: accepted."""
+    per_stroke = db.MAX_POINTS // db.MAX_STROKES
+    assert a_drawing([stroke(per_stroke)] * db.MAX_STROKES)
+    assert a_drawing([stroke(db.MAX_STROKE_POINTS)] * (db.MAX_POINTS // db.MAX_STROKE_POINTS))
+
+
+GOOD_STROKES = "[[[70.5, 50], [210, 50.25]]]"
+
+
+@pytest.mark.parametrize(
+    ("strokes", "size", "brush", "image_bytes"),
+    [
+        ("[]", 280, 18, 784),
+        ("{}", 280, 18, 784),
+        ("[[]]", 280, 18, 784),
+        ("[[[1, 2, 3]]]", 280, 18, 784),
+        ('[[["1", 2]]]', 280, 18, 784),
+        ("[[[1, 561]]]", 280, 18, 784),
+        ("[[[-281, 1]]]", 280, 18, 784),
+        ("[[[1, 2]], 5]", 280, 18, 784),
+        ("[[[1, 2]], [5]]", 280, 18, 784),
+        ("[[[1, 2]], [[null, 2]]]", 280, 18, 784),
+        (Jsonb([[[1, 2]]] * (db.MAX_STROKES + 1)), 280, 18, 784),
+        (Jsonb([[[1, 2]] * (db.MAX_STROKE_POINTS + 1)]), 280, 18, 784),
+        (Jsonb([[[1, 2]] * db.MAX_STROKE_POINTS] * 6), 280, 18, 784),
+        (GOOD_STROKES, 27, 1, 784),
+        (GOOD_STROKES, 280, 0, 784),
+        (GOOD_STROKES, 280, 141, 784),
+        (GOOD_STROKES, 280, 18, 783),
+    ],
+    ids=lambda value: ascii(value)[:24],
+)
+def test_the_drawings_table_refuses_what_python_refuses(
+    clean_db, strokes, size, brush, image_bytes
+):
+    """The last line of defence, for writers other than db.log_prediction."""
+    with clean_db.connect() as conn:
+        conn.execute(
+            "INSERT INTO drawings (prediction_id, strokes, canvas_size, brush_width, image)"
+            " VALUES (%s, %s, 280, 18, %s)",
+            (db.log_prediction(1, 1, 0.5), GOOD_STROKES, bytes(784)),
+        )  # the control: a good row goes in
+        with pytest.raises(errors.CheckViolation), conn.transaction():
+            conn.execute(
+                "INSERT INTO drawings (prediction_id, strokes, canvas_size, brush_width, image)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (db.log_prediction(2, 2, 0.5), strokes, size, brush, bytes(image_bytes)),
+            )
+    assert len(drawing_rows(clean_db)) == 1
+
+
+def test_export_drawings_writes_every_answer_with_its_drawing_as_json_lines(
+    clean_db, monkeypatch, tmp_path
+):
+    import json
+
+    db.log_prediction(1, 1, 0.5)  # an answer from before drawings were kept: not exported
+    sid, drawing = uuid.uuid4(), a_drawing()
+    row_id = db.log_prediction(7, 1, 0.75, sid, MODEL_A, drawing=drawing)
+    monkeypatch.setenv("DATABASE_URL", clean_db.url)  # the owner
+    out = tmp_path / "drawings.jsonl"
+    assert db.main(["db.py", "export-drawings", str(out)]) == 0
+    (line,) = [json.loads(text) for text in out.read_text().splitlines()]
+    assert datetime.fromisoformat(line.pop("created_at")) <= datetime.now(UTC)
+    assert base64.b64decode(line.pop("image")) == drawing.image
+    assert line == {
+        "prediction_id": row_id,
+        "submission_id": str(sid),
+        "predicted_digit": 7,
+        "true_label": 1,
+        "confidence": 0.75,
+        "model": MODEL_A,
+        "strokes": drawing.strokes,
+        "canvas_size": 280,
+        "brush_width": 18.0,
+    }
+    assert not list(tmp_path.glob("*.partial"))
 
 
 # --- unavailable, hung and busy database --------------------------------------------------------
@@ -309,7 +470,8 @@ def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch)
     db.init_db()  # as the app role: checks, changes nothing
     sid = uuid.uuid4()
     assert db.log_prediction(4, 4, 0.5, sid) == db.log_prediction(4, 4, 0.5, sid)
-    assert len(db.recent_predictions()) == 1
+    db.log_prediction(7, 7, 0.5, uuid.uuid4(), drawing=a_drawing())  # may insert a drawing
+    assert len(db.recent_predictions()) == 2
     with psycopg.connect(db.resolve_conninfo(), autocommit=True) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (db.APP_ROLE,)
         for statement in [
@@ -319,11 +481,24 @@ def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch)
             "DELETE FROM predictions",
             "UPDATE predictions SET true_label = 0",
             "ALTER TABLE predictions ADD COLUMN x int",
+            "SELECT image FROM drawings",  # the app never reads drawings back
+            "DELETE FROM drawings",
+            "UPDATE drawings SET canvas_size = 28",
+            "TRUNCATE drawings",
+            "DROP TABLE drawings",
         ]:
             with pytest.raises(errors.InsufficientPrivilege):
                 conn.execute(statement)
     with pg_server.connect(dbname="feedback") as conn:
-        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (2,)
+        assert conn.execute("SELECT count(*) FROM drawings").fetchone() == (1,)
+        granted = conn.execute(
+            "SELECT table_name, string_agg(privilege_type, ', ' ORDER BY privilege_type)"
+            " FROM information_schema.role_table_grants WHERE grantee = %s"
+            " GROUP BY 1 ORDER BY 1",
+            (db.APP_ROLE,),
+        ).fetchall()
+        assert granted == [("drawings", "INSERT"), ("predictions", "INSERT, SELECT")]
 
     # The password really is checked: a wrong one is refused.
     db.configure(db.resolve_conninfo({**env, "APP_DB_PASSWORD": "wrong"}))

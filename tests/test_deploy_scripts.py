@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from psycopg.types.json import Jsonb
+
+import db
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "deploy").glob("*.sh"))
@@ -211,25 +214,45 @@ def test_backup_and_restore_round_trip_with_real_postgres(
     from lab.postgres import PG_BIN
 
     stub(tmp_path, "docker", DOCKER_STUB.format(pg_bin=PG_BIN, port=fresh_pg_server.port))
+    db.migrate(fresh_pg_server.url)  # the app's tables: answers, and the drawings behind them
+    strokes = [[[70.5, 50.0], [210.0, 50.0]], [[207.0, 54.0], [120.0, 240.0]]]
     with fresh_pg_server.connect() as conn:
-        conn.execute("CREATE TABLE predictions (id serial PRIMARY KEY, digit int)")
-        conn.execute("INSERT INTO predictions (digit) VALUES (3), (7)")
+        for digit in (3, 7):
+            conn.execute(
+                "INSERT INTO predictions (predicted_digit, true_label, confidence)"
+                " VALUES (%s, %s, 0.5)",
+                (digit, digit),
+            )
+        conn.execute(
+            "INSERT INTO drawings (prediction_id, strokes, canvas_size, brush_width, image)"
+            " VALUES (2, %s, 280, 18, %s)",
+            (Jsonb(strokes), bytes(range(256)) * 3 + bytes(16)),
+        )
 
+    def stored() -> tuple[list, list]:
+        with fresh_pg_server.connect() as conn:
+            digits = conn.execute("SELECT true_label FROM predictions ORDER BY id").fetchall()
+            kept = conn.execute("SELECT prediction_id, strokes, image FROM drawings").fetchall()
+        return [row[0] for row in digits], kept
+
+    before = stored()
     result = run_script(repo, "backup-db.sh")
     assert result.returncode == 0, result.stderr
     (backup,) = (repo / "backups").glob("mnist-*.sql.gz")
     assert re.fullmatch(r"mnist-\d{8}T\d{6}Z\.sql\.gz", backup.name)
-    assert "predictions" in gzip.decompress(backup.read_bytes()).decode()
+    dump = gzip.decompress(backup.read_bytes()).decode()
+    assert "COPY public.predictions" in dump and "COPY public.drawings" in dump
     assert not list((repo / "backups").glob("*.partial"))
 
     with fresh_pg_server.connect() as conn:
-        conn.execute("DELETE FROM predictions WHERE digit = 3")
-        conn.execute("INSERT INTO predictions (digit) VALUES (9)")
+        conn.execute("DELETE FROM predictions WHERE true_label = 7")  # and its drawing
+        conn.execute(
+            "INSERT INTO predictions (predicted_digit, true_label, confidence) VALUES (9, 9, 0.5)"
+        )
+    assert stored() == ([3, 9], [])
     result = run_script(repo, "restore-db.sh", str(backup))
     assert result.returncode == 0, result.stderr
-    with fresh_pg_server.connect() as conn:
-        digits = [r[0] for r in conn.execute("SELECT digit FROM predictions ORDER BY id")]
-    assert digits == [3, 7]
+    assert stored() == before == ([3, 7], [(2, strokes, bytes(range(256)) * 3 + bytes(16))])
 
 
 def test_failed_backup_exits_non_zero_and_leaves_no_file(repo: Path, tmp_path: Path) -> None:
