@@ -498,7 +498,12 @@ def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch)
             " GROUP BY 1 ORDER BY 1",
             (db.APP_ROLE,),
         ).fetchall()
-        assert granted == [("drawings", "INSERT"), ("predictions", "INSERT, SELECT")]
+        assert granted == [
+            ("drawings", "INSERT"),
+            ("model_promotions", "SELECT"),
+            ("model_versions", "SELECT"),
+            ("predictions", "INSERT, SELECT"),
+        ]
 
     # The password really is checked: a wrong one is refused.
     db.configure(db.resolve_conninfo({**env, "APP_DB_PASSWORD": "wrong"}))
