@@ -283,8 +283,9 @@ def read_feedback(conninfo: str, until: int | None = None) -> list[Drawing]:
             f"schema is upgraded (`python db.py migrate`, or start the app once)"
         ) from exc
     except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())
         raise FeedbackError(
-            f"cannot read the app's drawings: database unreachable ({str(exc).strip()}). Check "
+            f"cannot read the app's drawings: database unreachable ({reason}). Check "
             f"DATABASE_URL or the POSTGRES_* variables (the owner's: POSTGRES_USER, "
             f"POSTGRES_PASSWORD), or train without --sources feedback"
         ) from exc
