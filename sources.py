@@ -90,20 +90,53 @@ class Source:
     until: int | None = None  # feedback: the newest row read (a resume reads no newer ones)
 
 
-def load(args, feedback_until: int | None = None) -> list[Source]:
-    """The sources `args.sources` names, in that order (see train.py's flags); the feedback up
-    to row `feedback_until` if given (a resumed run's)."""
+@dataclass
+class Data:
+    """What train.py trains on: the sources, the images each gives an epoch, MNIST's test set."""
+
+    sources: list[Source]
+    per_epoch: list[int]
+    test: Images  # MNIST's test set, raw (MNIST's own framing)
+    images: torch.Tensor = field(init=False)  # every source's training images, one after another
+    labels: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = torch.cat([source.train.images for source in self.sources])
+        self.labels = torch.cat([source.train.labels for source in self.sources])
+
+    @property
+    def held_out(self) -> list[HeldOut]:
+        return [source.held_out for source in self.sources if source.held_out is not None]
+
+    @property
+    def feedback_until(self) -> int | None:
+        return next((source.until for source in self.sources if source.until), None)
+
+
+def load_data(args, feedback_until: int | None = None) -> Data:
+    """The sources `args.sources` names, in that order (see train.py's flags), and MNIST's test
+    set; the feedback up to row `feedback_until` if given (a resumed run's)."""
     loaders = {"mnist": load_mnist, "pen": load_pen}
-    return [
+    found = [
         load_feedback(args, feedback_until) if name == "feedback" else loaders[name](args)
         for name in args.sources
     ]
+    data = Data(found, per_epoch(found, args.epoch_size), mnist_test(args))
+    log.info(
+        "data: %d images per epoch (%s), %d MNIST test images from %s",
+        sum(data.per_epoch),
+        ", ".join(f"{n} {s.name}" for s, n in zip(found, data.per_epoch, strict=True)),
+        len(data.test),
+        args.data_dir,
+    )
+    return data
 
 
-def per_epoch(sources: Sequence[Source]) -> list[int]:
+def per_epoch(sources: Sequence[Source], epoch_size: int | None = None) -> list[int]:
     """How many images each source gives an epoch. A source with a share adds that fraction of
     the epoch on top of the sources before it (pen: 40% beside MNIST; feedback: its share of
-    MNIST + pen); alone, or without a share, every image once."""
+    MNIST + pen); alone, or without a share, every image once. With `epoch_size`, every count
+    is scaled so that they add up to it (a short fine-tune sees part of MNIST each epoch)."""
     counts: list[int] = []
     for source in sources:
         before = sum(counts)
@@ -111,6 +144,9 @@ def per_epoch(sources: Sequence[Source]) -> list[int]:
             counts.append(len(source.train))
         else:
             counts.append(round(before * source.share / (1 - source.share)))
+    if epoch_size:
+        total = sum(counts)
+        counts = [round(count * epoch_size / total) for count in counts]
     return counts
 
 
@@ -118,13 +154,14 @@ def epoch_order(
     sources: Sequence[Source], counts: Sequence[int], seed: int, epoch: int
 ) -> torch.Tensor:
     """The shuffled indices of epoch `epoch` into the sources' training images, one after the
-    other: every image of a source without a share, `count` of the others (in a fresh random
-    order, repeated if there are fewer). A function of the seed, so a resume can replay it."""
+    other: `count` of each source's, all of them in order if that is all of a source without a
+    share, else in a fresh random order (repeated if there are fewer). A function of the seed,
+    so a resume can replay it."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     chosen, start = [], 0
     for source, count in zip(sources, counts, strict=True):
         size = len(source.train)
-        if source.share is None:
+        if source.share is None and count == size:
             picks = torch.arange(size)
         else:
             rounds = -(-count // size) if size else 0

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-e(\d{4})-s(\d{6})\.pt$")
 RUN_SETTINGS = (
     "epochs", "batch_size", "lr", "seed", "limit",
     "sources", "pen_share", "pen_views", "held_out_writers",
-    "feedback_share", "feedback_views", "init",
+    "feedback_share", "feedback_views", "init", "epoch_size",
 )  # fmt: skip
 SOURCES = sources.NAMES
 FEEDBACK_SHARE = 0.05
@@ -124,6 +124,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start from these weights (e.g. models/model.pth, a fine-tune) instead of random",
     )
     parser.add_argument(
+        "--epoch-size",
+        type=int,
+        default=None,
+        help="images per epoch, from the sources in their shares (default: MNIST once, plus the "
+        "other sources' shares); smaller for a short fine-tune",
+    )
+    parser.add_argument(
         "--promote",
         action="store_true",
         help="after training, make the model live only if it beats the live one (versions.py)",
@@ -147,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epochs, --batch-size and --keep must be >= 1 and --lr > 0")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.epoch_size is not None and args.epoch_size < 1:
+        parser.error("--epoch-size must be >= 1")
     if not 0 < args.pen_share < 1 or args.pen_views < 1:
         parser.error("--pen-share must be between 0 and 1 (exclusive), --pen-views >= 1")
     if not 0 < args.feedback_share < 1 or args.feedback_views < 1:
@@ -298,40 +307,6 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
 # --- training --------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainingData:
-    sources: list[sources.Source]
-    per_epoch: list[int]  # images each source gives an epoch
-    test: sources.Images  # MNIST's test set, raw (through utils.preprocess at the end)
-    images: torch.Tensor = field(init=False)  # every source's training images, one after another
-    labels: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.images = torch.cat([source.train.images for source in self.sources])
-        self.labels = torch.cat([source.train.labels for source in self.sources])
-
-    @property
-    def held_out(self) -> list[sources.HeldOut]:
-        return [source.held_out for source in self.sources if source.held_out is not None]
-
-    @property
-    def feedback_until(self) -> int | None:
-        return next((source.until for source in self.sources if source.until), None)
-
-
-def load_data(args: argparse.Namespace, feedback_until: int | None) -> TrainingData:
-    found = sources.load(args, feedback_until)
-    data = TrainingData(found, sources.per_epoch(found), sources.mnist_test(args))
-    log.info(
-        "data: %d images per epoch (%s), %d MNIST test images from %s",
-        sum(data.per_epoch),
-        ", ".join(f"{n} {s.name}" for s, n in zip(found, data.per_epoch, strict=True)),
-        len(data.test),
-        args.data_dir,
-    )
-    return data
-
-
 def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
     started = time.perf_counter()
     device = select_device(args.device)
@@ -346,48 +321,14 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
         os.getpid(),
     )
     settings = {name: _plain(getattr(args, name)) for name in RUN_SETTINGS}
-    state = None
     if args.fresh:
         log.info("--fresh: ignoring checkpoints in %s", args.checkpoint_dir)
-    else:
-        state = load_newest_checkpoint(args.checkpoint_dir, settings)
+    state = None if args.fresh else load_newest_checkpoint(args.checkpoint_dir, settings)
     # A resume trains on the drawings the interrupted run read, not on those stored since.
-    data = load_data(args, feedback_until=state.get("feedback_until") if state else None)
-
-    net = DigitCNN()
-    if args.init and not state:
-        try:
-            net = model_lib.load_model(args.init)
-        except model_lib.ModelLoadError as exc:
-            raise SetupError(f"--init {args.init}: {exc}") from exc
-        log.info("starting from the weights in %s", args.init)
-    net = net.to(device).to(memory_format=torch.channels_last)
-    steps_per_epoch = -(-sum(data.per_epoch) // args.batch_size)
-    optimizer = torch.optim.SGD(
-        net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
-    )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch
-    )
-    history: list[dict] = []
-    first_epoch, first_step, trained_seconds = 0, 0, 0.0
-    if state:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        first_epoch, first_step = state["epoch"], state["step"]
-        history, trained_seconds = state["history"], state["trained_seconds"]
-        log.info(
-            "resuming from epoch %d step %d (%s): continuing with epoch %d/%d",
-            first_epoch,
-            first_step,
-            state["path"].name,
-            first_epoch + 1,
-            args.epochs,
-        )
-    elif not args.fresh:
-        log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
+    data = sources.load_data(args, feedback_until=state.get("feedback_until") if state else None)
+    net, optimizer, scheduler = build(args, data, device, state)
+    history, trained_seconds = (state["history"], state["trained_seconds"]) if state else ([], 0)
+    progress = Progress(epoch=state["epoch"], step=state["step"]) if state else Progress(0, 0)
 
     def save_checkpoint(epoch: int, step: int) -> Path:
         path = args.checkpoint_dir / checkpoint_name(epoch, step)
@@ -408,10 +349,10 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
         return path
 
     dataset = TensorDataset(data.images, data.labels)
+    steps_per_epoch = -(-sum(data.per_epoch) // args.batch_size)
     session_start = time.perf_counter()
-    progress = Progress(epoch=first_epoch, step=first_step)
     try:
-        for epoch in range(first_epoch, args.epochs):
+        for epoch in range(progress.epoch, args.epochs):
             progress.epoch = epoch
             order = sources.epoch_order(data.sources, data.per_epoch, args.seed, epoch)
             loader = DataLoader(
@@ -424,18 +365,15 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
             train_one_epoch(
                 net, loader, optimizer, scheduler, device, args, progress, steps_per_epoch, stop
             )
-            history.append(epoch_figures(net, data, device, epoch))
+            history.append(figures := epoch_figures(net, data, device, epoch))
             rss, peak = memory_mb()
             log.info(
                 "epoch %d/%d done: test accuracy %.2f%%%s, lr %.4f, rss %.0f MB (peak %.0f MB), "
                 "%.0f s so far",
                 epoch + 1,
                 args.epochs,
-                100 * history[-1]["test_accuracy"],
-                "".join(
-                    f", {held.title} {history[-1][held.key + '_accuracy']:.2%}"
-                    for held in data.held_out
-                ),
+                100 * figures["test_accuracy"],
+                "".join(f", {h.title} {figures[f'{h.key}_accuracy']:.2%}" for h in data.held_out),
                 scheduler.get_last_lr()[0],
                 rss,
                 peak,
@@ -465,23 +403,61 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
     return Trained(out, info, data)
 
 
+def build(args: argparse.Namespace, data: sources.Data, device, state: dict | None):
+    """The network, its optimizer and learning-rate schedule: as the checkpoint `state` left
+    them, or new (the network from --init's weights if given)."""
+    net = DigitCNN()
+    if args.init and not state:
+        try:
+            net = model_lib.load_model(args.init)
+        except model_lib.ModelLoadError as exc:
+            raise SetupError(f"--init {args.init}: {exc}") from exc
+        log.info("starting from the weights in %s", args.init)
+    net = net.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=args.lr,
+        epochs=args.epochs,
+        steps_per_epoch=-(-sum(data.per_epoch) // args.batch_size),
+    )
+    if state:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        log.info(
+            "resuming from epoch %d step %d (%s): continuing with epoch %d/%d",
+            state["epoch"],
+            state["step"],
+            state["path"].name,
+            state["epoch"] + 1,
+            args.epochs,
+        )
+    elif not args.fresh:
+        log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
+    return net, optimizer, scheduler
+
+
 @dataclass
 class Trained:
     path: Path  # the weights written
     info: dict  # what model.json says about them
-    data: TrainingData
+    data: sources.Data
 
 
-def epoch_figures(net, data: TrainingData, device, epoch: int) -> dict:
+def epoch_figures(net, data: sources.Data, device, epoch: int) -> dict:
     """Accuracy on MNIST's test set and each held-out part after an epoch (fast: the 28x28
     images as they are; the app's path is measured at the end)."""
     figures = {"epoch": epoch + 1, "test_accuracy": pixels_accuracy(net, data.test, device)}
     for held in data.held_out:
-        figures[held.key + "_accuracy"] = pixels_accuracy(net, held, device)
+        figures[f"{held.key}_accuracy"] = pixels_accuracy(net, held, device)
     return figures
 
 
-def final_figures(net, data: TrainingData) -> dict:
+def final_figures(net, data: sources.Data) -> dict:
     """MNIST's test set through utils.preprocess (the app's path) and each held-out part, per
     digit and with its worst confusions, logged and returned for model.json."""
     test = accuracy_report(
@@ -669,7 +645,7 @@ def accuracy_report(predicted: Sequence[int | None], labels: Sequence[int]) -> d
 
 
 def write_model(
-    net, args, data: TrainingData, metrics: dict, trained_seconds: float, started: float, out: Path
+    net, args, data: sources.Data, metrics: dict, trained_seconds: float, started: float, out: Path
 ) -> dict:
     """The weights to `out` and what they are (how trained, on what, their figures) to
     `out`.json: model.json."""

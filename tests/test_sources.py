@@ -103,6 +103,12 @@ def test_each_source_gives_an_epoch_its_share_and_feedback_is_a_share_of_the_who
     assert torch.equal(order, sources.epoch_order(found, counts, seed=1, epoch=0))
     assert not torch.equal(order, sources.epoch_order(found, counts, seed=1, epoch=1))
     assert sources.per_epoch([source("feedback", 30, 0.1)]) == [30]  # alone: each once
+    # A short epoch (a fine-tune): the same shares, part of MNIST, each image at most once.
+    short = sources.per_epoch(found, epoch_size=222)
+    assert short == [120, 80, 22]
+    mnist = sources.epoch_order(found, short, seed=1, epoch=0)
+    mnist = mnist[mnist < 600]
+    assert len(mnist) == len(set(mnist.tolist())) == 120 and mnist.max() > 120
 
 
 def test_no_drawing_to_train_on_is_a_clear_error(answered, tmp_path, monkeypatch):
