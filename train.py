@@ -489,7 +489,10 @@ def candidate_path(args: argparse.Namespace) -> Path:
 
 def promote(args: argparse.Namespace, trained: Trained) -> int:
     """Hand the candidate to versions.promote with the sets to compare it on; the exit code."""
-    import versions  # only here: training without --promote needs no registry
+    try:
+        import versions  # only here: training without --promote needs no registry
+    except ImportError as exc:
+        raise SetupError(f"--promote needs versions.py, the model registry ({exc})") from exc
 
     data = trained.data
     held_feedback = next((h for h in data.held_out if h.key == "feedback_held_out"), None)

@@ -34,6 +34,7 @@ STEPS = 8
 DONE = re.compile(r"epoch (\d+)/\d+ done")
 SAVED = re.compile(r"checkpoint saved: .*checkpoint-e(\d{4})-s000000\.pt")
 RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+)")
+FEEDBACK = re.compile(r"feedback: (\d+) answered drawings")
 
 
 def train_command(directory: Path, *extra: str) -> list[str]:
@@ -122,8 +123,8 @@ def test_a_run_learns_and_writes_the_model_its_report_and_the_newest_checkpoints
 def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
     tmp_path, fresh_pg_server
 ):
-    """On the three sources: MNIST, pen digits, and 30 drawings in the app's database; drawings
-    answered after the first run started are not trained on by its resumptions."""
+    """On the three sources: MNIST, pen digits, and 30 drawings in the app's database, 5 more
+    answered after each run: a resumed run trains on the drawings its first run read."""
     answered(fresh_pg_server, 30)
     env = {**ENV, "DATABASE_URL": fresh_pg_server.url}
     seed = int(os.environ.get("DRILL_SEED") or time.time_ns() % 10**9)
@@ -140,6 +141,7 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
     command = train_command(tmp_path, "--log-every", "0", "--sources", "mnist,pen,feedback")
     ckpt = tmp_path / "ckpt"
     done, saved = [], set()  # epochs logged done (by every run) and logged saved
+    read = 0  # drawings read by the run that started from scratch
     for index, moment in enumerate([*moments, None]):
         on_disk = newest_loadable(ckpt)
         process, text = start_until(command, moment[0] if moment else "(?!)", env)  # (?!): end
@@ -152,11 +154,12 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
             process.kill()
         print(f"  run {index}: killed at {moment}: exit {process.returncode}")
         assert process.returncode == (-signal.SIGKILL if moment else 0), text[-3000:]
-        assert "feedback: 30 answered drawings" in text, text[-3000:]
-        if index == 0:
-            answered(fresh_pg_server, 5, seed=100)  # stored while the run was down
         resumed = RESUMED.search(text)
         assert ("starting from scratch" in text) == (resumed is None) == (on_disk == 0)
+        [count] = map(int, FEEDBACK.findall(text))
+        assert count == (read if resumed else 30 + 5 * index), "a resume reads what its run read"
+        read = count
+        answered(fresh_pg_server, 5, seed=100 + 5 * index)  # answered while the run is down
         first = int(resumed.group(1)) + 1 if resumed else 1
         assert first - 1 == on_disk, "it resumes from the newest checkpoint"
         ran = [int(epoch) for epoch in DONE.findall(text)]
@@ -172,7 +175,7 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
     assert report["epochs"] == 3 and report["sources"] == ["mnist", "pen", "feedback"]
     held = report["feedback_held_out"]  # 1 in 5 submissions, never trained on
     assert 0 < held["count"] == held["drawings"] < 15 and 0 <= held["accuracy"] <= 1
-    assert report["training_images"]["feedback"] == 8 * (30 - held["count"])
+    assert report["training_images"]["feedback"] == 8 * (read - held["count"])
     assert newest_loadable(ckpt) == 3 and len(checkpoints(ckpt)) == 3
     assert not list(tmp_path.rglob("*.tmp"))
 
