@@ -133,10 +133,11 @@ def load_data(args, feedback_until: int | None = None) -> Data:
 
 
 def per_epoch(sources: Sequence[Source], epoch_size: int | None = None) -> list[int]:
-    """How many images each source gives an epoch. A source with a share adds that fraction of
-    the epoch on top of the sources before it (pen: 40% beside MNIST; feedback: its share of
-    MNIST + pen); alone, or without a share, every image once. With `epoch_size`, every count
-    is scaled so that they add up to it (a short fine-tune sees part of MNIST each epoch)."""
+    """How many images each source gives an epoch of `epoch_size` images. A source with a share
+    has that fraction of the images beside the sources before it (pen: 40% beside MNIST;
+    feedback: its share of all); alone, or without a share, every image once. The default size
+    is MNIST once plus the pen share (100,000 images): learning from feedback takes no longer.
+    A smaller size (a short fine-tune) sees part of MNIST each epoch."""
     counts: list[int] = []
     for source in sources:
         before = sum(counts)
@@ -144,10 +145,10 @@ def per_epoch(sources: Sequence[Source], epoch_size: int | None = None) -> list[
             counts.append(len(source.train))
         else:
             counts.append(round(before * source.share / (1 - source.share)))
-    if epoch_size:
-        total = sum(counts)
-        counts = [round(count * epoch_size / total) for count in counts]
-    return counts
+    if epoch_size is None:
+        epoch_size = sum(c for s, c in zip(sources, counts, strict=True) if s.name != "feedback")
+    total = sum(counts)
+    return [round(count * epoch_size / total) for count in counts] if epoch_size else counts
 
 
 def epoch_order(

@@ -93,19 +93,20 @@ def source(name: str, size: int, share: float | None) -> sources.Source:
 def test_each_source_gives_an_epoch_its_share_and_feedback_is_a_share_of_the_whole_epoch():
     found = [source("mnist", 600, None), source("pen", 100, 0.4), source("feedback", 30, 0.1)]
     counts = sources.per_epoch(found)
-    assert counts == [600, 400, 111]  # pen 40% of MNIST + pen, feedback 10% of all
+    assert counts == [540, 360, 100]  # pen 40% of MNIST + pen, feedback 10% of the same 1,000
     order = sources.epoch_order(found, counts, seed=1, epoch=0)
     assert len(order) == sum(counts)
     per_source = np.bincount(np.searchsorted([600, 700, 730], order.numpy(), side="right"))
     assert per_source.tolist() == counts
     feedback = order[order >= 700]
-    assert np.bincount(feedback.numpy() - 700).min() >= 3  # 111 of 30: each 3 or 4 times
+    assert np.bincount(feedback.numpy() - 700).min() >= 3  # 100 of 30: each 3 or 4 times
     assert torch.equal(order, sources.epoch_order(found, counts, seed=1, epoch=0))
     assert not torch.equal(order, sources.epoch_order(found, counts, seed=1, epoch=1))
     assert sources.per_epoch([source("feedback", 30, 0.1)]) == [30]  # alone: each once
     # A short epoch (a fine-tune): the same shares, part of MNIST, each image at most once.
     short = sources.per_epoch(found, epoch_size=222)
     assert short == [120, 80, 22]
+    assert sources.per_epoch(found[:2]) == [600, 400]  # no feedback: as before
     mnist = sources.epoch_order(found, short, seed=1, epoch=0)
     mnist = mnist[mnist < 600]
     assert len(mnist) == len(set(mnist.tolist())) == 120 and mnist.max() > 120
