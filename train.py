@@ -114,27 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with feedback and another source, the fraction of each epoch's images that are "
         "renderings of the app's drawings (those not held out)",
     )
-    parser.add_argument(
-        "--feedback-views", type=int, default=8, help="renderings of each drawing, cached"
-    )
-    parser.add_argument(
-        "--init",
-        type=Path,
-        default=None,
-        help="start from these weights (e.g. models/model.pth, a fine-tune) instead of random",
-    )
-    parser.add_argument(
-        "--epoch-size",
-        type=int,
-        default=None,
-        help="images per epoch, from the sources in their shares (default: MNIST once plus the "
-        "pen share, feedback taking its share of them); smaller for a short fine-tune",
-    )
-    parser.add_argument(
-        "--promote",
-        action="store_true",
-        help="after training, make the model live only if it beats the live one (versions.py)",
-    )
+    parser.add_argument("--feedback-views", type=int, default=8, help="renderings of a drawing")
+    parser.add_argument("--init", type=Path, help="start from these weights: fine-tune")
+    parser.add_argument("--epoch-size", type=int, help="images per epoch (None: MNIST + pen share)")
+    parser.add_argument("--promote", action="store_true", help="live only if better: versions.py")
     parser.add_argument(
         "--download", action="store_true", help="fetch MNIST and the pen digits if missing"
     )
