@@ -6,22 +6,21 @@ simple enough to read with numpy.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import logging
 import os
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from files import atomic_file
 
 log = logging.getLogger("mnist")
 
@@ -169,30 +168,6 @@ def _download_verified(url: str, target: Path, sha256: str, timeout: float) -> N
         actual = _content_sha256(Path(tmp.name))
         if actual != sha256:
             raise DatasetError(f"checksum mismatch (sha256 {actual}, expected {sha256})")
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside *path* to write to (binary). When the block ends without an
-    error it is fsynced and renamed onto *path*, and the rename made durable; otherwise it is
-    removed. Either way *path* is whole (old or new) or absent, never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with open(tmp_name, "wb") as tmp:
-            yield tmp
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _content_sha256(path: Path) -> str:

@@ -27,7 +27,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import utils
-from mnist import DatasetError, atomic_file
+from files import atomic_file
+from mnist import DatasetError
 
 log = logging.getLogger("pendigits")
 
@@ -163,9 +164,17 @@ def render(
 ) -> np.ndarray:
     """Draw a digit's strokes as the app's canvas would: white on black, 280x280 uint8, a round
     brush (round caps and joins) along the canvas's own curves (`canvas_path`), anywhere on the
-    canvas where the digit fits whole.
+    canvas where the digit fits whole (`on_canvas`, then `draw`)."""
+    return draw(*on_canvas(strokes, rng, vary=vary))
 
-    With `vary`, each call draws it as another person or device might: brush 10-30 px around
+
+def on_canvas(
+    strokes: Sequence[np.ndarray], rng: np.random.Generator, vary: bool = True
+) -> tuple[list[np.ndarray], float]:
+    """A digit's strokes (x to the right, y up, any unit: a tablet's) placed on the app's canvas:
+    each stroke's points in canvas pixels (x to the right, y down), and the brush width.
+
+    With `vary`, each call places it as another person or device might: brush 10-30 px around
     the app's 18 px, 70-250 px tall, slanted, rotated, stretched, each stroke put down a little
     off and every point jittered. Without it: the app's brush, 100-250 px tall, nothing else.
     """
@@ -192,13 +201,18 @@ def render(
     scale = min(height / max(extent[1], 1e-6), size / max(extent.max(), 1e-6))
     room = size - extent * scale
     offset = brush / 2 + 3 + rng.uniform(0, 1, 2) * np.maximum(room, 0) - low * scale
+    return [line * scale + offset for line in lines], float(brush)
+
+
+def draw(lines: Sequence[np.ndarray], brush: float) -> np.ndarray:
+    """Strokes in canvas pixels drawn as the canvas draws them: white on black, 280x280 uint8."""
     canvas = Image.new("L", (utils.CANVAS_SIZE, utils.CANVAS_SIZE))
     pen = ImageDraw.Draw(canvas)
     radius = brush / 2
     for line in lines:
         # Vertices at least a third of the brush apart, each stamped with the round brush: round
         # caps and joins, and none of the spikes a wide line gets from many tiny segments.
-        path = _resample(canvas_path(line * scale + offset), spacing=max(1.0, brush / 3))
+        path = _resample(canvas_path(line), spacing=max(1.0, brush / 3))
         if len(path) > 1:
             pen.line([tuple(point) for point in path], fill=255, width=round(brush))
         for x, y in path:

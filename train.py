@@ -1,13 +1,16 @@
-"""Train the digit CNN on MNIST and real pen handwriting, checkpointing every epoch so that no
-crash loses progress.
+"""Train the digit CNN on MNIST, real pen handwriting and the app's own answered drawings,
+checkpointing every epoch so that no crash loses progress.
 
     python train.py --download          # full run with the defaults: minutes on 2 CPU cores
     python train.py --limit 2000 --epochs 2 --out /tmp/m.pth --checkpoint-dir /tmp/ckpt
     python train.py --sources mnist     # MNIST alone, as before pen digits
+    python train.py --sources mnist,pen,feedback --init models/model.pth --epochs 2 --lr 0.01
+                                        # fine-tune the live model on people's drawings too
 
-The pen digits (`pendigits.py`) are drawn as the app's canvas draws them and taken through
-`utils.preprocess`; the digits of a few writers are kept out of training (`--held-out-writers`)
-and the model's accuracy on them, per digit and with its worst confusions, goes to model.json.
+The data comes from `sources.py`. The held-out part of each source (pen writers, a fifth of the
+people's drawings) is never trained on; the model's accuracy on it, per digit and with its worst
+confusions, goes to the log and to model.json. With `--promote`, the new model replaces the live
+one only if `versions.promote` finds it better (exit code versions.EXIT_REFUSED otherwise).
 
 Kill it at any moment (SIGKILL, OOM, power loss) and run the same command again: it resumes from
 the newest checkpoint that loads. SIGTERM or Ctrl-C (what `docker stop` sends) saves a checkpoint
@@ -17,7 +20,6 @@ of the epoch in progress first, then exits with code 143.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -36,10 +38,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import augment
+import db
 import mnist
 import model as model_lib
 import pendigits
+import sources
 import utils
+from files import atomic_file
 from model import DigitCNN
 
 log = logging.getLogger("train")
@@ -52,8 +57,10 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-e(\d{4})-s(\d{6})\.pt$")
 RUN_SETTINGS = (
     "epochs", "batch_size", "lr", "seed", "limit",
     "sources", "pen_share", "pen_views", "held_out_writers",
+    "feedback_share", "feedback_views", "init", "epoch_size",
 )  # fmt: skip
-SOURCES = ("mnist", "pen")
+SOURCES = sources.NAMES
+FEEDBACK_SHARE = 0.3  # measured: README, Training (simulated people)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sources",
         type=_sources,
         default="mnist,pen",
-        help="training data, comma-separated: mnist (scanned paper), pen (pen trajectories)",
+        help="training data, comma-separated: mnist (scanned paper), pen (pen trajectories), "
+        "feedback (the app's answered drawings, from its database: DATABASE_URL, POSTGRES_*)",
     )
     parser.add_argument(
         "--pen-file",
@@ -100,6 +108,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pen writers kept out of training to measure the model on (or 'none')",
     )
     parser.add_argument(
+        "--feedback-share",
+        type=float,
+        default=FEEDBACK_SHARE,
+        help="with feedback and another source, the fraction of each epoch's images that are "
+        "renderings of the app's drawings (those not held out)",
+    )
+    parser.add_argument("--feedback-views", type=int, default=8, help="renderings of a drawing")
+    parser.add_argument("--init", type=Path, help="start from these weights: fine-tune")
+    parser.add_argument("--epoch-size", type=int, help="images per epoch (None: MNIST + pen share)")
+    parser.add_argument("--promote", action="store_true", help="live only if better: versions.py")
+    parser.add_argument(
         "--download", action="store_true", help="fetch MNIST and the pen digits if missing"
     )
     parser.add_argument("--out", type=Path, default=Path("models/model.pth"), help="final model")
@@ -118,8 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epochs, --batch-size and --keep must be >= 1 and --lr > 0")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.epoch_size is not None and args.epoch_size < 1:
+        parser.error("--epoch-size must be >= 1")
     if not 0 < args.pen_share < 1 or args.pen_views < 1:
         parser.error("--pen-share must be between 0 and 1 (exclusive), --pen-views >= 1")
+    if not 0 < args.feedback_share < 1 or args.feedback_views < 1:
+        parser.error("--feedback-share must be between 0 and 1 (exclusive), --feedback-views >= 1")
     return args
 
 
@@ -137,6 +160,13 @@ def _writers(text: str) -> tuple[int, ...]:
         return tuple(sorted({int(part) for part in text.split(",")}))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: writer ids, comma-separated") from None
+
+
+def _plain(value: object) -> object:
+    """A setting as a checkpoint stores it (lists, not tuples; a path as a string)."""
+    if isinstance(value, tuple | Path):
+        return list(value) if isinstance(value, tuple) else str(value)
+    return value
 
 
 def select_device(name: str) -> torch.device:
@@ -212,13 +242,13 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save, atomically (mnist.atomic_file): the file is whole or absent."""
-    with mnist.atomic_file(path) as handle:
+    """torch.save, atomically (files.atomic_file): the file is whole or absent."""
+    with atomic_file(path) as handle:
         torch.save(obj, handle)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    with mnist.atomic_file(path) as handle:
+    with atomic_file(path) as handle:
         handle.write(text.encode())
 
 
@@ -260,114 +290,7 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
 # --- training --------------------------------------------------------------------------------
 
 
-def epoch_order(n_mnist: int, n_pen: int, pen_count: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled indices of epoch `epoch` into MNIST's images followed by the pen renderings:
-    every MNIST image and `pen_count` pen renderings. A function of the seed, so a resume can
-    replay it."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    rounds = -(-pen_count // n_pen) if n_pen else 0  # more pen images than renderings: repeat
-    pen = torch.cat(
-        [torch.randperm(n_pen, generator=generator) for _ in range(rounds)] or [torch.arange(0)]
-    )
-    chosen = torch.cat([torch.arange(n_mnist), n_mnist + pen[:pen_count]])
-    return chosen[torch.randperm(len(chosen), generator=generator)]
-
-
-@dataclass
-class TrainingData:
-    images: torch.Tensor  # (N, 28, 28) uint8: MNIST's training images, then the pen renderings
-    labels: torch.Tensor
-    n_mnist: int
-    pen_per_epoch: int
-    test_images: torch.Tensor  # MNIST's test set, raw (through utils.preprocess at the end)
-    test_labels: torch.Tensor
-    held_out_images: torch.Tensor  # the held-out writers' digits, rendered and preprocessed
-    held_out_labels: torch.Tensor
-
-    @property
-    def per_epoch(self) -> int:
-        return self.n_mnist + self.pen_per_epoch
-
-
-def load_data(args: argparse.Namespace) -> TrainingData:
-    """MNIST and the pen digits as the run's settings ask, the pen renderings from their cache
-    in the checkpoint folder when an earlier run of the same settings made them."""
-    empty_images = torch.empty((0, 28, 28), dtype=torch.uint8)
-    empty_labels = torch.empty(0, dtype=torch.int64)
-    if args.download and "mnist" in args.sources:
-        mnist.download(args.data_dir)
-    if args.download and "pen" in args.sources:
-        pendigits.download(args.pen_file)
-    test_images, test_labels = mnist.load_split(args.data_dir, "test")
-    images, labels = empty_images, empty_labels
-    if "mnist" in args.sources:
-        images, labels = mnist.load_split(args.data_dir, "train")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-        test_images, test_labels = test_images[: args.limit], test_labels[: args.limit]
-    n_mnist = len(images)
-    held_images, held_labels, pen_per_epoch = empty_images, empty_labels, 0
-    if "pen" in args.sources:
-        digits = pendigits.load(args.pen_file)
-        trained, held_out = pendigits.split_writers(digits, args.held_out_writers)
-        if args.limit:
-            trained, held_out = trained[: args.limit], held_out[: args.limit]
-        if not trained:
-            raise mnist.DatasetError(f"{args.pen_file}: no digits left once writers are held out")
-        pen_images, pen_labels = cached_renderings(args, trained, args.pen_views, vary=True)
-        held_images, held_labels = cached_renderings(args, held_out, 1, vary=False)
-        images, labels = torch.cat([images, pen_images]), torch.cat([labels, pen_labels])
-        share = args.pen_share if n_mnist else 1.0
-        pen_per_epoch = len(pen_images) if not n_mnist else round(n_mnist * share / (1 - share))
-        log.info(
-            "pen digits: %d of %d writers for training (%d renderings, %d per epoch), %d digits "
-            "of writers %s held out",
-            len(trained),
-            len({digit.writer for digit in trained}),
-            len(pen_images),
-            pen_per_epoch,
-            len(held_out),
-            ",".join(map(str, args.held_out_writers)) or "none",
-        )
-    return TrainingData(
-        images, labels, n_mnist, pen_per_epoch, test_images, test_labels, held_images, held_labels
-    )
-
-
-def cached_renderings(
-    args: argparse.Namespace, digits: Sequence[pendigits.PenDigit], views: int, vary: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pendigits.render_for_training`, kept in the checkpoint folder: a resumed run does not
-    draw them again. The file name holds a digest of everything the renderings depend on."""
-    if not digits:
-        return torch.empty((0, 28, 28), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    digest = hashlib.sha256(repr((pendigits.RENDERING, args.seed, views, vary)).encode())
-    for digit in digits:
-        digest.update(bytes([digit.label]))
-        for stroke in digit.strokes:
-            digest.update(stroke.tobytes() + b"|")
-    path = args.checkpoint_dir / f"pen-renderings-{digest.hexdigest()[:16]}.pt"
-    try:
-        cached = torch.load(path, weights_only=True)
-        log.info("pen renderings from %s", path)
-        return cached["images"], cached["labels"]
-    except FileNotFoundError:
-        pass
-    except Exception as exc:  # a damaged cache is drawn again, never fatal
-        log.warning("ignoring damaged cache %s: %s", path.name, exc)
-    started = time.perf_counter()
-    images, labels = pendigits.render_for_training(digits, views, seed=args.seed, vary=vary)
-    log.info(
-        "drew %d pen renderings in %.0f s (cached in %s)",
-        len(images),
-        time.perf_counter() - started,
-        path,
-    )
-    atomic_save({"images": images, "labels": labels}, path)
-    return images, labels
-
-
-def train(args: argparse.Namespace, stop: StopFlag) -> dict:
+def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
     started = time.perf_counter()
     device = select_device(args.device)
     if args.threads:
@@ -380,51 +303,15 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
         torch.get_num_threads(),
         os.getpid(),
     )
-
-    data = load_data(args)
-    log.info(
-        "data: %d images per epoch (%d MNIST, %d pen), %d MNIST test images from %s",
-        data.per_epoch,
-        data.n_mnist,
-        data.pen_per_epoch,
-        len(data.test_images),
-        args.data_dir,
-    )
-
-    net = DigitCNN().to(device).to(memory_format=torch.channels_last)
-    steps_per_epoch = -(-data.per_epoch // args.batch_size)
-    optimizer = torch.optim.SGD(
-        net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
-    )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch
-    )
-    settings = {
-        name: list(value) if isinstance(value := getattr(args, name), tuple) else value
-        for name in RUN_SETTINGS
-    }
-    history: list[dict] = []
-    first_epoch, first_step, trained_seconds = 0, 0, 0.0
-
+    settings = {name: _plain(getattr(args, name)) for name in RUN_SETTINGS}
     if args.fresh:
         log.info("--fresh: ignoring checkpoints in %s", args.checkpoint_dir)
-    elif state := load_newest_checkpoint(args.checkpoint_dir, settings):
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        first_epoch, first_step = state["epoch"], state["step"]
-        history, trained_seconds = state["history"], state["trained_seconds"]
-        log.info(
-            "resuming from epoch %d step %d (%s): continuing with epoch %d/%d",
-            first_epoch,
-            first_step,
-            state["path"].name,
-            first_epoch + 1,
-            args.epochs,
-        )
-    else:
-        log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
+    state = None if args.fresh else load_newest_checkpoint(args.checkpoint_dir, settings)
+    # A resume trains on the drawings the interrupted run read, not on those stored since.
+    data = sources.load_data(args, feedback_until=state.get("feedback_until") if state else None)
+    net, optimizer, scheduler = build(args, data, device, state)
+    history, trained_seconds = (state["history"], state["trained_seconds"]) if state else ([], 0)
+    progress = Progress(epoch=state["epoch"], step=state["step"]) if state else Progress(0, 0)
 
     def save_checkpoint(epoch: int, step: int) -> Path:
         path = args.checkpoint_dir / checkpoint_name(epoch, step)
@@ -436,6 +323,7 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
             "epoch": epoch,
             "step": step,
             "settings": settings,
+            "feedback_until": data.feedback_until,
             "history": history,
             "trained_seconds": trained_seconds + time.perf_counter() - session_start,
         }
@@ -444,39 +332,31 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
         return path
 
     dataset = TensorDataset(data.images, data.labels)
+    steps_per_epoch = -(-sum(data.per_epoch) // args.batch_size)
     session_start = time.perf_counter()
-    progress = Progress(epoch=first_epoch, step=first_step)
     try:
-        for epoch in range(first_epoch, args.epochs):
+        for epoch in range(progress.epoch, args.epochs):
             progress.epoch = epoch
-            n_pen = len(data.images) - data.n_mnist
-            order = epoch_order(data.n_mnist, n_pen, data.pen_per_epoch, args.seed, epoch)
-            order = order[progress.step * args.batch_size :]
+            order = sources.epoch_order(data.sources, data.per_epoch, args.seed, epoch)
             loader = DataLoader(
                 dataset,
                 batch_size=args.batch_size,
-                sampler=order.tolist(),
+                sampler=order[progress.step * args.batch_size :].tolist(),
                 num_workers=args.workers,
                 persistent_workers=False,
             )
             train_one_epoch(
                 net, loader, optimizer, scheduler, device, args, progress, steps_per_epoch, stop
             )
-            test_accuracy = pixels_accuracy(net, data.test_images, data.test_labels, device)
-            history.append({"epoch": epoch + 1, "test_accuracy": test_accuracy})
-            held_out = ""
-            if len(data.held_out_labels):
-                pen = pixels_accuracy(net, data.held_out_images, data.held_out_labels, device)
-                history[-1]["pen_held_out_accuracy"] = pen
-                held_out = f", held-out pen writers {pen:.2%}"
+            history.append(figures := epoch_figures(net, data, device, epoch))
             rss, peak = memory_mb()
             log.info(
                 "epoch %d/%d done: test accuracy %.2f%%%s, lr %.4f, rss %.0f MB (peak %.0f MB), "
                 "%.0f s so far",
                 epoch + 1,
                 args.epochs,
-                100 * test_accuracy,
-                held_out,
+                100 * figures["test_accuracy"],
+                "".join(f", {h.title} {figures[f'{h.key}_accuracy']:.2%}" for h in data.held_out),
                 scheduler.get_last_lr()[0],
                 rss,
                 peak,
@@ -498,33 +378,143 @@ def train(args: argparse.Namespace, stop: StopFlag) -> dict:
         raise
 
     trained_seconds += time.perf_counter() - session_start
-    net = net.to(memory_format=torch.contiguous_format).eval()
     log.info("training done in %.0f s; evaluating through utils.preprocess", trained_seconds)
-    net = net.cpu()
-    test = accuracy_report(
-        predicted_digits(net, (image.numpy() for image in data.test_images)),
-        data.test_labels.tolist(),
+    net = net.to(memory_format=torch.contiguous_format).eval().cpu()
+    metrics = final_figures(net, data)
+    out = candidate_path(args) if args.promote else args.out
+    info = write_model(net, args, data, metrics, trained_seconds, started, out)
+    return Trained(out, info, data)
+
+
+def build(args: argparse.Namespace, data: sources.Data, device, state: dict | None):
+    """The network, its optimizer and learning-rate schedule: as the checkpoint `state` left
+    them, or new (the network from --init's weights if given)."""
+    net = DigitCNN()
+    if args.init and not state:
+        try:
+            net = model_lib.load_model(args.init)
+        except model_lib.ModelLoadError as exc:
+            raise SetupError(f"--init {args.init}: {exc}") from exc
+        log.info("starting from the weights in %s", args.init)
+    net = net.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
-    log.info("MNIST test set: %.2f%% of %d", 100 * test["accuracy"], len(data.test_labels))
-    metrics = {
-        "test_accuracy": test["accuracy"],
-        "training_images": {"mnist": data.n_mnist, "pen": len(data.images) - data.n_mnist},
-    }
-    if len(data.held_out_labels):
-        # The held-out renderings went through utils.preprocess already: this is the app's path.
-        predicted = model_lib.predict_batch(net, utils.normalize(data.held_out_images)[:, None])
-        pen = accuracy_report([p.digit for p in predicted], data.held_out_labels.tolist())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=args.lr,
+        epochs=args.epochs,
+        steps_per_epoch=-(-sum(data.per_epoch) // args.batch_size),
+    )
+    if state:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
         log.info(
-            "pen digits, writers not trained on (%s): %.2f%% of %d; by digit %s; worst "
-            "confusions %s",
-            ",".join(map(str, args.held_out_writers)),
-            100 * pen["accuracy"],
-            len(data.held_out_labels),
-            " ".join(f"{d}:{a:.1%}" for d, a in pen["by_digit"].items()),
-            ", ".join(f"{c} x{n}" for c, n in pen["confusions"].items()) or "none",
+            "resuming from epoch %d step %d (%s): continuing with epoch %d/%d",
+            state["epoch"],
+            state["step"],
+            state["path"].name,
+            state["epoch"] + 1,
+            args.epochs,
         )
-        metrics["pen_held_out"] = {"writers": list(args.held_out_writers), **pen}
-    return write_model(net, args, metrics, trained_seconds, started)
+    elif not args.fresh:
+        log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
+    return net, optimizer, scheduler
+
+
+@dataclass
+class Trained:
+    path: Path  # the weights written
+    info: dict  # what model.json says about them
+    data: sources.Data
+
+
+def epoch_figures(net, data: sources.Data, device, epoch: int) -> dict:
+    """Accuracy on MNIST's test set and each held-out part after an epoch (fast: the 28x28
+    images as they are; the app's path is measured at the end)."""
+    figures = {"epoch": epoch + 1, "test_accuracy": pixels_accuracy(net, data.test, device)}
+    for held in data.held_out:
+        figures[f"{held.key}_accuracy"] = pixels_accuracy(net, held, device)
+    return figures
+
+
+def final_figures(net, data: sources.Data) -> dict:
+    """MNIST's test set through utils.preprocess (the app's path) and each held-out part, per
+    digit and with its worst confusions, logged and returned for model.json."""
+    test = accuracy_report(
+        predicted_digits(net, (image.numpy() for image in data.test.images)),
+        data.test.labels.tolist(),
+    )
+    log.info("MNIST test set: %.2f%% of %d", 100 * test["accuracy"], len(data.test))
+    metrics = {"test_accuracy": test["accuracy"]}
+    for held in data.held_out:
+        # Held-out images went through utils.preprocess already: this is the app's path.
+        predicted = model_lib.predict_batch(net, utils.normalize(held.images)[:, None])
+        report = accuracy_report([p.digit for p in predicted], held.labels.tolist())
+        log.info(
+            "%s: %.2f%% of %d; by digit %s; worst confusions %s",
+            held.title,
+            100 * report["accuracy"],
+            len(held),
+            " ".join(f"{d}:{a:.1%}" for d, a in report["by_digit"].items()),
+            ", ".join(f"{c} x{n}" for c, n in report["confusions"].items()) or "none",
+        )
+        metrics[held.key] = {**held.about, **report}
+    return metrics
+
+
+def candidate_path(args: argparse.Namespace) -> Path:
+    """Where --promote keeps the new model until promotion decides (the live one stays)."""
+    return args.checkpoint_dir / f"candidate{args.out.suffix}"
+
+
+def promote(args: argparse.Namespace, trained: Trained) -> int:
+    """Hand the candidate to versions.promote with the sets to compare it on; the exit code."""
+    try:
+        import versions  # only here: training without --promote needs no registry
+    except ImportError as exc:
+        raise SetupError(f"--promote needs versions.py, the model registry ({exc})") from exc
+
+    data = trained.data
+    held_feedback = next((h for h in data.held_out if h.key == "feedback_held_out"), None)
+    if held_feedback is None:  # trained without feedback: its held-out part is still the test
+        try:
+            conninfo = db.resolve_conninfo(owner=True)
+            held_feedback = sources.feedback_held_out(sources.read_feedback(conninfo))
+        except sources.FeedbackError as exc:
+            log.warning("no held-out feedback to compare on: %s", exc)
+            held_feedback = sources.feedback_held_out([])
+    held_pen = next((h for h in data.held_out if h.key == "pen_held_out"), None)
+    held_pen = held_pen or sources.pen_held_out(args) or sources.Images.empty()
+
+    def eval_set(images: sources.Images, primary: bool = False):
+        return versions.EvalSet(utils.normalize(images.images)[:, None], images.labels, primary)
+
+    eval_sets = {
+        "held-out feedback": eval_set(held_feedback, primary=True),
+        "MNIST test": eval_set(data.test),
+        "held-out pen writers": eval_set(held_pen),
+    }
+    result = versions.promote(
+        trained.path,
+        trained.info,
+        eval_sets,
+        conninfo=db.resolve_conninfo(owner=True),
+        out=args.out,
+    )
+    log.info("promotion:\n%s", result.table)
+    if not result.promoted:
+        log.warning(
+            "not promoted: the live model (%s) stays; the candidate is %s",
+            str(result.live_sha256)[:12],
+            trained.path,
+        )
+        return versions.EXIT_REFUSED
+    atomic_write_text(json.dumps(trained.info, indent=2) + "\n", args.out.with_suffix(".json"))
+    log.info("promoted %s: now live, and in %s", str(result.candidate_sha256)[:12], args.out)
+    return 0
 
 
 @dataclass
@@ -580,16 +570,16 @@ def train_one_epoch(
             last_log, samples, loss_sum, correct = now, 0, 0.0, 0
 
 
-def pixels_accuracy(net, images: torch.Tensor, labels: torch.Tensor, device) -> float:
+def pixels_accuracy(net, images: sources.Images, device) -> float:
     """Accuracy on 28x28 uint8 images as they are (MNIST's own framing: fast; the app's path is
     checked at the end)."""
     net.eval()
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(images), 1000):
-            batch = utils.normalize(images[start : start + 1000]).unsqueeze(1).to(device)
+            batch = utils.normalize(images.images[start : start + 1000]).unsqueeze(1).to(device)
             predicted = net(batch.contiguous(memory_format=torch.channels_last)).argmax(1)
-            correct += int((predicted.cpu() == labels[start : start + 1000]).sum())
+            correct += int((predicted.cpu() == images.labels[start : start + 1000]).sum())
     net.train()
     return correct / max(1, len(images))
 
@@ -640,25 +630,40 @@ def accuracy_report(predicted: Sequence[int | None], labels: Sequence[int]) -> d
     }
 
 
-def write_model(net, args, metrics: dict, trained_seconds: float, started: float) -> dict:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in (args.out.name, args.out.with_suffix(".json").name):
-        for stale in args.out.parent.glob(f".{name}.*.tmp"):  # left by a run killed mid-write
+def write_model(
+    net, args, data: sources.Data, metrics: dict, trained_seconds: float, started: float, out: Path
+) -> dict:
+    """The weights to `out` and what they are (how trained, on what, their figures) to
+    `out`.json: model.json."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in (out.name, out.with_suffix(".json").name):
+        for stale in out.parent.glob(f".{name}.*.tmp"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
-    atomic_save(net.state_dict(), args.out)
+    atomic_save(net.state_dict(), out)
     _, peak = memory_mb()
+    names = [source.name for source in data.sources]
     info = {
         "test_accuracy": round(metrics["test_accuracy"], 5),
-        **({"pen_held_out": metrics["pen_held_out"]} if "pen_held_out" in metrics else {}),
+        **{held.key: metrics[held.key] for held in data.held_out},
         "measured_through": "utils.preprocess + model.predict_batch",
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
-        "sources": list(args.sources),
-        "pen_share": args.pen_share if set(args.sources) == set(SOURCES) else None,
+        "init": str(args.init) if args.init else None,
+        "sources": names,
+        "pen_share": args.pen_share if {"mnist", "pen"} <= set(names) else None,
         "pen_views": args.pen_views,
-        "training_images": metrics["training_images"],
+        **(
+            {
+                "feedback_share": args.feedback_share if len(names) > 1 else None,
+                "feedback_views": args.feedback_views,
+                "feedback_rows_through_id": data.feedback_until,
+            }
+            if "feedback" in names
+            else {}
+        ),
+        "training_images": {source.name: len(source.train) for source in data.sources},
         "training_seconds": round(trained_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(peak),
@@ -666,8 +671,8 @@ def write_model(net, args, metrics: dict, trained_seconds: float, started: float
         "parameters": sum(p.numel() for p in net.parameters()),
         "torch_version": torch.__version__,
     }
-    atomic_write_text(json.dumps(info, indent=2) + "\n", args.out.with_suffix(".json"))
-    log.info("model saved to %s (%s)", args.out, args.out.with_suffix(".json"))
+    atomic_write_text(json.dumps(info, indent=2) + "\n", out.with_suffix(".json"))
+    log.info("model saved to %s (%s)", out, out.with_suffix(".json"))
     return info
 
 
@@ -683,10 +688,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     try:
-        train(args, stop)
+        trained = train(args, stop)
+        return promote(args, trained) if args.promote else 0
     except StopRequested:
         return EXIT_TERMINATED
-    except (mnist.DatasetError, SetupError) as exc:
+    except (mnist.DatasetError, SetupError, db.DatabaseUnavailable) as exc:
         log.error("training stopped: %s", exc)
         return EXIT_BAD_INPUT
     except BaseException:
@@ -695,7 +701,6 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint_dir,
         )
         return EXIT_ERROR
-    return 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from psycopg import errors
 from psycopg.types.json import Jsonb
 
 import db
-import mnist
+import files
 import model as model_lib
 
 log = logging.getLogger("versions")
@@ -91,10 +91,10 @@ def load_weights(weights: bytes, what: str = "weights") -> model_lib.DigitCNN:
 
 def write_model_files(weights: bytes, info: Mapping[str, Any], out: Path) -> None:
     """The weights to *out* and model.json beside it, each atomically (whole or unchanged)."""
-    with mnist.atomic_file(out) as handle:
+    with files.atomic_file(out) as handle:
         handle.write(weights)
     text = json.dumps(dict(info), indent=2) + "\n"
-    with mnist.atomic_file(out.with_suffix(".json")) as handle:
+    with files.atomic_file(out.with_suffix(".json")) as handle:
         handle.write(text.encode())
 
 

@@ -21,13 +21,28 @@ with the worst confusions.
     python -m lab.evaluate                          # the shipped model on all five sets
     python -m lab.evaluate --write                  # ... and the figures into models/model.json
     python -m lab.evaluate --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
+    python -m lab.evaluate --simulate-people         # people's answers: learnt from? (below)
+
+`--simulate-people` plays the feedback loop with handwriting the shipped model never saw: the
+first `--answers` digits of each of `--people-writers` (held-out pen writers) are answered as in
+the app (`lab/people.py`: prediction and drawing stored in a throwaway PostgreSQL), then
+`train.py --sources mnist,pen,feedback` trains a candidate from them. It prints the errors of the
+shipped model and of the candidate on those writers' other digits, on the other held-out writers
+(trained on by neither) and on MNIST's test set.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -431,6 +446,99 @@ def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None
     Image.fromarray(np.vstack(rows)).save(path)
 
 
+def simulate_people(args: argparse.Namespace) -> None:
+    """The feedback loop with simulated people (see the module's docstring)."""
+    from lab import people  # needs PostgreSQL's binaries (pgserver): only here
+
+    shipped_path = model_lib.model_path() if args.model is None else Path(args.model)
+    shipped = model_lib.load_model(shipped_path)
+    name = f"{shipped_path.name}@{hashlib.sha256(shipped_path.read_bytes()).hexdigest()[:12]}"
+    pen_file = args.pen_file or pendigits.default_path()
+    data_dir = args.data_dir or mnist.data_dir_from_env()
+    people_writers = [int(w) for w in args.people_writers.split(",")]
+    others = [w for w in pendigits.HELD_OUT_WRITERS if w not in people_writers]
+    _, held_out = pendigits.split_writers(pendigits.load(pen_file), pendigits.HELD_OUT_WRITERS)
+    answers, tests = [], {"people": [], "others": []}
+    for writer in pendigits.HELD_OUT_WRITERS:
+        digits = [d for d in held_out if d.writer == writer]
+        if writer in people_writers:
+            answers += digits[: args.answers]
+            tests["people"] += digits[args.answers :]
+        else:
+            tests["others"] += digits
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="simulate-people-"))
+    print(
+        f"{len(people_writers)} people (pen writers {args.people_writers}) answer their first "
+        f"{args.answers} digits ({len(answers)} answers) with {name}; test: their other "
+        f"{len(tests['people'])} digits, the {len(tests['others'])} digits of writers "
+        f"{','.join(map(str, others))}, MNIST's test set; work folder {work}"
+    )
+    # Each test digit drawn once with the app's brush, as train.py measures held-out writers.
+    sets = {
+        key: pendigits.render_for_training(digits, 1, seed=1, vary=False)
+        for key, digits in tests.items()
+    }
+    test_images, test_labels = mnist.load_split(data_dir, "test")
+    pixels = [utils.to_pixels(utils.preprocess(image.numpy())) for image in test_images]
+    sets["mnist"] = (torch.from_numpy(np.stack(pixels)), test_labels)  # the app's path
+    with people.throwaway_database() as server:
+        stored = people.answer_all(server.url, answers, shipped, name)
+        wrong = sum(a.predicted != a.label for a in stored)
+        print(f"stored {len(stored)} answers; the shipped model read {wrong} of them wrong")
+        candidates = {}
+        for share in args.feedback_shares.split(","):
+            out = work / f"candidate-share{share}.pth"
+            command = [
+                sys.executable, "train.py", "--sources", "mnist,pen,feedback",
+                "--feedback-share", share, "--data-dir", str(data_dir), "--pen-file",
+                str(pen_file), "--out", str(out), "--checkpoint-dir", str(work / "checkpoints"),
+                "--fresh", *shlex.split(args.train_args),
+            ]  # fmt: skip
+            print("$ " + shlex.join(command[1:]), flush=True)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            started = time.perf_counter()
+            result = subprocess.run(
+                command,
+                cwd=Path(__file__).resolve().parent.parent,
+                env={**os.environ, "DATABASE_URL": server.url},
+                capture_output=True,
+                text=True,
+            )
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if result.returncode != 0:
+                raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}")
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            info = json.loads(out.with_suffix(".json").read_text())
+            feedback = info.get("feedback_held_out", {})
+            print(
+                f"  trained in {time.perf_counter() - started:.0f} s wall, {cpu:.0f} s CPU; "
+                f"held-out feedback {feedback.get('accuracy', float('nan')):.2%} of "
+                f"{feedback.get('count', 0)}"
+            )
+            candidates[f"candidate, share {share}"] = model_lib.load_model(out)
+    titles = {
+        "people": f"people's other digits (writers {args.people_writers})",
+        "others": f"other held-out writers ({','.join(map(str, others))})",
+        "mnist": "MNIST test",
+    }
+    models = {"shipped": shipped, **candidates}
+    print(f"\n| set | {' | '.join(models)} |\n|---|" + "---|" * len(models))
+    for key, (images, labels) in sets.items():
+        cells, baseline = [], None
+        for net in models.values():
+            predicted = torch.cat(
+                [
+                    net(utils.normalize(images[i : i + 1000])[:, None]).argmax(1)
+                    for i in range(0, len(images), 1000)
+                ]
+            )
+            errors = int((predicted != labels).sum())
+            baseline = errors if baseline is None else baseline
+            change = f", {(errors - baseline) / max(baseline, 1):+.0%}" if cells else ""
+            cells.append(f"{errors} errors ({1 - errors / len(labels):.2%}{change})")
+        print(f"| {titles[key]}, {len(labels)} digits | {' | '.join(cells)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model file (default models/model.pth)")
@@ -444,7 +552,21 @@ def main() -> None:
     parser.add_argument(
         "--write", action="store_true", help="add these figures to the model's model.json"
     )
+    parser.add_argument(
+        "--simulate-people", action="store_true", help="the feedback loop (see above) instead"
+    )
+    parser.add_argument("--people-writers", default="3,14,25", help="held-out writers who answer")
+    parser.add_argument("--answers", type=int, default=30, help="answers per person")
+    parser.add_argument(
+        "--feedback-shares", default=str(train.FEEDBACK_SHARE), help="one candidate per share"
+    )
+    parser.add_argument("--train-args", default="", help="more train.py flags, one string")
+    parser.add_argument("--work-dir", default=None, help="candidates and renderings (kept)")
     args = parser.parse_args()
+    if args.simulate_people:
+        torch.set_grad_enabled(False)
+        simulate_people(args)
+        return
     path = model_lib.model_path() if args.model is None else Path(args.model)
     net = model_lib.load_model(path)
     images, labels = mnist.load_split(args.data_dir or mnist.data_dir_from_env(), "test")

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ import torch
 from mnist_files import PEN_SUBSET, SUBSET
 
 import train
+from lab import free_port, people
 from model import DigitCNN, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +34,7 @@ STEPS = 8
 DONE = re.compile(r"epoch (\d+)/\d+ done")
 SAVED = re.compile(r"checkpoint saved: .*checkpoint-e(\d{4})-s000000\.pt")
 RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+)")
+FEEDBACK = re.compile(r"feedback: (\d+) answered drawings")
 
 
 def train_command(directory: Path, *extra: str) -> list[str]:
@@ -44,15 +48,24 @@ def train_command(directory: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env or ENV
+    )
 
 
-def start_until(command: list[str], pattern: str) -> tuple[subprocess.Popen, str]:
+def start_until(
+    command: list[str], pattern: str, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
     """train.py started, its output read as it comes until a line matches *pattern* (or it
     ends): the process and the output so far."""
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env or ENV,
     )
     text = ""
     for line in process.stdout:
@@ -60,6 +73,14 @@ def start_until(command: list[str], pattern: str) -> tuple[subprocess.Popen, str
         if re.search(pattern, line):
             break
     return process, text
+
+
+def answered(server, count: int, seed: int = 0) -> list[people.Answer]:
+    """*count* pen digits of the subset answered in the app's database on *server* (its tables
+    created if missing), as people's drawings."""
+    people.create_schema(server.url)
+    digits = train.pendigits.load(PEN_SUBSET)[seed : seed + count]
+    return people.answer_all(server.url, digits, DigitCNN().eval(), "model.pth@0123456789ab")
 
 
 def checkpoints(directory: Path) -> list[str]:
@@ -99,7 +120,13 @@ def test_a_run_learns_and_writes_the_model_its_report_and_the_newest_checkpoints
     assert not list(directory.rglob("*.tmp"))
 
 
-def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(tmp_path):
+def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
+    tmp_path, fresh_pg_server
+):
+    """On the three sources: MNIST, pen digits, and 30 drawings in the app's database, 5 more
+    answered after each run: a resumed run trains on the drawings its first run read."""
+    answered(fresh_pg_server, 30)
+    env = {**ENV, "DATABASE_URL": fresh_pg_server.url}
     seed = int(os.environ.get("DRILL_SEED") or time.time_ns() % 10**9)
     rng = random.Random(seed)
     print(f"\nDRILL_SEED={seed}")
@@ -111,11 +138,13 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(tmp
     # in epoch 3 or in the final evaluation. Then a run that is left to finish.
     moments = [mid_epoch(1), ("epoch 2/3 done", rng.uniform(0, 0.015))]
     moments += [mid_epoch(3) if rng.random() < 0.5 else ("training done in", rng.uniform(0, 0.3))]
-    command, ckpt = train_command(tmp_path, "--log-every", "0"), tmp_path / "ckpt"
+    command = train_command(tmp_path, "--log-every", "0", "--sources", "mnist,pen,feedback")
+    ckpt = tmp_path / "ckpt"
     done, saved = [], set()  # epochs logged done (by every run) and logged saved
+    read = 0  # drawings read by the run that started from scratch
     for index, moment in enumerate([*moments, None]):
         on_disk = newest_loadable(ckpt)
-        process, text = start_until(command, moment[0] if moment else "(?!)")  # (?!): to the end
+        process, text = start_until(command, moment[0] if moment else "(?!)", env)  # (?!): end
         try:
             if moment:
                 time.sleep(moment[1])
@@ -127,6 +156,10 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(tmp
         assert process.returncode == (-signal.SIGKILL if moment else 0), text[-3000:]
         resumed = RESUMED.search(text)
         assert ("starting from scratch" in text) == (resumed is None) == (on_disk == 0)
+        [count] = map(int, FEEDBACK.findall(text))
+        assert count == (read if resumed else 30 + 5 * index), "a resume reads what its run read"
+        read = count
+        answered(fresh_pg_server, 5, seed=100 + 5 * index)  # answered while the run is down
         first = int(resumed.group(1)) + 1 if resumed else 1
         assert first - 1 == on_disk, "it resumes from the newest checkpoint"
         ran = [int(epoch) for epoch in DONE.findall(text)]
@@ -138,7 +171,11 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(tmp
         saved |= {int(epoch) for epoch in SAVED.findall(text)}
     assert set(done) == {1, 2, 3} and max(Counter(done).values()) <= 2, done
     load_model(tmp_path / "out" / "model.pth")
-    assert json.loads((tmp_path / "out" / "model.json").read_text())["epochs"] == 3
+    report = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert report["epochs"] == 3 and report["sources"] == ["mnist", "pen", "feedback"]
+    held = report["feedback_held_out"]  # 1 in 5 submissions, never trained on
+    assert 0 < held["count"] == held["drawings"] < 15 and 0 <= held["accuracy"] <= 1
+    assert report["training_images"]["feedback"] == 8 * (read - held["count"])
     assert newest_loadable(ckpt) == 3 and len(checkpoints(ckpt)) == 3
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -251,3 +288,68 @@ def test_an_empty_drawing_counts_as_wrong():
     report = train.accuracy_report([1, 2, None, 4], [1, 2, 3, 5])
     assert report["accuracy"] == 0.5 and report["by_digit"] == {"1": 1, "2": 1, "3": 0, "5": 0}
     assert report["confusions"] == {"3 read as nothing": 1, "5 read as 4": 1}
+
+
+def test_feedback_from_an_unreachable_database_is_a_clear_error_with_exit_code_2(tmp_path):
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    command = train_command(tmp_path, "--sources", "mnist,pen,feedback")
+    result = run(command, env={**ENV, "DATABASE_URL": closed})
+    assert result.returncode == train.EXIT_BAD_INPUT, result.stdout + result.stderr
+    assert "database unreachable" in result.stdout and "DATABASE_URL" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("verdict", ["promoted", "refused"])
+def test_promote_hands_the_candidate_and_the_three_sets_to_versions(
+    verdict, fresh_pg_server, tmp_path, monkeypatch
+):
+    """versions.py is t20versions' (CONTRACT20.md, section C): a stand-in here, in this test
+    only, records what train.py gives it and answers `verdict`."""
+    answers = answered(fresh_pg_server, 30)
+    calls = []
+
+    @dataclass
+    class EvalSet:
+        images: torch.Tensor
+        labels: torch.Tensor
+        paired_primary: bool
+
+    def promote(candidate_path, info, eval_sets, *, conninfo=None, out=None):
+        calls.append((candidate_path, info, eval_sets, conninfo, out))
+        if verdict == "promoted":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(candidate_path.read_bytes())
+        return SimpleNamespace(
+            promoted=verdict == "promoted", table="the table", candidate_sha256="c" * 64,
+            live_sha256="l" * 64,
+        )  # fmt: skip
+
+    stand_in = ModuleType("versions")
+    stand_in.EvalSet, stand_in.promote, stand_in.EXIT_REFUSED = EvalSet, promote, 3
+    monkeypatch.setitem(sys.modules, "versions", stand_in)
+    monkeypatch.setattr(train.StopFlag, "install", lambda self: None)
+    monkeypatch.setenv("DATABASE_URL", fresh_pg_server.url)
+    argv = train_command(tmp_path, "--sources", "mnist,pen,feedback", "--promote")[2:]
+    code = train.main([*argv, "--epochs", "1", "--limit", "100"])
+
+    out = tmp_path / "out" / "model.pth"
+    assert code == (0 if verdict == "promoted" else 3)
+    [(candidate, info, sets, conninfo, given_out)] = calls
+    assert candidate == tmp_path / "ckpt" / "candidate.pth" and given_out == out
+    assert conninfo == fresh_pg_server.url
+    assert info == json.loads(candidate.with_suffix(".json").read_text())
+    assert list(sets) == ["held-out feedback", "MNIST test", "held-out pen writers"]
+    assert [s.paired_primary for s in sets.values()] == [True, False, False]
+    held = [a for a in answers if train.sources.is_held_out(*submission(fresh_pg_server, a))]
+    assert sets["held-out feedback"].labels.tolist() == [a.label for a in held]
+    assert sets["held-out feedback"].images.shape == (len(held), 1, 28, 28)
+    assert len(sets["MNIST test"].labels) == 100 and len(sets["held-out pen writers"].labels)
+    assert out.exists() == out.with_suffix(".json").exists() == (verdict == "promoted")
+
+
+def submission(server, answer: people.Answer) -> tuple[object, int]:
+    with server.connect() as conn:
+        [(submission_id,)] = conn.execute(
+            "SELECT submission_id FROM predictions WHERE id = %s", (answer.prediction_id,)
+        )
+    return submission_id, answer.prediction_id

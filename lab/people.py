@@ -1,0 +1,126 @@
+"""Simulated people: pen writers whose digits are stored as the app stores a person's answers,
+for the tests and `python -m lab.evaluate --simulate-people`.
+
+Each digit's pen trajectory is put on the app's 280x280 canvas as it would be drawn there
+(`pendigits.on_canvas`, the app's 18 px brush), drawn, read by the model through
+`utils.preprocess`, and stored: a `predictions` row through `db.log_prediction` (the app's own
+call) with the model's prediction, then its `drawings` row (CONTRACT20.md, section A): the strokes
+in canvas pixels, the canvas size, the brush, the 28x28 image the model read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import torch
+
+import db
+import model as model_lib
+import pendigits
+import utils
+from lab.postgres import PostgresProcess, initdb
+
+# The drawings table exactly as CONTRACT20.md section A gives it. db.py owns it once the
+# drawings branch is merged (t20draw); IF NOT EXISTS makes this a no-op then.
+DRAWINGS_DDL = """
+CREATE TABLE IF NOT EXISTS drawings (
+    prediction_id bigint PRIMARY KEY REFERENCES predictions (id) ON DELETE CASCADE,
+    strokes jsonb NOT NULL,
+    canvas_size smallint NOT NULL,
+    brush_width real NOT NULL,
+    image bytea NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Answer:
+    prediction_id: int
+    label: int
+    predicted: int
+    image: np.ndarray  # 28x28 uint8, what the model read
+
+
+def create_schema(conninfo: str) -> None:
+    """The app's tables in an empty database, as its owner."""
+    db.migrate(conninfo, app_role=None)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(DRAWINGS_DDL)
+
+
+def canvas_strokes(digit: pendigits.PenDigit, seed: int) -> tuple[list[np.ndarray], float]:
+    """The digit as a person would draw it on the canvas: strokes in canvas pixels, the brush."""
+    return pendigits.on_canvas(digit.strokes, np.random.default_rng(seed), vary=False)
+
+
+def store_answer(
+    conninfo: str,
+    strokes: Sequence[np.ndarray],
+    brush: float,
+    label: int,
+    net: torch.nn.Module,
+    model_name: str,
+) -> Answer:
+    """One drawing answered as in the app: the model's prediction on the drawn canvas, the
+    person's true label, stored with the drawing. `db` must be configured to `conninfo`."""
+    model_input = utils.preprocess(pendigits.draw(strokes, brush))
+    prediction = model_lib.predict(net, model_input)
+    row_id = db.log_prediction(
+        prediction.digit, label, prediction.confidence, uuid.uuid4(), model_name
+    )
+    image = utils.to_pixels(model_input)
+    points = [[[float(x), float(y)] for x, y in line] for line in strokes]
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO drawings (prediction_id, strokes, canvas_size, brush_width, image)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (row_id, psycopg.types.json.Jsonb(points), utils.CANVAS_SIZE, brush, image.tobytes()),
+        )
+    return Answer(row_id, label, prediction.digit, image)
+
+
+def answer_all(
+    conninfo: str,
+    digits: Sequence[pendigits.PenDigit],
+    net: torch.nn.Module,
+    model_name: str,
+    seed: int = 0,
+) -> list[Answer]:
+    """Each digit drawn on the canvas and answered with its true label."""
+    db.configure(conninfo)
+    try:
+        return [
+            store_answer(
+                conninfo, *canvas_strokes(digit, seed * 100_003 + i), digit.label, net, model_name
+            )  # fmt: skip
+            for i, digit in enumerate(digits)
+        ]
+    finally:
+        db.configure(None)
+
+
+@contextlib.contextmanager
+def throwaway_database() -> Iterator[PostgresProcess]:
+    """A PostgreSQL server of its own with the app's tables, destroyed afterwards."""
+    shm = Path("/dev/shm")
+    base = Path(tempfile.mkdtemp(prefix="people-", dir=shm if shm.is_dir() else None))
+    base.chmod(0o711)  # as root, the server runs as another user, who must traverse it
+    try:
+        initdb(base / "pgdata")
+        server = PostgresProcess(base / "server", template=base / "pgdata")
+        server.start()
+        try:
+            create_schema(server.url)
+            yield server
+        finally:
+            server.destroy()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
