@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 import altair as alt
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import streamlit as st
 import torch
 from PIL import Image
@@ -492,9 +493,10 @@ def show_details(analysis: Analysis | None) -> None:
     )
 
 
-def probability_table(prediction: model.Prediction) -> pd.DataFrame:
+def probability_table(prediction: model.Prediction) -> pa.Table:
+    """An Arrow table, which Streamlit sends as it is (a pandas frame costs a conversion)."""
     digits = [str(digit) for digit in range(10)]
-    return pd.DataFrame({"digit": digits, "probability": prediction.probabilities})
+    return pa.table({"digit": digits, "probability": list(prediction.probabilities)})
 
 
 def probability_chart(prediction: model.Prediction) -> dict:
