@@ -72,7 +72,6 @@ class Load:
     runs_ms: list[float] = field(default_factory=list)  # a drawing's run as the page saw it
     cpu_s: float = 0.0  # app process (all its threads), user + system, over the rounds
     wall_s: float = 0.0
-    rss_mb: list[float] = field(default_factory=list)  # after warm-up, then after each round
 
     @property
     def cycles(self) -> int:
@@ -111,7 +110,6 @@ def drive(browser, app, sessions: int, rounds: int) -> Load:
         for page in pages:
             page.draw(ONE_STROKE[1])
             page.click_correct()
-        load.rss_mb.append(process.memory_info().rss / 2**20)
         cpu_before, start = sum(process.cpu_times()[:2]), time.perf_counter()
         for n in range(rounds):
             for index, page in enumerate(pages):
@@ -134,7 +132,6 @@ def drive(browser, app, sessions: int, rounds: int) -> Load:
             for page, mark in zip(pages, clicked, strict=True):
                 page.wait_until_idle(mark)
             load.rounds += 1
-            load.rss_mb.append(process.memory_info().rss / 2**20)
         load.cpu_s = sum(process.cpu_times()[:2]) - cpu_before
         load.wall_s = time.perf_counter() - start
     finally:
