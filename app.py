@@ -14,15 +14,17 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import altair as alt
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import streamlit as st
 import torch
 from PIL import Image
 from psycopg.conninfo import conninfo_to_dict
+from streamlit.errors import StreamlitAPIException
 
 import db
 import drawings
@@ -410,9 +412,18 @@ def save_requested_feedback(analysis: Analysis | None) -> None:
         saved = save_feedback(*request)
         notice.empty()
         if saved:
-            st.rerun()  # the canvas is already on the page: clear it in a new run
+            rerun_drawing_area()  # the canvas is already on the page: clear it in a new run
     if analysis is not None and analysis.prediction is not None and FEEDBACK_ERROR in state:
         st.error(state[FEEDBACK_ERROR])
+
+
+def rerun_drawing_area() -> NoReturn:
+    """Rerun the drawing area alone; the whole page when it is part of a full run (a fragment
+    cannot rerun itself then)."""
+    try:
+        st.rerun(scope="fragment")
+    except StreamlitAPIException:
+        st.rerun()
 
 
 def save_feedback(analysis: Analysis, true_label: int) -> bool:
@@ -498,6 +509,14 @@ def start_new_drawing() -> None:
 def draw_page() -> None:
     st.title("MNIST Digit Classifier")
     st.markdown(INSTRUCTIONS)
+    drawing_area()
+
+
+@st.fragment
+def drawing_area() -> None:
+    """The canvas and everything that changes with a drawing or an answer: a fragment, so that
+    a drawing or a click reruns only this part of the page (the title, the navigation and the
+    module itself are not rerun)."""
     try:
         classifier, name = current_classifier()
     except model.ModelLoadError as exc:
@@ -572,7 +591,7 @@ def show_details(analysis: Analysis | None) -> None:
     if analysis is None or analysis.prediction is None:
         return
     prediction = analysis.prediction
-    st.bar_chart(probability_table(prediction), height=180, x_label="digit", y_label="probability")
+    st.vega_lite_chart(probability_chart(prediction), height=180, width="stretch")
     st.image(
         analysis.model_view_png,
         caption="What the model sees (28x28)",
@@ -581,9 +600,29 @@ def show_details(analysis: Analysis | None) -> None:
     )
 
 
-def probability_table(prediction: model.Prediction) -> pd.DataFrame:
-    digits = pd.Index([str(digit) for digit in range(10)], name="digit")
-    return pd.DataFrame({"probability": prediction.probabilities}, index=digits)
+def probability_table(prediction: model.Prediction) -> pa.Table:
+    """An Arrow table, which Streamlit sends as it is (a pandas frame costs a conversion)."""
+    digits = [str(digit) for digit in range(10)]
+    return pa.table({"digit": digits, "probability": list(prediction.probabilities)})
+
+
+def probability_chart(prediction: model.Prediction) -> dict:
+    """The Vega-Lite spec of the probabilities' bar chart: the one st.bar_chart made, written
+    out, since building it with altair on every run cost more CPU than the prediction."""
+    return {
+        "datasets": {"probabilities": probability_table(prediction)},
+        "data": {"name": "probabilities"},
+        "mark": {"type": "bar"},
+        "encoding": {
+            "x": {"field": "digit", "type": "ordinal", "title": "digit", "axis": {"grid": False}},
+            "y": {"field": "probability", "type": "quantitative", "title": "probability"},
+            "tooltip": [
+                {"field": "digit", "type": "nominal"},
+                {"field": "probability", "type": "quantitative", "format": ".1%"},
+            ],
+        },
+        "params": [{"name": "zoom", "select": {"type": "interval"}, "bind": "scales"}],
+    }
 
 
 def show_feedback_row(analysis: Analysis | None) -> None:

@@ -4,6 +4,7 @@
     python -m lab.bench --training full      # the real default training run (~4 min on 2 cores)
     python -m lab.bench --only inference database
     python -m lab.bench --skip browser training
+    python -m lab.bench --only capacity --memory-cycles 200   # a shorter memory run
 
 Training needs the full MNIST (MNIST_DIR, else data/mnist); the app and browser rows need
 Chromium (/usr/bin/chromium, or CHROMIUM). Numbers depend on what else runs on the machine: the
@@ -27,7 +28,16 @@ from pathlib import Path
 
 from lab.bench.common import ROOT, Row
 
-SECTIONS = ("footprint", "inference", "database", "history", "browser", "training", "containers")
+SECTIONS = (
+    "footprint",
+    "inference",
+    "database",
+    "history",
+    "browser",
+    "capacity",
+    "training",
+    "containers",
+)
 RESULTS = ROOT / "lab" / "bench" / "results.json"
 
 
@@ -42,11 +52,17 @@ RUNNERS = {
 }
 
 
-def section_runner(name: str, training_mode: str) -> Callable[[], list[Row]]:
+def section_runner(
+    name: str, training_mode: str, memory_cycles: int = 1_000
+) -> Callable[[], list[Row]]:
     if name == "training":
         from lab.bench import training
 
         return lambda: training.run(training_mode)
+    if name == "capacity":
+        from lab.bench import capacity
+
+        return lambda: capacity.run(memory_cycles)
     module, function = RUNNERS[name]
     return getattr(importlib.import_module(f"lab.bench.{module}"), function)
 
@@ -124,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         help="epoch: measure 1 epoch and extrapolate the default run (default); full: run the "
         "whole default training; skip: no training rows",
     )
+    parser.add_argument(
+        "--memory-cycles",
+        type=int,
+        default=1_000,
+        metavar="N",
+        help="drawing cycles of the capacity section's memory run (AppTest), whose RSS growth is "
+        "reported (default: 1000)",
+    )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="skip these")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
@@ -147,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {name} ...", flush=True)
         start = time.perf_counter()
         try:
-            section_rows = section_runner(name, args.training)()
+            section_rows = section_runner(name, args.training, args.memory_cycles)()
         except Exception as exc:
             traceback.print_exc()
             failed.append(name)

@@ -32,68 +32,20 @@ def cold_start(browser, database_url: str) -> tuple[float, float]:
     return healthy, shown
 
 
-# Records (page time) the first animation frame after an <h3> "Prediction: N" is in the DOM.
-_WATCH_PREDICTION = """() => {
-  window.__predictionShownMs = null;
-  const shown = () => [...document.querySelectorAll('h3')]
-    .some((h) => h.textContent.includes('Prediction:'));
-  const observer = new MutationObserver(() => {
-    if (!shown()) return;
-    observer.disconnect();
-    requestAnimationFrame(() => { window.__predictionShownMs = performance.now(); });
-  });
-  observer.observe(document.body, {childList: true, subtree: true, characterData: true});
-}"""
-
-
 def session_latencies(
     browser, database_url: str, sessions: int, digits: int
 ) -> tuple[list[float], list[float], float]:
-    """*sessions* sessions of one app process each draw *digits* one-stroke digits in lockstep:
-    all hold the mouse button at the end of the stroke, then all release it, so the app gets
-    the drawings at once; then all answer Correct (which clears the canvas). Returns the
-    milliseconds from each mouse-up to the prediction on screen (the first frame with the
-    "Prediction: N" heading), the length of that run as the page saw it (its script state
-    running, then notRunning), and the app process's CPU seconds (user + system) per drawing,
-    its Correct included."""
-    import psutil
+    """*sessions* sessions of one app process each draw *digits* one-stroke digits in lockstep,
+    each answered with Correct (lab.bench.capacity.drive). Returns the milliseconds from each
+    mouse-up to the prediction on screen (the first frame with the "Prediction: N" heading),
+    the length of that run as the page saw it (its script state running, then notRunning), and
+    the app process's CPU seconds (user + system) per drawing, its Correct included."""
+    from lab.bench.capacity import drive
+    from lab.browser import AppProcess
 
-    from lab.browser import ONE_STROKE, AppPage, AppProcess
-
-    latencies, runs = [], []
     with AppProcess(database_url) as app:
-        pages = [AppPage.open(browser, app.url) for _ in range(sessions)]
-        try:
-            for page in pages:  # warm-up: the first drawing of a process or session is slower
-                page.draw(ONE_STROKE[1])
-                page.click_correct()
-            process = psutil.Process(app.process.pid)
-            cpu_before = sum(process.cpu_times()[:2])
-            for n in range(digits):
-                for index, page in enumerate(pages):
-                    assert page.prediction() is None
-                    page.page.evaluate(_WATCH_PREDICTION)
-                    page.draw_held(ONE_STROKE[(1, 7)[(index + n) % 2]])
-                for page in pages:
-                    page.release()
-                for page in pages:
-                    released = page.last_pointer_up_ms()
-                    run = page.wait_for_drawing()
-                    page.wait_for_prediction()
-                    shown = page.page.evaluate("() => window.__predictionShownMs")
-                    latencies.append(shown - released)
-                    runs.append(run.finished_ms - run.started_ms)
-                clicked = []
-                for page in pages:
-                    clicked.append(page.mark())
-                    page.button("correct").click()
-                for page, mark in zip(pages, clicked, strict=True):
-                    page.wait_until_idle(mark)
-            cpu = (sum(process.cpu_times()[:2]) - cpu_before) / (sessions * digits)
-        finally:
-            for page in pages:
-                page.close()
-    return latencies, runs, cpu
+        load = drive(browser, app, sessions, digits)
+    return load.latencies_ms, load.runs_ms, load.cpu_s / load.cycles
 
 
 def run() -> list[Row]:
