@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lab import browser
+from lab.browser import ACTION_TIMEOUT_MS, PlaywrightError
 from lab.compose_project import ComposeProject, require_engine
 from lab.swarm import SwarmStack, Task, docker, single_node_swarm
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.docker
 
 REPLICAS = 3
 SESSIONS = 12
-# The correction each session gives to its second answer: never the 7 it draws.
+# The correction each even session gives (never the 7 it draws); odd ones press Correct.
 LABELS = [0, 1, 2, 3, 4, 5, 6, 8, 9, 0, 1, 2]
 SAVED = re.compile(r"Saved: you drew a (\d) \(model said (\d), (\d+\.\d)%\)\.")
 STORED = re.compile(r"stored feedback id=\d+ \(predicted (\d), true label (\d)\)")
@@ -43,26 +44,30 @@ Answer = tuple[int, int, float]  # predicted, true label, confidence in % (as sh
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SwarmStack]:
     require_engine()
-    with single_node_swarm():
-        project = ComposeProject(prefix="mnistswarm")
-        stack = SwarmStack(project, project.name, REPLICAS)
-        try:
-            project.compose("build", "app", timeout=1200)
-            stack.deploy()
-            stack.wait_for_replicas(REPLICAS)
-            yield stack
-        finally:
-            stack.remove()
-            project.remove()
-            docker("image", "rm", UPDATE_IMAGE.format(image=project.image), check=False)
+    project = ComposeProject(prefix="mnistswarm")
+    try:
+        with single_node_swarm():
+            stack = SwarmStack(project, project.name, REPLICAS)
+            try:
+                project.compose("build", "app", timeout=1200)
+                stack.deploy()
+                stack.wait_for_replicas(REPLICAS)
+                yield stack
+            finally:
+                stack.remove()
+    finally:
+        project.remove()
+        remove_image(UPDATE_IMAGE.format(image=project.image))
 
 
 @dataclass
 class Session:
-    """One browser session; the answers its page showed as saved; its WebSockets so far."""
+    """One browser session: the answers its page showed as saved, those given but never shown
+    saved (its replica stopped meanwhile), its WebSockets so far."""
 
     page: browser.AppPage
     answers: list[Answer] = field(default_factory=list)
+    unconfirmed: list[Answer] = field(default_factory=list)
     sockets: int = 0
 
     def __post_init__(self) -> None:
@@ -74,22 +79,32 @@ class Session:
     def cookie(self) -> str:
         return next(c["value"] for c in self.page.context.cookies() if c["name"] == "lb")
 
-    def answer(self, label: int | None = None) -> Answer:
-        """Draw a 7, then Correct (or a correction to *label*); what the page said it saved."""
-        self.page.draw_digit(7)
-        shown = self.page.wait_for_prediction()
+    def answer(self, label: int | None = None, timeout_ms: float = ACTION_TIMEOUT_MS) -> Answer:
+        """Draw a 7, then Correct (or a correction to *label*); what the page said it saved.
+        Each step waits up to *timeout_ms* for the app's run."""
+        page = self.page
+        page.draw_held(browser.DIGIT_STROKES[7])
+        page.release()
+        page.wait_until_idle(page.drawing_mark, timeout_ms)
+        page.page.locator("h3", has_text="Prediction:").wait_for(timeout=5000)
+        shown = page.prediction()
+        given = (shown.digit, shown.digit if label is None else label, shown.confidence_percent)
+        self.unconfirmed.append(given)  # until the page says it is saved
+        mark = page.mark()
         if label is None:
-            self.page.click_correct()
+            page.button("correct").click()
         else:
-            self.page.submit_correction(str(label))
-        alerts = self.page.alerts()
+            page.type_true_label(str(label))
+            page.button("submit_correction").click()
+        page.wait_until_idle(mark, timeout_ms)
+        alerts = page.alerts()
         saved = [SAVED.fullmatch(alert) for alert in alerts if alert.startswith("Saved")]
         assert len(saved) == 1 and saved[0], alerts
         true, predicted, percent = saved[0].groups()
         answer = (int(predicted), int(true), float(percent))
         assert answer == (shown.digit, shown.digit if label is None else label, answer[2])
         assert abs(answer[2] - shown.confidence_percent) < 1e-6, (answer, shown)
-        self.answers.append(answer)
+        self.answers.append(self.unconfirmed.pop())
         return answer
 
 
@@ -108,21 +123,18 @@ def sessions(stack: SwarmStack, chromium) -> Iterator[list[Session]]:
 def stored_rows(stack: SwarmStack) -> list[Answer]:
     out = stack.psql("SELECT predicted_digit, true_label, confidence FROM predictions ORDER BY id")
     rows = (line.split("|") for line in out.splitlines())
-    return [(int(p), int(t), float(c) * 100) for p, t, c in rows]
+    return [(int(p), int(t), float(c) * 100) for p, t, c in rows]  # real: 99.99901 for 100.0%
 
 
 def assert_rows_are_the_answers(stack: SwarmStack, sessions: list[Session]) -> int:
-    """Every answer shown as saved is one row, and every row one shown answer; returns the
-    number of rows."""
-    rows = stored_rows(stack)
-    shown = [answer for session in sessions for answer in session.answers]
-    key = lambda answer: answer[:2]  # noqa: E731
-    assert Counter(map(key, rows)) == Counter(map(key, shown)), (rows, shown)
-    for pair in set(map(key, rows)):
-        stored = sorted(c for *p, c in rows if tuple(p) == pair)
-        expected = sorted(c for *p, c in shown if tuple(p) == pair)
-        assert all(abs(s - e) <= 0.05 + 1e-4 for s, e in zip(stored, expected, strict=True))
-    return len(rows)
+    """Every answer shown as saved is one row; every other row is an answer given but never
+    shown saved (at most once each). Returns how many of those were stored."""
+    rows = Counter((p, t, round(c, 1)) for p, t, c in stored_rows(stack))
+    shown = Counter(answer for session in sessions for answer in session.answers)
+    given = Counter(answer for session in sessions for answer in session.unconfirmed)
+    assert not shown - rows, f"lost: {shown - rows}"
+    assert not rows - shown - given, f"doubled or never shown: {rows - shown - given}"
+    return (rows - shown).total()
 
 
 def replicas_of(stack: SwarmStack, sessions: list[Session]) -> list[Task]:
@@ -140,11 +152,11 @@ def test_sessions_spread_over_replicas_stick_to_them_and_store_what_they_showed(
     stack: SwarmStack, sessions: list[Session]
 ) -> None:
     first = replicas_of(stack, sessions)
-    for session, label in zip(sessions, LABELS, strict=True):
-        session.answer()
-        session.answer(label)
+    for number, (session, label) in enumerate(zip(sessions, LABELS, strict=True)):
+        session.answer(None if number % 2 else label)  # a correction or Correct
     assert replicas_of(stack, sessions) == first, "a session moved to another replica"
-    assert assert_rows_are_the_answers(stack, sessions) == 2 * SESSIONS
+    assert assert_rows_are_the_answers(stack, sessions) == 0
+    assert len(stored_rows(stack)) == SESSIONS
     # Each replica's log holds the answers of the sessions Caddy sent to it, and only those.
     hit = Counter(task.name for task in first)
     print(f"sessions per replica: {sorted(hit.values())}")
@@ -177,7 +189,8 @@ def test_a_killed_replica_s_sessions_come_back_on_another_and_lose_no_row(
     after = replicas_of(stack, sessions)
     for was, now in zip(before, after, strict=True):
         assert (now != victim) if was == victim else (now == was), (was, now)
-    assert assert_rows_are_the_answers(stack, sessions) == 2 * SESSIONS + len(moved)
+    assert assert_rows_are_the_answers(stack, sessions) == 0
+    assert len(stored_rows(stack)) == SESSIONS + len(moved)
     stack.wait_for_replicas(REPLICAS)  # the swarm replaces the killed task
 
 
@@ -223,9 +236,9 @@ def test_a_rolling_update_while_sessions_draw_fails_no_save_and_no_page_load(
         for session in sessions:
             sockets = session.sockets
             try:
-                session.answer()
+                session.answer(timeout_ms=20_000)
                 cycles += 1
-            except (TimeoutError, AssertionError):
+            except (TimeoutError, AssertionError, PlaywrightError):
                 # Only a page whose replica stopped mid-answer may lose that drawing (the
                 # new replica starts a new session); a save it showed failing never passes.
                 if session.sockets == sockets or "not saved" in str(session.page.alerts()):
@@ -242,7 +255,18 @@ def test_a_rolling_update_while_sessions_draw_fails_no_save_and_no_page_load(
               for t in stack.wait_for_replicas(REPLICAS)}  # fmt: skip
     assert images == {new}, images
     assert cycles > 0
-    assert_rows_are_the_answers(stack, sessions)
+    stored_unconfirmed = assert_rows_are_the_answers(stack, sessions)
+    print(f"interrupted answers stored all the same: {stored_unconfirmed} of {interrupted}")
+
+
+def remove_image(image: str) -> None:
+    """Once the containers of the swarm's tasks are gone (they go in the background)."""
+    for _ in range(60):
+        docker("image", "rm", image, check=False)
+        if docker("image", "ls", "--quiet", image) == "":
+            return
+        time.sleep(1)
+    raise AssertionError(f"{image}: still there")
 
 
 def _deploy_or_error(stack: SwarmStack, *env: str) -> str | BaseException:
