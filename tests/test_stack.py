@@ -77,7 +77,8 @@ class Session:
         self.sockets += 1
 
     def cookie(self) -> str:
-        return next(c["value"] for c in self.page.context.cookies() if c["name"] == "lb")
+        """Caddy's ``lb`` cookie ("" if none): which replica this browser sticks to."""
+        return next((c["value"] for c in self.page.context.cookies() if c["name"] == "lb"), "")
 
     def answer(self, label: int | None = None, timeout_ms: float = ACTION_TIMEOUT_MS) -> Answer:
         """Draw a 7, then Correct (or a correction to *label*); what the page said it saved.
