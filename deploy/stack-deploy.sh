@@ -100,7 +100,7 @@ CADDYFILE_VERSION=$(sha256sum deploy/stack.Caddyfile | cut -c1-12)
 export CADDYFILE_VERSION
 
 deploy() { # extra environment for the stack file, e.g. APP_REPLICAS=0
-    env "$@" docker stack deploy --detach=false --quiet --prune --compose-file deploy/stack.yml "$STACK"
+    env "$@" docker stack deploy --detach=false --quiet --prune --with-registry-auth --compose-file deploy/stack.yml "$STACK"
 }
 
 # 3. First deploy: the database and the networks before any app replica.
