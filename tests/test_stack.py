@@ -5,8 +5,9 @@ test fails), 3 app replicas behind Caddy, 12 browser sessions (lab/browser.py).
 One stack for the module, deployed as a person does it (`deploy/stack-deploy.sh NAME`); the
 drills run in order on it: sessions spread over the replicas and stick to them; a replica killed;
 a rolling update to a new image while sessions draw; `docker stack rm` and deploy again. Each
-checks the table against what the pages showed: every answer a page showed as saved is one row,
-and nothing else is.
+checks the table against what the pages showed: every answer a page showed as saved is one row;
+any other row is an answer given on a page whose replica stopped before it could say "Saved"
+(only in the rolling update; at most one row each).
 """
 
 from __future__ import annotations
