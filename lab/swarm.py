@@ -120,7 +120,7 @@ class SwarmStack:
         script = 'psql -v ON_ERROR_STOP=1 -qAt -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c "$1"'
         return docker("exec", db.container, "sh", "-c", script, "sh", sql)
 
-    def wait_for_replicas(self, count: int, timeout: float = 240) -> list[Task]:
+    def wait_for_replicas(self, count: int, timeout: float = 300) -> list[Task]:
         """Until *count* app tasks run and are healthy (their health check passed)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -131,7 +131,13 @@ class SwarmStack:
             ]
             if health.count("healthy") == count == len(tasks):
                 return tasks
-            assert time.monotonic() < deadline, f"{count} healthy replicas expected: {health}"
+            if time.monotonic() > deadline:
+                history = docker(
+                    "service", "ps", "--no-trunc", f"{self.name}_app",
+                    "--format", "{{.Name}} {{.CurrentState}} {{.Error}}",
+                    check=False,
+                )  # fmt: skip
+                raise AssertionError(f"{count} healthy replicas expected: {health}\n{history}")
             time.sleep(1)
 
     def stop(self) -> None:
