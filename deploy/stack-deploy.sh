@@ -42,16 +42,21 @@ case "$STACK" in
     *) ;;
 esac
 
-# .env, as docker compose reads it: KEY=VALUE lines, no shell expansion; the environment wins.
+# .env, as docker compose reads it: KEY=VALUE lines (quotes around VALUE dropped, nothing
+# expanded), a later line wins over an earlier one; the environment wins over the file.
 if [ -f .env ]; then
+    preset=" "
+    while read -r key; do
+        [ -z "${!key+set}" ] || preset="$preset$key "
+    done < <(sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' .env)
     while IFS= read -r line || [ -n "$line" ]; do
-        case "$line" in '' | '#'*) continue ;; *=*) ;; *) continue ;; esac
         key="${line%%=*}"
+        case "$line" in [A-Za-z_]*=*) ;; *) continue ;; esac
+        case "$key" in *[!A-Za-z0-9_]*) continue ;; *) ;; esac
+        case "$preset" in *" $key "*) continue ;; *) ;; esac
         value="${line#*=}"
-        case "$key" in *[!A-Za-z0-9_]* | '') continue ;; *) ;; esac
-        if [ -z "${!key+set}" ]; then
-            export "$key=$value"
-        fi
+        case "$value" in \"*\" | \'*\') value="${value:1:${#value}-2}" ;; *) ;; esac
+        export "$key=$value"
     done <.env
 fi
 

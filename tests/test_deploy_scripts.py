@@ -373,5 +373,11 @@ def test_stack_deploy_refuses_bad_settings_and_a_non_manager_before_changing_any
         result = run_script(repo, "stack-deploy.sh", **env)
         assert result.returncode == 1 and error in result.stderr, (env, result.stderr)
     assert run_script(repo, "stack-deploy.sh", "Bad/Name").returncode == 1
-    assert calls.read_text().splitlines() == ["info --format {{.Swarm.LocalNodeState}} "
-                                              "{{.Swarm.ControlAvailable}}"]  # fmt: skip
+    # .env as compose reads it: the later line wins; the environment wins over the file.
+    (repo / ".env").write_text("POSTGRES_PASSWORD=p\nAPP_DB_PASSWORD=a\nAPP_REPLICAS=2\n"
+                               "APP_REPLICAS=two\n")  # fmt: skip
+    assert "APP_REPLICAS must be" in run_script(repo, "stack-deploy.sh").stderr
+    assert "not a swarm manager" in run_script(repo, "stack-deploy.sh", APP_REPLICAS="3").stderr
+    assert set(calls.read_text().splitlines()) == {
+        "info --format {{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}"
+    }
