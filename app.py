@@ -312,6 +312,7 @@ def database_status() -> DatabaseStatus:
 def connect_database(status: DatabaseStatus) -> None:
     """Create the table if needed and log which database is used; raises DatabaseUnavailable."""
     db.init_db()
+    db.check_connection_budget()  # RuntimeError if the replicas' pools exceed max_connections
     status.ready = True
     logger.info("using PostgreSQL %s", database_location())
 

@@ -200,7 +200,7 @@ def resolve_conninfo(
             host=host,
             port=environ.get("POSTGRES_PORT") or "5432",
             user=environ.get(user) or ("postgres" if owner else APP_ROLE),
-            password=environ.get(password) or None,
+            password=secret(password, environ),
             dbname=environ.get("POSTGRES_DB") or "postgres",
         )
     superuser = _start_embedded(Path(pgdata) if pgdata is not None else None)
@@ -208,6 +208,17 @@ def resolve_conninfo(
         return superuser
     migrate(superuser)  # trust authentication: the app role needs no password
     return make_conninfo(superuser, user=APP_ROLE)
+
+
+def secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of variable *name*, else the content of the file ``<name>_FILE`` names (Docker
+    secrets: ``APP_DB_PASSWORD_FILE=/run/secrets/...``, one trailing newline dropped), else None."""
+    environ = os.environ if environ is None else environ
+    if value := environ.get(name):
+        return value
+    if path := environ.get(f"{name}_FILE", "").strip():
+        return Path(path).read_text().removesuffix("\n") or None
+    return None
 
 
 def _start_embedded(pgdata: Path | None) -> str:
@@ -297,6 +308,38 @@ def init_db() -> None:
                 f"the predictions table is missing and {conn.info.user} may not create it: run"
                 " `python db.py migrate` with the owner's credentials (POSTGRES_USER/PASSWORD)"
             ) from exc
+
+
+def check_connection_budget(conn: psycopg.Connection | None = None) -> int:
+    """Raise RuntimeError unless the pools of all app replicas fit in the server's connections.
+
+    Replicas: ``APP_REPLICAS`` (the stack passes the count it runs; 1 if unset), plus one that a
+    rolling update (``order: start-first``) runs beside them; each pool opens up to
+    ``POOL_MAX_SIZE``. The server lets non-superusers have ``max_connections`` minus
+    ``superuser_reserved_connections`` (and ``reserved_connections``, PostgreSQL 16+), read
+    from the settings: what the server allows, not what happens to be in use now. Returns that
+    limit. Uses *conn*, else a pooled connection."""
+    if conn is None:
+        with _connection() as pooled:
+            return check_connection_budget(pooled)
+    try:
+        replicas = int(os.environ.get("APP_REPLICAS") or 1)
+    except ValueError:
+        raise RuntimeError(f"APP_REPLICAS={os.environ['APP_REPLICAS']!r} is not a number") from None
+    (limit,) = conn.execute(
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int"
+        " - coalesce(current_setting('reserved_connections', true)::int, 0)"
+    ).fetchone()
+    needed = (replicas + 1) * POOL_MAX_SIZE
+    if needed > limit:
+        raise RuntimeError(
+            f"{replicas} app replicas (APP_REPLICAS) + 1 during a rolling update, each with a"
+            f" pool of up to {POOL_MAX_SIZE} connections (db.POOL_MAX_SIZE), need {needed}"
+            f" connections, but PostgreSQL allows only {limit} (max_connections minus the"
+            " reserved ones): lower APP_REPLICAS or raise max_connections"
+        )
+    return limit
 
 
 # --- the pool, and what its connection attempts say about the server ------------------------
@@ -820,7 +863,14 @@ def main(argv: list[str]) -> int:
         app_role = os.environ.get("APP_DB_USER") or APP_ROLE
         if os.environ.get("DATABASE_URL", "").strip():
             app_role = None  # the app connects with DATABASE_URL, as the owner
-        migrate(owner, app_role, os.environ.get("APP_DB_PASSWORD") or None)
+        if os.environ.get("APP_REPLICAS"):  # deploy/stack-deploy.sh: refuse before deploying
+            try:
+                with psycopg.connect(owner, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                    logger.info("connections for the app: %d", check_connection_budget(conn))
+            except RuntimeError as exc:
+                print(f"ERROR: {exc}", file=sys.stderr)
+                return 1
+        migrate(owner, app_role, secret("APP_DB_PASSWORD"))
         return 0
     if command == "stop-embedded":
         if embedded_pg.stop():

@@ -490,6 +490,19 @@ def test_a_malformed_database_url_never_crashes_the_app():
     assert values(history_app().error) == [app.HISTORY_FAILED]
 
 
+def test_more_replicas_than_the_databases_connections_allow_store_nothing_and_say_why(
+    clean_db, monkeypatch, caplog
+):
+    monkeypatch.setenv("APP_REPLICAS", "1000")  # deploy/stack.yml passes its replica count
+    db.configure(clean_db.url)
+    at = start_app()
+    assert "1000 app replicas (APP_REPLICAS)" in caplog.text
+    assert "but PostgreSQL allows only" in caplog.text
+    click(draw(at, digit_png(7)), app.CORRECT_BUTTON)
+    assert values(at.error) == [app.FEEDBACK_FAILED]
+    assert stored_rows(clean_db) == []
+
+
 # --- history page -----------------------------------------------------------------------------
 
 

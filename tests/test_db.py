@@ -448,6 +448,41 @@ def test_resolve_conninfo_reads_the_environment(env, owner, expected):
     assert conninfo_to_dict(db.resolve_conninfo(env, owner=owner)) == conninfo_to_dict(expected)
 
 
+def test_a_password_comes_from_its_variable_else_from_the_file_its_FILE_variable_names(tmp_path):
+    (tmp_path / "app").write_text("from file\n")  # as `echo ... | docker secret create`
+    (tmp_path / "owner").write_text("owner's")
+    env = {"POSTGRES_HOST": "db", "APP_DB_PASSWORD_FILE": str(tmp_path / "app")}
+    env |= {"POSTGRES_PASSWORD_FILE": str(tmp_path / "owner")}
+    assert conninfo_to_dict(db.resolve_conninfo(env))["password"] == "from file"
+    assert conninfo_to_dict(db.resolve_conninfo(env, owner=True))["password"] == "owner's"
+    env["APP_DB_PASSWORD"] = "variable"
+    assert conninfo_to_dict(db.resolve_conninfo(env))["password"] == "variable"
+
+
+def test_the_replicas_pools_must_fit_in_the_servers_connections(clean_db, monkeypatch, capsys):
+    with clean_db.connect() as conn:
+        settings = dict(conn.execute("SELECT name, setting FROM pg_settings").fetchall())
+    allowed = int(settings["max_connections"]) - int(settings["superuser_reserved_connections"])
+    allowed -= int(settings.get("reserved_connections", 0))
+    fits = allowed // db.POOL_MAX_SIZE - 1  # replicas, and one more during a rolling update
+    monkeypatch.setenv("APP_REPLICAS", str(fits))
+    assert db.check_connection_budget() == allowed
+    monkeypatch.setenv("APP_REPLICAS", str(fits + 1))
+    needed = (fits + 2) * db.POOL_MAX_SIZE
+    message = f"need {needed} connections, but PostgreSQL allows only {allowed}"
+    with pytest.raises(RuntimeError, match=message):
+        db.check_connection_budget()
+    # The deploy's migration refuses before it changes anything.
+    with clean_db.connect() as conn:
+        conn.execute("DROP TABLE predictions")
+    for name, value in {"DATABASE_URL": clean_db.url, "POSTGRES_HOST": ""}.items():
+        monkeypatch.setenv(name, value)
+    assert db.main(["db.py", "migrate"]) == 1
+    assert message in capsys.readouterr().err
+    with clean_db.connect() as conn:
+        assert conn.execute("SELECT to_regclass('predictions')").fetchone() == (None,)
+
+
 def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch):
     password = "p@ss w'o:r/d?#%\\"  # would break a hand-formatted URL
     with pg_server.connect() as conn:

@@ -374,3 +374,33 @@ def test_update_script_deploys_a_new_commit_to_the_running_stack(tmp_path: Path)
         assert "app healthy" in states and "db healthy" in states, states
     finally:
         server.remove()
+
+
+# --- stack-deploy.sh (the real deploy: tests/test_stack.py) --------------------------------------
+
+
+def test_stack_deploy_refuses_bad_settings_and_a_non_manager_before_changing_anything(
+    repo: Path, tmp_path: Path
+) -> None:
+    calls = tmp_path / "docker-calls"
+    # `docker info` answers as a node outside any swarm; any other call is recorded.
+    stub(tmp_path, "docker", f'echo "$*" >>{calls}\n[ "$1" = info ] && echo "inactive false"\n')
+    cases = [
+        ({}, "POSTGRES_PASSWORD is not set"),
+        ({"POSTGRES_PASSWORD": "p"}, "APP_DB_PASSWORD is not set"),
+        ({"POSTGRES_PASSWORD": "p", "APP_DB_PASSWORD": "a", "APP_REPLICAS": "two"},
+         "APP_REPLICAS must be a positive number"),
+        ({"POSTGRES_PASSWORD": "p", "APP_DB_PASSWORD": "a"}, "not a swarm manager"),
+    ]  # fmt: skip
+    for env, error in cases:
+        result = run_script(repo, "stack-deploy.sh", **env)
+        assert result.returncode == 1 and error in result.stderr, (env, result.stderr)
+    assert run_script(repo, "stack-deploy.sh", "Bad/Name").returncode == 1
+    # .env as compose reads it: the later line wins; the environment wins over the file.
+    (repo / ".env").write_text("POSTGRES_PASSWORD=p\nAPP_DB_PASSWORD=a\nAPP_REPLICAS=2\n"
+                               "APP_REPLICAS=two\n")  # fmt: skip
+    assert "APP_REPLICAS must be" in run_script(repo, "stack-deploy.sh").stderr
+    assert "not a swarm manager" in run_script(repo, "stack-deploy.sh", APP_REPLICAS="3").stderr
+    assert set(calls.read_text().splitlines()) == {
+        "info --format {{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}"
+    }
