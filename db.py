@@ -283,7 +283,8 @@ def migrate(
     except psycopg.OperationalError as exc:
         raise _unavailable(exc) from exc
     logger.info(
-        "migrated the schema; %s may read and insert predictions, insert drawings", app_role
+        "migrated the schema; %s may read and insert predictions, insert drawings, read versions",
+        app_role,
     )
 
 

@@ -474,7 +474,7 @@ def test_the_replicas_pools_must_fit_in_the_servers_connections(clean_db, monkey
         db.check_connection_budget()
     # The deploy's migration refuses before it changes anything.
     with clean_db.connect() as conn:
-        conn.execute("DROP TABLE predictions")
+        conn.execute("DROP TABLE drawings, predictions")
     for name, value in {"DATABASE_URL": clean_db.url, "POSTGRES_HOST": ""}.items():
         monkeypatch.setenv(name, value)
     assert db.main(["db.py", "migrate"]) == 1
