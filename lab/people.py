@@ -3,9 +3,9 @@ for the tests and `python -m lab.evaluate --simulate-people`.
 
 Each digit's pen trajectory is put on the app's 280x280 canvas as it would be drawn there
 (`pendigits.on_canvas`, the app's 18 px brush), drawn, read by the model through
-`utils.preprocess`, and stored: a `predictions` row through `db.log_prediction` (the app's own
-call) with the model's prediction, then its `drawings` row (CONTRACT20.md, section A): the strokes
-in canvas pixels, the canvas size, the brush, the 28x28 image the model read.
+`utils.preprocess`, and stored through the app's own call, `db.log_prediction(..., drawing=...)`:
+the `predictions` row with the model's prediction and its `drawings` row in one transaction (the
+strokes in canvas pixels, y down, the canvas size, the brush, the 28x28 image the model read).
 """
 
 from __future__ import annotations
@@ -19,26 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import torch
 
 import db
+import drawings
 import model as model_lib
 import pendigits
 import utils
 from lab.postgres import PostgresProcess, initdb
-
-# The drawings table exactly as CONTRACT20.md section A gives it. db.py owns it once the
-# drawings branch is merged (t20draw); IF NOT EXISTS makes this a no-op then.
-DRAWINGS_DDL = """
-CREATE TABLE IF NOT EXISTS drawings (
-    prediction_id bigint PRIMARY KEY REFERENCES predictions (id) ON DELETE CASCADE,
-    strokes jsonb NOT NULL,
-    canvas_size smallint NOT NULL,
-    brush_width real NOT NULL,
-    image bytea NOT NULL
-)
-"""
 
 
 @dataclass(frozen=True)
@@ -52,8 +40,6 @@ class Answer:
 def create_schema(conninfo: str) -> None:
     """The app's tables in an empty database, as its owner."""
     db.migrate(conninfo, app_role=None)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(DRAWINGS_DDL)
 
 
 def canvas_strokes(digit: pendigits.PenDigit, seed: int) -> tuple[list[np.ndarray], float]:
@@ -62,7 +48,6 @@ def canvas_strokes(digit: pendigits.PenDigit, seed: int) -> tuple[list[np.ndarra
 
 
 def store_answer(
-    conninfo: str,
     strokes: Sequence[np.ndarray],
     brush: float,
     label: int,
@@ -70,20 +55,20 @@ def store_answer(
     model_name: str,
 ) -> Answer:
     """One drawing answered as in the app: the model's prediction on the drawn canvas, the
-    person's true label, stored with the drawing. `db` must be configured to `conninfo`."""
+    person's true label, stored with the drawing in one transaction by the app's own call
+    (`db.log_prediction(..., drawing=...)`), to the database `db` is configured to."""
     model_input = utils.preprocess(pendigits.draw(strokes, brush))
     prediction = model_lib.predict(net, model_input)
-    row_id = db.log_prediction(
-        prediction.digit, label, prediction.confidence, uuid.uuid4(), model_name
-    )
     image = utils.to_pixels(model_input)
-    points = [[[float(x), float(y)] for x, y in line] for line in strokes]
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO drawings (prediction_id, strokes, canvas_size, brush_width, image)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (row_id, psycopg.types.json.Jsonb(points), utils.CANVAS_SIZE, brush, image.tobytes()),
-        )
+    # Canvas pixels (origin top left, y down), rounded as drawings.from_canvas rounds the app's.
+    points = [
+        [[round(float(x), drawings.DECIMALS), round(float(y), drawings.DECIMALS)] for x, y in line]
+        for line in strokes
+    ]
+    drawing = db.Drawing(points, utils.CANVAS_SIZE, float(brush), image.tobytes())
+    row_id = db.log_prediction(
+        prediction.digit, label, prediction.confidence, uuid.uuid4(), model_name, drawing=drawing
+    )
     return Answer(row_id, label, prediction.digit, image)
 
 
@@ -98,9 +83,7 @@ def answer_all(
     db.configure(conninfo)
     try:
         return [
-            store_answer(
-                conninfo, *canvas_strokes(digit, seed * 100_003 + i), digit.label, net, model_name
-            )  # fmt: skip
+            store_answer(*canvas_strokes(digit, seed * 100_003 + i), digit.label, net, model_name)
             for i, digit in enumerate(digits)
         ]
     finally:
