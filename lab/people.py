@@ -11,6 +11,7 @@ strokes in canvas pixels, y down, the canvas size, the brush, the 28x28 image th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import tempfile
 import uuid
@@ -53,6 +54,7 @@ def store_answer(
     label: int,
     net: torch.nn.Module,
     model_name: str,
+    submission_id: uuid.UUID | None = None,
 ) -> Answer:
     """One drawing answered as in the app: the model's prediction on the drawn canvas, the
     person's true label, stored with the drawing in one transaction by the app's own call
@@ -67,7 +69,12 @@ def store_answer(
     ]
     drawing = db.Drawing(points, utils.CANVAS_SIZE, float(brush), image.tobytes())
     row_id = db.log_prediction(
-        prediction.digit, label, prediction.confidence, uuid.uuid4(), model_name, drawing=drawing
+        prediction.digit,
+        label,
+        prediction.confidence,
+        submission_id or uuid.uuid4(),
+        model_name,
+        drawing=drawing,
     )
     return Answer(row_id, label, prediction.digit, image)
 
@@ -79,15 +86,31 @@ def answer_all(
     model_name: str,
     seed: int = 0,
 ) -> list[Answer]:
-    """Each digit drawn on the canvas and answered with its true label."""
+    """Each digit drawn on the canvas and answered with its true label, under a submission id
+    of its own that is a function of the digit, `seed` and its place (`submission_id`): the same
+    answers are held out (CONTRACT20 B) in every run of a measurement."""
     db.configure(conninfo)
     try:
         return [
-            store_answer(*canvas_strokes(digit, seed * 100_003 + i), digit.label, net, model_name)
+            store_answer(
+                *canvas_strokes(digit, seed * 100_003 + i),
+                digit.label,
+                net,
+                model_name,
+                submission_id(digit, seed, i),
+            )
             for i, digit in enumerate(digits)
         ]
     finally:
         db.configure(None)
+
+
+def submission_id(digit: pendigits.PenDigit, seed: int, index: int) -> uuid.UUID:
+    """A version-4 UUID, as the app's, drawn from the digit's strokes, `seed` and `index`."""
+    content = hashlib.sha256(f"{seed}/{index}/{digit.writer}/{digit.label}".encode())
+    for stroke in digit.strokes:
+        content.update(np.ascontiguousarray(stroke).tobytes())
+    return uuid.UUID(bytes=content.digest()[:16], version=4)
 
 
 @contextlib.contextmanager
