@@ -15,11 +15,13 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from mnist_files import PEN_SUBSET, SUBSET
+from torch.utils.data import DataLoader, TensorDataset
 
 import train
 from lab import free_port, people
@@ -346,3 +348,35 @@ def submission(server, answer: people.Answer) -> tuple[object, int]:
             "SELECT submission_id FROM predictions WHERE id = %s", (answer.prediction_id,)
         )
     return submission_id, answer.prediction_id
+
+
+def test_init_switches_to_the_fine_tune_defaults_and_a_flag_given_overrides_them():
+    scratch, fine = train.parse_args([]), train.parse_args(["--init", "models/model.pth"])
+    assert {name: getattr(scratch, name) for name in train.SCRATCH} == train.SCRATCH
+    assert {name: getattr(fine, name) for name in train.FINE_TUNE} == train.FINE_TUNE
+    assert fine.freeze_bn and not scratch.freeze_bn
+    given = train.parse_args(["--init", "m.pth", "--lr", "0.01", "--no-freeze-bn"])
+    assert given.lr == 0.01 and given.epochs == train.FINE_TUNE["epochs"] and not given.freeze_bn
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_fine_tune_keeps_the_live_models_batchnorm_statistics(freeze):
+    net = load_model(ROOT / "models" / "model.pth")
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    weights = [p.detach().clone() for p in net.parameters()]
+    args = train.parse_args(
+        ["--init", "m.pth", "--log-every", "0"] + ([] if freeze else ["--no-freeze-bn"])
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    loader = DataLoader(TensorDataset(images, labels, torch.zeros(64, dtype=torch.bool)), 32)
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=2)
+    stop = SimpleNamespace(check=lambda: None)
+    train.train_one_epoch(
+        net, loader, optimizer, scheduler, "cpu", args, train.Progress(0, 0), 2, stop
+    )
+    after = {k: v for k, v in net.state_dict().items() if "running" in k}
+    assert all(torch.equal(stats[k], after[k]) for k in stats) == freeze
+    assert not all(torch.equal(w, p) for w, p in zip(weights, net.parameters(), strict=True))
