@@ -4,8 +4,9 @@ checkpointing every epoch so that no crash loses progress.
     python train.py --download          # full run with the defaults: minutes on 2 CPU cores
     python train.py --limit 2000 --epochs 2 --out /tmp/m.pth --checkpoint-dir /tmp/ckpt
     python train.py --sources mnist     # MNIST alone, as before pen digits
-    python train.py --sources mnist,pen,feedback --init models/model.pth --epochs 2 --lr 0.01
+    python train.py --sources mnist,pen,feedback --init models/model.pth --promote
                                         # fine-tune the live model on people's drawings too
+                                        # (--init: the fine-tune defaults, FINE_TUNE)
 
 The data comes from `sources.py`. The held-out part of each source (pen writers, a fifth of the
 people's drawings) is never trained on; the model's accuracy on it, per digit and with its worst
@@ -57,10 +58,22 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-e(\d{4})-s(\d{6})\.pt$")
 RUN_SETTINGS = (
     "epochs", "batch_size", "lr", "seed", "limit",
     "sources", "pen_share", "pen_views", "held_out_writers",
-    "feedback_share", "feedback_views", "init", "epoch_size",
+    "feedback_share", "feedback_views", "init", "epoch_size", "freeze_bn",
+    "distill",
 )  # fmt: skip
 SOURCES = sources.NAMES
 FEEDBACK_SHARE = 0.3  # measured: README, Training (simulated people)
+# From scratch: --epochs, --lr, --epoch-size. A fine-tune (--init, the feedback loop's run) has
+# its own defaults, measured with `python -m lab.evaluate --simulate-people` (README, Training).
+SCRATCH = {
+    "epochs": 12, "lr": 0.05, "epoch_size": None, "pen_share": 0.4, "feedback_views": 8,
+    "distill": 0.0,
+}  # fmt: skip
+FINE_TUNE = {
+    "epochs": 2, "lr": 0.005, "epoch_size": 20_000, "pen_share": 0.2, "feedback_views": 16,
+    "distill": 0.0,
+}  # fmt: skip
+DISTILL_T = 2.0  # the temperature of --distill's soft targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,9 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=int, default=12, help="passes over the training set")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"passes over the training set (default {SCRATCH['epochs']}; with --init "
+        f"{FINE_TUNE['epochs']})",
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="images per training step")
-    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (one-cycle)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help=f"peak learning rate, one-cycle (default {SCRATCH['lr']}; with --init "
+        f"{FINE_TUNE['lr']})",
+    )
     parser.add_argument("--seed", type=int, default=1, help="random seed")
     parser.add_argument(
         "--data-dir",
@@ -95,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pen-share",
         type=float,
-        default=0.4,
-        help="with both sources, the fraction of each epoch's images that are pen digits",
+        help="with both sources, the fraction of each epoch's images that are pen digits, beside "
+        f"MNIST (default {SCRATCH['pen_share']}; with --init {FINE_TUNE['pen_share']})",
     )
     parser.add_argument(
         "--pen-views", type=int, default=4, help="renderings of each pen digit, cached"
@@ -114,9 +137,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with feedback and another source, the fraction of each epoch's images that are "
         "renderings of the app's drawings (those not held out)",
     )
-    parser.add_argument("--feedback-views", type=int, default=8, help="renderings of a drawing")
+    parser.add_argument(
+        "--feedback-views",
+        type=int,
+        help=f"renderings of each drawing (default {SCRATCH['feedback_views']}; with --init "
+        f"{FINE_TUNE['feedback_views']})",
+    )
     parser.add_argument("--init", type=Path, help="start from these weights: fine-tune")
-    parser.add_argument("--epoch-size", type=int, help="images per epoch (None: MNIST + pen share)")
+    parser.add_argument(
+        "--epoch-size",
+        type=int,
+        help="images per epoch (default: all MNIST images plus the pen share; with --init "
+        f"{FINE_TUNE['epoch_size']:,})",
+    )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        help="with --init: weight of a distillation loss that keeps the model's answers on the "
+        "MNIST and pen images close to the --init model's (learning without forgetting; 0: off)",
+    )
+    parser.add_argument(
+        "--freeze-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep BatchNorm's statistics as they are (default: on with --init, a fine-tune)",
+    )
     parser.add_argument("--promote", action="store_true", help="live only if better: versions.py")
     parser.add_argument(
         "--download", action="store_true", help="fetch MNIST and the pen digits if missing"
@@ -133,6 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--log-every", type=float, default=5.0, help="seconds between lines")
     args = parser.parse_args(argv)
+    for name, default in (FINE_TUNE if args.init else SCRATCH).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.keep < 1:
         parser.error("--epochs, --batch-size and --keep must be >= 1 and --lr > 0")
     if args.limit is not None and args.limit < 1:
@@ -143,6 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--pen-share must be between 0 and 1 (exclusive), --pen-views >= 1")
     if not 0 < args.feedback_share < 1 or args.feedback_views < 1:
         parser.error("--feedback-share must be between 0 and 1 (exclusive), --feedback-views >= 1")
+    if args.distill < 0 or (args.distill and not args.init):
+        parser.error("--distill must be >= 0, and needs --init (the model to stay close to)")
+    if args.freeze_bn is None:
+        args.freeze_bn = args.init is not None
     return args
 
 
@@ -331,7 +383,15 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
         prune_checkpoints(args.checkpoint_dir, args.keep)
         return path
 
-    dataset = TensorDataset(data.images, data.labels)
+    # Which images are people's drawings: --distill keeps the --init model's answers on the rest.
+    is_feedback = torch.cat(
+        [torch.full((len(s.train.labels),), s.name == "feedback") for s in data.sources]
+    )
+    dataset = TensorDataset(data.images, data.labels, is_feedback)
+    teacher = None
+    if args.distill:
+        teacher = model_lib.load_model(args.init).to(device).eval()
+        teacher = teacher.to(memory_format=torch.channels_last)
     steps_per_epoch = -(-sum(data.per_epoch) // args.batch_size)
     session_start = time.perf_counter()
     try:
@@ -346,8 +406,9 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
                 persistent_workers=False,
             )
             train_one_epoch(
-                net, loader, optimizer, scheduler, device, args, progress, steps_per_epoch, stop
-            )
+                net, loader, optimizer, scheduler, device, args, progress, steps_per_epoch, stop,
+                teacher,
+            )  # fmt: skip
             history.append(figures := epoch_figures(net, data, device, epoch))
             rss, peak = memory_mb()
             log.info(
@@ -526,14 +587,27 @@ class Progress:
 
 
 def train_one_epoch(
-    net, loader, optimizer, scheduler, device, args, progress: Progress, steps_per_epoch, stop
+    net,
+    loader,
+    optimizer,
+    scheduler,
+    device,
+    args,
+    progress: Progress,
+    steps_per_epoch,
+    stop,
+    teacher=None,
 ) -> None:
     """Train from `progress.step` to the end of epoch `progress.epoch`, counting steps."""
     epoch = progress.epoch
     net.train()
+    if args.freeze_bn:  # a fine-tune: the live model's BatchNorm statistics, not this batch's
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     last_log = time.perf_counter()
     samples, loss_sum, correct = 0, 0.0, 0
-    for images, labels in loader:
+    for images, labels, feedback in loader:
         stop.check()
         images = images.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
         labels = labels.to(device, non_blocking=True)
@@ -543,6 +617,12 @@ def train_one_epoch(
 
         logits = net(inputs)
         loss = F.cross_entropy(logits, labels)
+        if teacher is not None and (kept := ~feedback.to(device)).any():
+            with torch.no_grad():
+                target = F.log_softmax(teacher(inputs[kept]) / DISTILL_T, 1)
+            student = F.log_softmax(logits[kept] / DISTILL_T, 1)
+            kl = F.kl_div(student, target, reduction="batchmean", log_target=True)
+            loss = loss + args.distill * DISTILL_T**2 * kl * kept.float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -651,6 +731,9 @@ def write_model(
         "lr": args.lr,
         "seed": args.seed,
         "init": str(args.init) if args.init else None,
+        "epoch_size": args.epoch_size,
+        "freeze_bn": args.freeze_bn,
+        "distill": args.distill,
         "sources": names,
         "pen_share": args.pen_share if {"mnist", "pen"} <= set(names) else None,
         "pen_views": args.pen_views,

@@ -25,10 +25,13 @@ with the worst confusions.
 
 `--simulate-people` plays the feedback loop with handwriting the shipped model never saw: the
 first `--answers` digits of each of `--people-writers` (held-out pen writers) are answered as in
-the app (`lab/people.py`: prediction and drawing stored in a throwaway PostgreSQL), then
-`train.py --sources mnist,pen,feedback` trains a candidate from them. It prints the errors of the
-shipped model and of the candidate on those writers' other digits, on the other held-out writers
-(trained on by neither) and on MNIST's test set.
+the app (`lab/people.py`: prediction and drawing stored by `db.log_prediction` in a throwaway
+PostgreSQL), then the loop's own command runs: `train.py --sources mnist,pen,feedback --init
+<live> --promote` (its fine-tune defaults; `--train-args` adds flags), the shipped model being
+the registry's first live version. It prints the promotion table and the errors of the shipped
+model, the candidate and the new live model (the candidate if promoted, else the shipped one) on
+those writers' other digits, on the other held-out writers (trained on by neither) and on
+MNIST's test set.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -448,6 +453,7 @@ def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None
 
 def simulate_people(args: argparse.Namespace) -> None:
     """The feedback loop with simulated people (see the module's docstring)."""
+    import versions
     from lab import people  # needs PostgreSQL's binaries (pgserver): only here
 
     shipped_path = model_lib.model_path() if args.model is None else Path(args.model)
@@ -481,47 +487,53 @@ def simulate_people(args: argparse.Namespace) -> None:
     test_images, test_labels = mnist.load_split(data_dir, "test")
     pixels = [utils.to_pixels(utils.preprocess(image.numpy())) for image in test_images]
     sets["mnist"] = (torch.from_numpy(np.stack(pixels)), test_labels)  # the app's path
+    live = work / "live" / "model.pth"  # the app's model file: the registry's first version
+    live.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shipped_path, live)
+    if shipped_path.with_suffix(".json").is_file():
+        shutil.copyfile(shipped_path.with_suffix(".json"), live.with_suffix(".json"))
     with people.throwaway_database() as server:
         stored = people.answer_all(server.url, answers, shipped, name)
         wrong = sum(a.predicted != a.label for a in stored)
         print(f"stored {len(stored)} answers; the shipped model read {wrong} of them wrong")
-        candidates = {}
-        for share in args.feedback_shares.split(","):
-            out = work / f"candidate-share{share}.pth"
-            command = [
-                sys.executable, "train.py", "--sources", "mnist,pen,feedback",
-                "--feedback-share", share, "--data-dir", str(data_dir), "--pen-file",
-                str(pen_file), "--out", str(out), "--checkpoint-dir", str(work / "checkpoints"),
-                "--fresh", *shlex.split(args.train_args),
-            ]  # fmt: skip
-            print("$ " + shlex.join(command[1:]), flush=True)
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            started = time.perf_counter()
-            result = subprocess.run(
-                command,
-                cwd=Path(__file__).resolve().parent.parent,
-                env={**os.environ, "DATABASE_URL": server.url},
-                capture_output=True,
-                text=True,
-            )
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            if result.returncode != 0:
-                raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}")
-            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-            info = json.loads(out.with_suffix(".json").read_text())
-            feedback = info.get("feedback_held_out", {})
-            print(
-                f"  trained in {time.perf_counter() - started:.0f} s wall, {cpu:.0f} s CPU; "
-                f"held-out feedback {feedback.get('accuracy', float('nan')):.2%} of "
-                f"{feedback.get('count', 0)}"
-            )
-            candidates[f"candidate, share {share}"] = model_lib.load_model(out)
+        # The feedback loop's own command (README, "Training"): fine-tune the live model, promote.
+        command = [
+            sys.executable, "train.py", "--sources", "mnist,pen,feedback", "--init", str(live),
+            "--promote", "--data-dir", str(data_dir), "--pen-file", str(pen_file),
+            "--out", str(live), "--checkpoint-dir", str(work / "checkpoints"), "--fresh",
+            *shlex.split(args.train_args),
+        ]  # fmt: skip
+        print("$ " + shlex.join(command[1:]), flush=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        result = subprocess.run(
+            command,
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "DATABASE_URL": server.url},
+            capture_output=True,
+            text=True,
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if result.returncode not in (0, versions.EXIT_REFUSED):
+            raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}")
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        promoted = result.returncode == 0
+        # The table train.py logged, up to its next log line ("hh:mm:ss LEVEL ...").
+        table = re.split(r"\n\d\d:\d\d:\d\d ", result.stdout.split("promotion:\n", 1)[-1])[0]
+        print(
+            f"  trained in {time.perf_counter() - started:.0f} s wall, {cpu:.0f} s CPU; "
+            f"{'PROMOTED' if promoted else 'REFUSED: the shipped model stays live'}\n{table}"
+        )
+    models = {
+        "shipped": shipped,
+        "candidate": model_lib.load_model(work / "checkpoints" / "candidate.pth"),
+        f"new live ({'promoted' if promoted else 'refused: shipped'})": model_lib.load_model(live),
+    }
     titles = {
         "people": f"people's other digits (writers {args.people_writers})",
         "others": f"other held-out writers ({','.join(map(str, others))})",
         "mnist": "MNIST test",
     }
-    models = {"shipped": shipped, **candidates}
     print(f"\n| set | {' | '.join(models)} |\n|---|" + "---|" * len(models))
     for key, (images, labels) in sets.items():
         cells, baseline = [], None
@@ -557,9 +569,6 @@ def main() -> None:
     )
     parser.add_argument("--people-writers", default="3,14,25", help="held-out writers who answer")
     parser.add_argument("--answers", type=int, default=30, help="answers per person")
-    parser.add_argument(
-        "--feedback-shares", default=str(train.FEEDBACK_SHARE), help="one candidate per share"
-    )
     parser.add_argument("--train-args", default="", help="more train.py flags, one string")
     parser.add_argument("--work-dir", default=None, help="candidates and renderings (kept)")
     args = parser.parse_args()

@@ -3,14 +3,15 @@ for the tests and `python -m lab.evaluate --simulate-people`.
 
 Each digit's pen trajectory is put on the app's 280x280 canvas as it would be drawn there
 (`pendigits.on_canvas`, the app's 18 px brush), drawn, read by the model through
-`utils.preprocess`, and stored: a `predictions` row through `db.log_prediction` (the app's own
-call) with the model's prediction, then its `drawings` row (CONTRACT20.md, section A): the strokes
-in canvas pixels, the canvas size, the brush, the 28x28 image the model read.
+`utils.preprocess`, and stored through the app's own call, `db.log_prediction(..., drawing=...)`:
+the `predictions` row with the model's prediction and its `drawings` row in one transaction (the
+strokes in canvas pixels, y down, the canvas size, the brush, the 28x28 image the model read).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import tempfile
 import uuid
@@ -19,26 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import torch
 
 import db
+import drawings
 import model as model_lib
 import pendigits
 import utils
 from lab.postgres import PostgresProcess, initdb
-
-# The drawings table exactly as CONTRACT20.md section A gives it. db.py owns it once the
-# drawings branch is merged (t20draw); IF NOT EXISTS makes this a no-op then.
-DRAWINGS_DDL = """
-CREATE TABLE IF NOT EXISTS drawings (
-    prediction_id bigint PRIMARY KEY REFERENCES predictions (id) ON DELETE CASCADE,
-    strokes jsonb NOT NULL,
-    canvas_size smallint NOT NULL,
-    brush_width real NOT NULL,
-    image bytea NOT NULL
-)
-"""
 
 
 @dataclass(frozen=True)
@@ -52,8 +41,6 @@ class Answer:
 def create_schema(conninfo: str) -> None:
     """The app's tables in an empty database, as its owner."""
     db.migrate(conninfo, app_role=None)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(DRAWINGS_DDL)
 
 
 def canvas_strokes(digit: pendigits.PenDigit, seed: int) -> tuple[list[np.ndarray], float]:
@@ -62,28 +49,33 @@ def canvas_strokes(digit: pendigits.PenDigit, seed: int) -> tuple[list[np.ndarra
 
 
 def store_answer(
-    conninfo: str,
     strokes: Sequence[np.ndarray],
     brush: float,
     label: int,
     net: torch.nn.Module,
     model_name: str,
+    submission_id: uuid.UUID | None = None,
 ) -> Answer:
     """One drawing answered as in the app: the model's prediction on the drawn canvas, the
-    person's true label, stored with the drawing. `db` must be configured to `conninfo`."""
+    person's true label, stored with the drawing in one transaction by the app's own call
+    (`db.log_prediction(..., drawing=...)`), to the database `db` is configured to."""
     model_input = utils.preprocess(pendigits.draw(strokes, brush))
     prediction = model_lib.predict(net, model_input)
-    row_id = db.log_prediction(
-        prediction.digit, label, prediction.confidence, uuid.uuid4(), model_name
-    )
     image = utils.to_pixels(model_input)
-    points = [[[float(x), float(y)] for x, y in line] for line in strokes]
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO drawings (prediction_id, strokes, canvas_size, brush_width, image)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (row_id, psycopg.types.json.Jsonb(points), utils.CANVAS_SIZE, brush, image.tobytes()),
-        )
+    # Canvas pixels (origin top left, y down), rounded as drawings.from_canvas rounds the app's.
+    points = [
+        [[round(float(x), drawings.DECIMALS), round(float(y), drawings.DECIMALS)] for x, y in line]
+        for line in strokes
+    ]
+    drawing = db.Drawing(points, utils.CANVAS_SIZE, float(brush), image.tobytes())
+    row_id = db.log_prediction(
+        prediction.digit,
+        label,
+        prediction.confidence,
+        submission_id or uuid.uuid4(),
+        model_name,
+        drawing=drawing,
+    )
     return Answer(row_id, label, prediction.digit, image)
 
 
@@ -94,17 +86,31 @@ def answer_all(
     model_name: str,
     seed: int = 0,
 ) -> list[Answer]:
-    """Each digit drawn on the canvas and answered with its true label."""
+    """Each digit drawn on the canvas and answered with its true label, under a submission id
+    of its own that is a function of the digit, `seed` and its place (`submission_id`): the same
+    answers are held out (CONTRACT20 B) in every run of a measurement."""
     db.configure(conninfo)
     try:
         return [
             store_answer(
-                conninfo, *canvas_strokes(digit, seed * 100_003 + i), digit.label, net, model_name
-            )  # fmt: skip
+                *canvas_strokes(digit, seed * 100_003 + i),
+                digit.label,
+                net,
+                model_name,
+                submission_id(digit, seed, i),
+            )
             for i, digit in enumerate(digits)
         ]
     finally:
         db.configure(None)
+
+
+def submission_id(digit: pendigits.PenDigit, seed: int, index: int) -> uuid.UUID:
+    """A version-4 UUID, as the app's, drawn from the digit's strokes, `seed` and `index`."""
+    content = hashlib.sha256(f"{seed}/{index}/{digit.writer}/{digit.label}".encode())
+    for stroke in digit.strokes:
+        content.update(np.ascontiguousarray(stroke).tobytes())
+    return uuid.UUID(bytes=content.digest()[:16], version=4)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ import model
 import utils
 from lab import evaluate
 
+MODEL = evaluate.Path(__file__).resolve().parent.parent / "models" / "model.pth"
+
 
 @pytest.fixture(scope="module")
 def subset():
@@ -121,24 +123,31 @@ def test_the_app_path_tells_the_shipped_model_from_an_untrained_one(subset, trai
         assert max(found) < 0.5, found
 
 
-def test_simulated_people_answer_then_a_candidate_is_trained_on_them_and_compared(tmp_path):
-    """`--simulate-people` on the committed subsets: writer 3 answers 20 digits, a one-epoch
-    candidate learns from them, the table compares it with the shipped model on three sets."""
+def test_simulated_people_answer_then_train_promote_runs_and_the_new_live_model_is_compared(
+    tmp_path,
+):
+    """`--simulate-people` on the committed subsets: writer 3 answers 20 digits, `train.py
+    --sources mnist,pen,feedback --init <live> --promote` runs (a short one here), and the table
+    compares the shipped model, the candidate and the live model after promotion or refusal."""
     import subprocess
     import sys
 
     command = [
         sys.executable, "-m", "lab.evaluate", "--simulate-people", "--data-dir", str(SUBSET),
         "--pen-file", str(PEN_SUBSET), "--people-writers", "3", "--answers", "20",
-        "--work-dir", str(tmp_path), "--train-args", "--limit 200 --epochs 1 --init "
-        "models/model.pth --lr 0.01",
+        "--work-dir", str(tmp_path), "--train-args", "--limit 200 --epochs 1 --epoch-size 256",
     ]  # fmt: skip
     result = subprocess.run(
         command, cwd=evaluate.Path(__file__).parent.parent, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "stored 20 answers" in result.stdout and "held-out feedback" in result.stdout
-    rows = {line.split(" | ")[0]: line for line in result.stdout.splitlines() if "errors" in line}
+    out = result.stdout
+    assert "stored 20 answers" in out and "--init" in out and "--promote" in out
+    promoted = "PROMOTED" in out
+    assert promoted != ("REFUSED" in out) and "held-out feedback" in out, out
+    live = "new live (promoted)" if promoted else "new live (refused: shipped)"
+    assert f"| set | shipped | candidate | {live} |" in out
+    rows = {line.split(" | ")[0]: line for line in out.splitlines() if "errors" in line}
     assert list(rows) == [
         "| people's other digits (writers 3), 20 digits",
         "| other held-out writers (8,14,19,25,30), 40 digits",
@@ -146,4 +155,5 @@ def test_simulated_people_answer_then_a_candidate_is_trained_on_them_and_compare
     ]
     shipped_mnist = int(rows["| MNIST test, 500 digits"].split(" | ")[1].split()[0])
     assert shipped_mnist < 25  # the shipped model reads MNIST's test digits (99%)
-    assert (tmp_path / "candidate-share0.3.pth").is_file()
+    kept = tmp_path / "checkpoints" / "candidate.pth" if promoted else MODEL
+    assert (tmp_path / "live" / "model.pth").read_bytes() == kept.read_bytes()

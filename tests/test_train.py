@@ -14,14 +14,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from mnist_files import PEN_SUBSET, SUBSET
+from torch.utils.data import DataLoader, TensorDataset
 
 import train
 from lab import free_port, people
@@ -299,52 +299,47 @@ def test_feedback_from_an_unreachable_database_is_a_clear_error_with_exit_code_2
     assert "Traceback" not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("verdict", ["promoted", "refused"])
-def test_promote_hands_the_candidate_and_the_three_sets_to_versions(
-    verdict, fresh_pg_server, tmp_path, monkeypatch
+def test_promote_through_the_cli_one_promoted_then_one_refused_that_changes_nothing(
+    fresh_pg_server, tmp_path
 ):
-    """versions.py is t20versions' (CONTRACT20.md, section C): a stand-in here, in this test
-    only, records what train.py gives it and answers `verdict`."""
+    """train.py --promote with the real versions.py and PostgreSQL (the rule itself is
+    tests/test_versions.py's). The live model starts as untrained weights in --out: a candidate
+    fine-tuned from the shipped model beats it (exit 0); then one trained from scratch on 100
+    images loses to that one (exit EXIT_REFUSED) and leaves --out and model.json as they were."""
+    import versions
+
     answers = answered(fresh_pg_server, 30)
-    calls = []
-
-    @dataclass
-    class EvalSet:
-        images: torch.Tensor
-        labels: torch.Tensor
-        paired_primary: bool
-
-    def promote(candidate_path, info, eval_sets, *, conninfo=None, out=None):
-        calls.append((candidate_path, info, eval_sets, conninfo, out))
-        if verdict == "promoted":
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(candidate_path.read_bytes())
-        return SimpleNamespace(
-            promoted=verdict == "promoted", table="the table", candidate_sha256="c" * 64,
-            live_sha256="l" * 64,
-        )  # fmt: skip
-
-    stand_in = ModuleType("versions")
-    stand_in.EvalSet, stand_in.promote, stand_in.EXIT_REFUSED = EvalSet, promote, 3
-    monkeypatch.setitem(sys.modules, "versions", stand_in)
-    monkeypatch.setattr(train.StopFlag, "install", lambda self: None)
-    monkeypatch.setenv("DATABASE_URL", fresh_pg_server.url)
-    argv = train_command(tmp_path, "--sources", "mnist,pen,feedback", "--promote")[2:]
-    code = train.main([*argv, "--epochs", "1", "--limit", "100"])
-
-    out = tmp_path / "out" / "model.pth"
-    assert code == (0 if verdict == "promoted" else 3)
-    [(candidate, info, sets, conninfo, given_out)] = calls
-    assert candidate == tmp_path / "ckpt" / "candidate.pth" and given_out == out
-    assert conninfo == fresh_pg_server.url
-    assert info == json.loads(candidate.with_suffix(".json").read_text())
-    assert list(sets) == ["held-out feedback", "MNIST test", "held-out pen writers"]
-    assert [s.paired_primary for s in sets.values()] == [True, False, False]
     held = [a for a in answers if train.sources.is_held_out(*submission(fresh_pg_server, a))]
-    assert sets["held-out feedback"].labels.tolist() == [a.label for a in held]
-    assert sets["held-out feedback"].images.shape == (len(held), 1, 28, 28)
-    assert len(sets["MNIST test"].labels) == 100 and len(sets["held-out pen writers"].labels)
-    assert out.exists() == out.with_suffix(".json").exists() == (verdict == "promoted")
+    out = tmp_path / "out" / "model.pth"
+    out.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(DigitCNN().state_dict(), out)  # the first live version: registered from --out
+    out.with_suffix(".json").write_text('{"about": "untrained"}\n')
+    env = {**ENV, "DATABASE_URL": fresh_pg_server.url}
+    command = train_command(tmp_path, "--sources", "mnist,pen,feedback", "--promote")
+    command += ["--epochs", "1", "--limit", "100", "--fresh"]
+
+    promoted = run([*command, "--init", str(ROOT / "models" / "model.pth"), "--lr", "0.001"], env)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert "PROMOTED" in promoted.stdout
+    sets = r"^(held-out feedback|MNIST test|held-out pen writers) +(\d+)"
+    rows = re.findall(sets, promoted.stdout, re.MULTILINE)[:3]  # the table (logged twice)
+    assert rows == [("held-out feedback", str(len(held))), ("MNIST test", "100"),
+                    ("held-out pen writers", "80")]  # fmt: skip
+    candidate = tmp_path / "ckpt" / "candidate.pth"
+    assert out.read_bytes() == candidate.read_bytes()
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info == json.loads(candidate.with_suffix(".json").read_text()) and info["init"]
+    with fresh_pg_server.connect() as conn:
+        assert versions.live_sha(conn) == versions.sha256_of(out.read_bytes())
+
+    live_bytes, live_json = out.read_bytes(), out.with_suffix(".json").read_bytes()
+    refused = run(command, env)
+    assert refused.returncode == versions.EXIT_REFUSED, refused.stdout + refused.stderr
+    assert "REFUSED" in refused.stdout and "not promoted" in refused.stdout
+    assert out.read_bytes() == live_bytes and out.with_suffix(".json").read_bytes() == live_json
+    with fresh_pg_server.connect() as conn:
+        assert versions.live_sha(conn) == versions.sha256_of(live_bytes)
 
 
 def submission(server, answer: people.Answer) -> tuple[object, int]:
@@ -353,3 +348,35 @@ def submission(server, answer: people.Answer) -> tuple[object, int]:
             "SELECT submission_id FROM predictions WHERE id = %s", (answer.prediction_id,)
         )
     return submission_id, answer.prediction_id
+
+
+def test_init_switches_to_the_fine_tune_defaults_and_a_flag_given_overrides_them():
+    scratch, fine = train.parse_args([]), train.parse_args(["--init", "models/model.pth"])
+    assert {name: getattr(scratch, name) for name in train.SCRATCH} == train.SCRATCH
+    assert {name: getattr(fine, name) for name in train.FINE_TUNE} == train.FINE_TUNE
+    assert fine.freeze_bn and not scratch.freeze_bn
+    given = train.parse_args(["--init", "m.pth", "--lr", "0.01", "--no-freeze-bn"])
+    assert given.lr == 0.01 and given.epochs == train.FINE_TUNE["epochs"] and not given.freeze_bn
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_fine_tune_keeps_the_live_models_batchnorm_statistics(freeze):
+    net = load_model(ROOT / "models" / "model.pth")
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    weights = [p.detach().clone() for p in net.parameters()]
+    args = train.parse_args(
+        ["--init", "m.pth", "--log-every", "0"] + ([] if freeze else ["--no-freeze-bn"])
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    loader = DataLoader(TensorDataset(images, labels, torch.zeros(64, dtype=torch.bool)), 32)
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=2)
+    stop = SimpleNamespace(check=lambda: None)
+    train.train_one_epoch(
+        net, loader, optimizer, scheduler, "cpu", args, train.Progress(0, 0), 2, stop
+    )
+    after = {k: v for k, v in net.state_dict().items() if "running" in k}
+    assert all(torch.equal(stats[k], after[k]) for k in stats) == freeze
+    assert not all(torch.equal(w, p) for w, p in zip(weights, net.parameters(), strict=True))
