@@ -5,6 +5,7 @@ Run with ``streamlit run app.py``. Two pages: Draw (the default) and History.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import io
@@ -511,6 +512,18 @@ def draw_page() -> None:
     st.title("MNIST Digit Classifier")
     st.markdown(INSTRUCTIONS)
     drawing_area()
+    rerun_after_reconnect()
+
+
+# A page that reconnects after its server went away asks for a full run only if its last run was
+# a fragment's (after Correct) or it shows a fragment that reruns by itself; else it takes the
+# server to have kept its session. A new app process (a replica that replaced a killed or updated
+# one) has not: its new, empty session drops every rerun of the drawing area (a fragment it never
+# ran), so the canvas answered nothing until the page was reloaded. This empty fragment reruns by
+# itself once a day (costing nothing), so that a reconnected page always reruns in full.
+@st.fragment(run_every=dt.timedelta(days=1))
+def rerun_after_reconnect() -> None:
+    pass
 
 
 @st.fragment

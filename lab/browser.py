@@ -89,8 +89,9 @@ class AppProcess:
     """``streamlit run app.py`` on 127.0.0.1 with ``DATABASE_URL=database_url``, its output in
     ``log_path``; ``start()`` waits until ``/_stcore/health`` answers (a context manager)."""
 
-    def __init__(self, database_url: str, log_path: Path | None = None):
-        self.database_url, self.process, self.url = database_url, None, ""
+    def __init__(self, database_url: str, log_path: Path | None = None, port: int | None = None):
+        """*port*: this one (a new process where a stopped one served), else a free one."""
+        self.database_url, self.process, self.url, self.port = database_url, None, "", port
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="app-")) / "app.log"
 
     @property
@@ -99,7 +100,7 @@ class AppProcess:
 
     def start(self, timeout: float = 120.0) -> AppProcess:
         for _ in range(3):  # another process may take the free port before streamlit binds it
-            port = free_port()
+            port = self.port or free_port()
             self.url = f"http://127.0.0.1:{port}"
             command = [sys.executable, "-m", "streamlit", "run", "app.py", f"--server.port={port}"]
             command += ["--server.headless=true", "--server.address=127.0.0.1"]

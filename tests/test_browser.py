@@ -16,7 +16,7 @@ import math
 import re
 import shutil
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import pytest
@@ -172,6 +172,31 @@ def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
     assert len(rows) <= 1 and all(is_shown(row, shown, shown.digit) for row in rows), rows
     # ... and the drawing kept with it is the 1 that was shown: its two strokes, not the base.
     assert [len(row[0]) for row in drawings_after(module_db, baseline)] == [2] * len(rows)
+
+
+def test_a_page_whose_app_process_is_replaced_reruns_and_its_next_drawing_is_stored(
+    chromium, proxy, module_db
+):
+    """As when swarm replicas die or are updated: the app process stops and a new one serves
+    the same address, twice. Each time the page reconnects into a new, empty session and must
+    rerun in full there, whatever its last run was (after Correct: a rerun of the drawing area
+    alone; after a reconnect: a full run); else that session ignores every drawing (a rerun of
+    a fragment it never ran). The next drawing is then predicted and stored once, as shown."""
+    with contextlib.ExitStack() as stack:
+        app = stack.enter_context(AppProcess(proxy.url))
+        page = stack.enter_context(AppPage.open(chromium, app.url))
+        page.draw_digit(7)
+        page.click_correct()
+        for _ in range(2):
+            reconnected = page.mark()
+            app.stop()
+            app = stack.enter_context(AppProcess(proxy.url, port=urlsplit(app.url).port))
+            page.wait_until_idle(reconnected, browser.FIRST_RUN_TIMEOUT_MS)  # the page reran
+        baseline = last_id(module_db)
+        shown = draw_and_read(page, 7)
+        page.click_correct()
+        rows = rows_after(module_db, baseline)
+        assert len(rows) == 1 and is_shown(rows[0], shown, 7), rows
 
 
 def drawings_after(server: PostgresProcess, baseline: int) -> list[tuple]:

@@ -70,9 +70,11 @@ class Session:
     answers: list[Answer] = field(default_factory=list)
     unconfirmed: list[Answer] = field(default_factory=list)
     sockets: int = 0
+    settled: tuple[int, int] = (0, 0)  # the sockets and runs ended when the page last settled
 
     def __post_init__(self) -> None:
         self.page.page.on("websocket", self._opened)
+        self.settled = (self.sockets, self.page.runs_finished)
 
     def _opened(self, _socket: object) -> None:
         self.sockets += 1
@@ -85,6 +87,11 @@ class Session:
         """Draw a 7, then Correct (or a correction to *label*); what the page said it saved.
         Each step waits up to *timeout_ms* for the app's run."""
         page = self.page
+        sockets, runs = self.settled
+        if self.sockets != sockets:
+            # The page reconnected (its replica went away): it reruns in full in a new session
+            # and replaces its canvas. Draw on the new one, as a person would.
+            page.wait_until_idle((0, runs), timeout_ms)
         page.draw_held(browser.DIGIT_STROKES[7])
         page.release()
         page.wait_until_idle(page.drawing_mark, timeout_ms)
@@ -107,6 +114,7 @@ class Session:
         assert answer == (shown.digit, shown.digit if label is None else label, answer[2])
         assert abs(answer[2] - shown.confidence_percent) < 1e-6, (answer, shown)
         self.answers.append(self.unconfirmed.pop())
+        self.settled = (self.sockets, page.runs_finished)
         return answer
 
 
