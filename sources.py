@@ -179,23 +179,22 @@ def epoch_order(
 # --- MNIST -------------------------------------------------------------------------------------
 
 
-def load_mnist(args) -> Source:
+def _mnist_split(args, split: str) -> Images:
     if args.download:
         mnist.download(args.data_dir)
-    images, labels = mnist.load_split(args.data_dir, "train")
+    images, labels = mnist.load_split(args.data_dir, split)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    return Source("mnist", Images(images, labels), share=None)
+    return Images(images, labels)
+
+
+def load_mnist(args) -> Source:
+    return Source("mnist", _mnist_split(args, "train"), share=None)
 
 
 def mnist_test(args) -> Images:
     """MNIST's test set, raw (MNIST's own framing)."""
-    if args.download:
-        mnist.download(args.data_dir)
-    images, labels = mnist.load_split(args.data_dir, "test")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    return Images(images, labels)
+    return _mnist_split(args, "test")
 
 
 # --- pen digits --------------------------------------------------------------------------------
