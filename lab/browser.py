@@ -33,8 +33,9 @@ from pathlib import Path
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
+import drawings
 from lab import free_port
-from utils import CANVAS_SIZE
+from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -450,3 +451,15 @@ class AppPage(contextlib.AbstractContextManager):
 
     def open_draw(self) -> Run:
         return self._act(self.page.get_by_role("link", name="Draw").click)
+
+
+def fabric_path(points: list[tuple[float, float]]) -> dict:
+    """A stroke through *points* as the canvas's JSON holds it (fabric.js 7's pencil brush):
+    M, a Q per point but the last (the point as control, the midpoint to the next as end), L."""
+    path = [["M", *points[0]]]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        path.append(["Q", x0, y0, (x0 + x1) / 2, (y0 + y1) / 2])
+    path.append(["L", *points[-1]])
+    left, top = drawings._path_centre(path)  # where fabric.js puts an unedited stroke
+    return {"type": "Path", "originX": "center", "originY": "center", "left": left, "top": top,
+            "strokeWidth": BRUSH_WIDTH, "path": path}  # fmt: skip

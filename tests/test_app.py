@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import itertools
 import logging
 import struct
 import threading
@@ -27,10 +26,10 @@ from streamlit.testing.v1 import AppTest
 
 import app
 import db
-import drawings
 import feedback
 import model
 import utils
+from lab.browser import fabric_path
 from lab.postgres import PostgresProcess
 
 NO_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/postgres"
@@ -59,18 +58,6 @@ def drawing_png(strokes: list[list[tuple[int, int]]], size: int = utils.CANVAS_S
     image.save(buffer, format="PNG")
     STROKES_OF_PNG[buffer.getvalue()] = strokes
     return buffer.getvalue()
-
-
-def fabric_path(points: list[tuple[float, float]]) -> dict:
-    """A stroke through *points* as the canvas's JSON holds it (fabric.js 7's pencil brush):
-    M, a Q per point but the last (the point as control, the midpoint to the next as end), L."""
-    path = [["M", *points[0]]]
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        path.append(["Q", x0, y0, (x0 + x1) / 2, (y0 + y1) / 2])
-    path.append(["L", *points[-1]])
-    left, top = drawings._path_centre(path)  # where fabric.js puts an unedited stroke
-    return {"type": "Path", "originX": "center", "originY": "center", "left": left, "top": top,
-            "strokeWidth": utils.BRUSH_WIDTH, "path": path}  # fmt: skip
 
 
 def digit_png(digit: int) -> bytes:

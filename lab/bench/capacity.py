@@ -168,7 +168,7 @@ def memory_run(cycles: int, database_url: str) -> list[float]:
     import app
     import utils
     from lab.bench.common import ROOT
-    from lab.browser import ONE_STROKE
+    from lab.browser import ONE_STROKE, fabric_path
 
     config.set_option("runner.postScriptGC", False)
     os.environ["DATABASE_URL"] = database_url
@@ -184,7 +184,7 @@ def memory_run(cycles: int, database_url: str) -> list[float]:
     process, rss = psutil.Process(), []
     for n in range(cycles):
         key = f"canvas-{at.session_state[app.CANVAS_GENERATION]}"
-        objects = [{"type": "path", "stroke": "#FFFFFF"}]
+        objects = [fabric_path(stroke) for stroke in ONE_STROKE[(1, 7)[n % 2]]]
         at.session_state[key] = {"drawing": {"raw": {"objects": objects}, "data": pngs[n % 2]}}
         at.run()
         analysis = at.session_state[app.ANALYSIS]
