@@ -672,8 +672,7 @@ def show_feedback_row(analysis: Analysis | None) -> None:
 def history_page() -> None:
     st.title("History")
     try:
-        show_history()
-        show_versions()
+        show_versions(show_history())
     except db.DatabaseBusy as exc:  # healthy but slow: not an outage
         logger.warning("history unavailable: %s", exc)
         st.error(HISTORY_BUSY)
@@ -690,12 +689,13 @@ def history_page() -> None:
     database_status().ready = True
 
 
-def show_history() -> None:
-    """Every figure is counted by the database (db.py), never by loading all the rows."""
+def show_history() -> list[dict]:
+    """Every figure is counted by the database (db.py), never by loading all the rows. Returns
+    the models that answered (db.models_answering), which the versions table reuses."""
     models = db.models_answering()
     if not models:
         st.info(NO_HISTORY)
-        return
+        return models
     chosen = choose_model(models)
     shown = [entry for entry in models if chosen is None or entry["model"] == chosen]
     answers = sum(entry["answers"] for entry in shown)
@@ -746,11 +746,13 @@ def show_history() -> None:
         icon=":material/download:",
     )
     st.caption(DRAWINGS_EXPORT)
+    return models
 
 
-def show_versions() -> None:
-    """The model versions that were live: when, their figures at promotion, their answers."""
-    rows = versions.history_rows(versions.history(db.models_answering()))
+def show_versions(models: list[dict]) -> None:
+    """The model versions that were live: when, their figures at promotion, and the answers
+    they gave (*models*: db.models_answering's rows)."""
+    rows = versions.history_rows(versions.history(models))
     if not rows:
         return
     st.subheader("Model versions", anchor=False)
