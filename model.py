@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -72,24 +73,31 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
             f"No model file at {path}. Train one with `{TRAIN_COMMAND}` "
             f"(writes models/model.pth), or set MODEL_PATH to an existing file."
         )
+    remedy = f" Delete it and train a new one with `{TRAIN_COMMAND}`."
+    return load_weights(path, f"The model file {path}", remedy, device)
+
+
+def load_weights(
+    source: str | Path | BinaryIO,
+    what: str,
+    remedy: str = "",
+    device: str | torch.device = "cpu",
+) -> DigitCNN:
+    """A DigitCNN in eval mode from a state_dict's file (a path or a binary file object, read
+    with ``weights_only=True``); ModelLoadError naming *what*, *remedy* appended, if it is not
+    one that fits this network."""
     try:
-        state_dict = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch.load raises many types for a bad file; all mean the same
-        raise ModelLoadError(
-            f"The model file {path} is corrupt or not a PyTorch state_dict ({exc}). "
-            f"Delete it and train a new one with `{TRAIN_COMMAND}`."
-        ) from exc
+        state_dict = torch.load(source, map_location=device, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for bad bytes; all mean the same
+        raise ModelLoadError(f"{what} is corrupt or not a state_dict ({exc}).{remedy}") from exc
     if not isinstance(state_dict, dict):
-        raise ModelLoadError(
-            f"The model file {path} holds a {type(state_dict).__name__}, not a state_dict."
-        )
+        raise ModelLoadError(f"{what} holds a {type(state_dict).__name__}, not a state_dict.")
     model = DigitCNN()
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"The model file {path} does not match this network's architecture: {exc}. "
-            f"Train a new one with `{TRAIN_COMMAND}`."
+            f"{what} does not match this network's architecture: {exc}.{remedy}"
         ) from exc
     return model.to(device).eval()
 

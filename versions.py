@@ -75,18 +75,7 @@ def version_name(sha256: str) -> str:
 
 def load_weights(weights: bytes, what: str = "weights") -> model_lib.DigitCNN:
     """A DigitCNN in eval mode from a state_dict's file bytes; ModelLoadError if they are not."""
-    try:
-        state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for bad bytes; all mean the same
-        raise model_lib.ModelLoadError(f"{what}: corrupt or not a state_dict ({exc})") from exc
-    if not isinstance(state_dict, dict):
-        raise model_lib.ModelLoadError(f"{what}: a {type(state_dict).__name__}, not a state_dict")
-    net = model_lib.DigitCNN()
-    try:
-        net.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise model_lib.ModelLoadError(f"{what}: does not fit the network ({exc})") from exc
-    return net.eval()
+    return model_lib.load_weights(io.BytesIO(weights), what)
 
 
 def write_model_files(weights: bytes, info: Mapping[str, Any], out: Path) -> None:
