@@ -10,6 +10,7 @@ import base64
 import hashlib
 import io
 import logging
+import re
 import struct
 import threading
 import zlib
@@ -160,6 +161,11 @@ def shown_predictions(at: AppTest) -> list[str]:
     return [text for text in values(at.subheader) if text.startswith("Prediction:")]
 
 
+def shown_bars(at: AppTest) -> list[str]:
+    """The probabilities' bar charts on the page (st.html elements; the page's CSS is another)."""
+    return [html.value for html in at.get("html") if 'aria-label="Probabilities' in html.value]
+
+
 def chart_data(chart):
     """The data of a Vega-Lite chart (one data set), as a pandas DataFrame."""
     (dataset,) = chart.proto.datasets
@@ -195,7 +201,7 @@ def assert_reset(at: AppTest) -> None:
 
 
 def assert_no_feedback(at: AppTest) -> None:
-    assert shown_predictions(at) == [] and at.get("vega_lite_chart") == []
+    assert shown_predictions(at) == [] and shown_bars(at) == []
     assert button(at, app.CORRECT_BUTTON).disabled and label_input(at).disabled
     assert button(at, app.SUBMIT_CORRECTION_BUTTON).disabled
 
@@ -235,10 +241,13 @@ def test_a_drawing_shows_prediction_confidence_probabilities_and_model_view(draw
 
     assert shown_predictions(draw_app) == [f"Prediction: {expected.digit}"]
     assert f"**Confidence: {expected.confidence:.1%}**" in values(draw_app.markdown)
-    (chart,) = draw_app.get("vega_lite_chart")
-    table = chart_data(chart)
-    assert list(table["digit"]) == [str(digit) for digit in range(10)]
-    assert list(table["probability"]) == pytest.approx(expected.probabilities)
+    (bars,) = shown_bars(draw_app)
+    shown = re.findall(r'title="(\d): ([\d.]+)%".*?height:([\d.]+)px', bars)
+    assert [int(digit) for digit, _, _ in shown] == list(range(10))
+    percents = [float(percent) / 100 for _, percent, _ in shown]
+    assert percents == pytest.approx(expected.probabilities, abs=0.0005)
+    heights = [float(height) / app.BAR_MAX_PX for _, _, height in shown]
+    assert heights == pytest.approx(expected.probabilities, abs=0.001)
     (image,) = draw_app.get("image")
     assert image.proto.imgs[0].url.endswith(".png")  # lossless, so the pixels stay crisp
     assert not button(draw_app, app.CORRECT_BUTTON).disabled

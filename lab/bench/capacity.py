@@ -4,9 +4,14 @@ second it sustains on one core, mouse-up to prediction with 16 sessions, and its
 1,000 cycles (Streamlit's garbage collection after every run is off: .streamlit/config.toml).
 
 The app runs pinned to CPU 0 (``pinned``: this thread's affinity while it starts the process,
-which inherits it, as with ``taskset -c 0``). The browsers (Playwright's driver, Chromium) are not
-pinned: pinned to the other CPU of a 2-CPU machine shared with other work, 16 Chromium pages
-could not load the app within the harness's 120 s. PostgreSQL runs where it likes.
+which inherits it, as with ``taskset -c 0``); PostgreSQL runs where it likes.
+
+With 16 sessions, one is a Chromium page and 15 speak Streamlit's protocol without a browser
+(lab/protocol.py). People's browsers run on their own devices, not on the app's machine: 16
+Chromium pages on the same 2 cores cost ~1 s of CPU each per drawing cycle (the app: ~45 ms), and
+their rendering, not the app, set the latency measured that way (README). The page's mouse-up to
+its prediction on screen is the figure a person sees; the protocol sessions send their drawings
+the canvas's 200 ms debounce after that mouse-up, so the app gets all 16 at once.
 
 The memory run drives the app with Streamlit's AppTest in a process of its own
 (``python -m lab.bench.capacity CYCLES DATABASE_URL``): the same script, session state, caches,
@@ -28,7 +33,7 @@ SECTION = "Capacity"
 ONE_SESSION_CYCLES = 12
 SESSIONS = 16
 MEMORY_CYCLES = 1_000  # python -m lab.bench --memory-cycles N
-SESSION_ROUNDS = 5  # drawings per session with 16 sessions
+SESSION_ROUNDS = 30  # drawings per session with 16 sessions
 MEMORY_BASELINE_CYCLES = 50  # RSS growth is counted from the end of these
 APP_CPU = 0
 
@@ -140,8 +145,74 @@ def drive(browser, app, sessions: int, rounds: int) -> Load:
     return load
 
 
-def pinned_load(browser, database_url: str, sessions: int, rounds: int) -> Load:
-    """``drive`` against a new app process started on APP_CPU."""
+@dataclass
+class MixedLoad(Load):
+    """``Load`` of one Chromium page among protocol sessions: ``latencies_ms`` are the page's,
+    ``protocol_ms`` the protocol sessions' (sending to the prediction's message, plus the
+    debounce)."""
+
+    protocol_ms: list[float] = field(default_factory=list)
+
+
+def drive_mixed(browser, app, sessions: int, rounds: int) -> MixedLoad:
+    """*sessions* sessions of the running *app* draw *rounds* one-stroke digits each in
+    lockstep: one Chromium page (mouse-up to the prediction on screen) and ``sessions - 1``
+    protocol sessions, which send their drawings when the page's canvas sends its own; then all
+    answer Correct. One warm-up round first, not counted."""
+    import asyncio
+    import threading
+
+    import psutil
+
+    from lab import protocol
+    from lab.browser import CANVAS_DEBOUNCE_MS, ONE_STROKE, AppPage
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def call(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    load, process, others = MixedLoad(sessions), psutil.Process(app.process.pid), []
+    try:
+        with AppPage.open(browser, app.url) as page:
+            others = [call(protocol.Session(app.url).open()).result() for _ in range(sessions - 1)]
+            cpu_before = start = None
+            for n in range(rounds + 1):
+                if n == 1:
+                    cpu_before, start = sum(process.cpu_times()[:2]), time.perf_counter()
+                strokes = ONE_STROKE[(1, 7)[n % 2]]
+                assert page.prediction() is None
+                page.page.evaluate(_WATCH_PREDICTION)
+                page.draw_held(strokes)
+                page.release()
+                time.sleep(CANVAS_DEBOUNCE_MS / 1000)
+                drawn = call(protocol.draw_all(others, strokes))
+                released = page.last_pointer_up_ms()
+                page.wait_for_drawing()
+                page.wait_for_prediction()
+                shown = page.page.evaluate("() => window.__predictionShownMs")
+                protocol_ms = [seconds * 1000 + CANVAS_DEBOUNCE_MS for seconds in drawn.result()]
+                mark = page.mark()
+                page.button("correct").click()
+                corrected = call(protocol.correct_all(others))
+                page.wait_until_idle(mark)
+                corrected.result()
+                if n:
+                    load.latencies_ms.append(shown - released)
+                    load.protocol_ms += protocol_ms
+                    load.rounds += 1
+            load.cpu_s = sum(process.cpu_times()[:2]) - cpu_before
+            load.wall_s = time.perf_counter() - start
+    finally:
+        for session in others:
+            call(session.close()).result()
+        loop.call_soon_threadsafe(loop.stop)
+    return load
+
+
+def pinned_load(browser, database_url: str, sessions: int, rounds: int, drive=drive) -> Load:
+    """*drive* against a new app process started on APP_CPU."""
     from lab.browser import AppProcess
 
     app = AppProcess(database_url)
@@ -220,9 +291,10 @@ def run(memory_cycles: int = MEMORY_CYCLES) -> list[Row]:
     with postgres_server(durable=True) as server:
         with chromium() as browser:
             one = pinned_load(browser, server.url, 1, ONE_SESSION_CYCLES)
-            many = pinned_load(browser, server.url, SESSIONS, SESSION_ROUNDS)
+            many = pinned_load(browser, server.url, SESSIONS, SESSION_ROUNDS, drive_mixed)
         rss, memory_cpu = memory_growth(memory_cycles, server.url)
     pinning = "app pinned to CPU 0 (as taskset -c 0), Chromium not pinned"
+    mixed = f"1 Chromium page, {SESSIONS - 1} sessions over Streamlit's protocol: lab/protocol.py"
     baseline = min(MEMORY_BASELINE_CYCLES, len(rss)) - 1
     return [
         at_most(
@@ -240,7 +312,7 @@ def run(memory_cycles: int = MEMORY_CYCLES) -> list[Row]:
             f"app CPU per drawing cycle, {SESSIONS} sessions",
             many.cpu_ms_per_cycle,
             "ms",
-            note=f"{many.cycles} cycles, {SESSIONS} sessions in lockstep; {pinning}",
+            note=f"{many.cycles} cycles, {SESSIONS} sessions in lockstep ({mixed}); {pinning}",
         ),
         Row(
             SECTION,
@@ -248,18 +320,28 @@ def run(memory_cycles: int = MEMORY_CYCLES) -> list[Row]:
             1000 / many.cpu_ms_per_cycle,
             "/s",
             note=f"1 s / the CPU per cycle with {SESSIONS} sessions. Measured in the same run: "
-            f"{many.cycles_per_s:.2f} cycles/s, the app's core {many.utilisation:.0%} busy: "
-            f"the lockstep driver and {SESSIONS} Chromium pages set the pace",
+            f"{many.cycles_per_s:.1f} cycles/s with the app's core {many.utilisation:.0%} busy "
+            "(lockstep: everyone waits for the slowest, then for the browser page)",
         ),
         at_most(
             SECTION,
-            f"{SESSIONS} sessions drawing at once: mouse-up to prediction, p95",
+            f"{SESSIONS} sessions drawing at once: mouse-up to prediction on screen, p95",
             percentile(many.latencies_ms, 95),
             "ms",
             1500,
-            note=f"p50 {percentile(many.latencies_ms, 50):.0f} ms, max "
-            f"{max(many.latencies_ms):.0f} ms over {many.cycles} drawings, all sent within a few "
-            f"ms; includes the canvas's 200 ms debounce; {pinning}",
+            note=f"the Chromium page, {many.rounds} drawings, each sent with {SESSIONS - 1} "
+            f"others: p50 {percentile(many.latencies_ms, 50):.0f} ms, max "
+            f"{max(many.latencies_ms):.0f} ms; includes the canvas's 200 ms debounce; {pinning}",
+        ),
+        Row(
+            SECTION,
+            f"{SESSIONS} sessions drawing at once: the app's part, p95",
+            percentile(many.protocol_ms, 95),
+            "ms",
+            note=f"the {SESSIONS - 1} protocol sessions, {len(many.protocol_ms)} drawings: the "
+            "200 ms debounce plus sending the drawing to receiving the message that shows its "
+            f"prediction (no rendering); p50 {percentile(many.protocol_ms, 50):.0f} ms, max "
+            f"{max(many.protocol_ms):.0f} ms",
         ),
         at_most(
             SECTION,
