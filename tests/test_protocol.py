@@ -5,6 +5,7 @@ is not the app's real work."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from pathlib import Path
 
 from conftest import own_server
@@ -31,7 +32,10 @@ def test_protocol_sessions_are_predicted_and_stored_like_a_browsers(
         return shown
 
     with own_server(pg_base_dir, pg_template) as server, AppProcess(server.url) as app:
-        last_shown = asyncio.run(drive(app.url))
+        # A thread of its own: Playwright's sync API (other tests' browser) keeps an event loop
+        # running in this one, where asyncio.run refuses to start.
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            last_shown = thread.submit(asyncio.run, drive(app.url)).result()
         with server.connect() as conn:
             rows = conn.execute(
                 "SELECT predicted_digit, true_label FROM predictions ORDER BY id"
