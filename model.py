@@ -16,6 +16,7 @@ PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH = PROJECT_DIR / "models" / "model.pth"
 TRAIN_COMMAND = "python train.py --download"
 MEMBER_KEY = re.compile(r"^members\.(\d+)\.(.+)$")  # members.<index>.<the member's key>
+COUNT_KEY = "member_count"
 MAX_MEMBERS = 16  # more in a file is a corrupt file, not an ensemble to build
 
 
@@ -53,10 +54,10 @@ class DigitCNN(nn.Module):
     output are those of the averaged probabilities; with one member it returns the member's
     logits, exactly the single network of before.
 
-    Weights: a state_dict with keys ``members.<i>.<layer>``; the number of members is read from
-    them (`load_weights`). A file of the single network from before the ensemble (keys
-    ``features.*``, ``classifier.*``) loads as one member. Trains in a few minutes per member on
-    two CPU cores and predicts one digit in well under a millisecond per member.
+    Weights: a state_dict with keys ``members.<i>.<layer>`` and ``member_count``, the number of
+    members it holds (`load_weights` checks each is there). A file of the single network from
+    before the ensemble (keys ``features.*``, ``classifier.*``) loads as one member. Trains in a
+    few minutes per member on two CPU cores; predicts one digit in under a millisecond per member.
     """
 
     def __init__(self, members: int = 1, dropout: float = 0.3) -> None:
@@ -64,6 +65,8 @@ class DigitCNN(nn.Module):
         if members < 1:
             raise ValueError(f"an ensemble needs at least one member, not {members}")
         self.members = nn.ModuleList(ConvNet(dropout) for _ in range(members))
+        # In the weights file: how many members it must hold (a member lost is an error).
+        self.register_buffer(COUNT_KEY, torch.tensor(members))
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's logits, stacked: (members, N, 10). Training sums their losses."""
@@ -88,18 +91,11 @@ def combine(member_logits: torch.Tensor) -> torch.Tensor:
 
 
 def as_members(state_dict: dict) -> dict:
-    """A state_dict with ``members.<i>.`` keys: the single network's (from before the ensemble)
-    becomes member 0; any other is returned as it is."""
-    if any(key.startswith("members.") for key in state_dict):
+    """A state_dict of this network: the single network's (from before the ensemble: keys
+    ``features.*``, ``classifier.*``) becomes one member; any other is returned as it is."""
+    if any(key.startswith("members.") or key == COUNT_KEY for key in state_dict):
         return state_dict
-    return {f"members.0.{key}": value for key, value in state_dict.items()}
-
-
-def count_members(state_dict: dict) -> int:
-    """How many members a state_dict holds: one more than the highest member index (a missing
-    member in between is an error when it loads, naming the member)."""
-    indices = {int(m.group(1)) for key in as_members(state_dict) if (m := MEMBER_KEY.match(key))}
-    return max(indices, default=-1) + 1
+    return {COUNT_KEY: torch.tensor(1), **{f"members.0.{k}": v for k, v in state_dict.items()}}
 
 
 def _conv_block(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -154,7 +150,8 @@ def load_weights(
         raise ModelLoadError(f"{what} is corrupt or not a state_dict ({exc}).{remedy}") from exc
     if not isinstance(state_dict, dict):
         raise ModelLoadError(f"{what} holds a {type(state_dict).__name__}, not a state_dict.")
-    model = DigitCNN(_check_members(as_members(state_dict), what, remedy))
+    state_dict = as_members(state_dict)
+    model = DigitCNN(_check_members(state_dict, what, remedy))
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -165,8 +162,9 @@ def load_weights(
 
 
 def _check_members(state_dict: dict, what: str, remedy: str) -> int:
-    """The number of members in a state_dict (``members.<i>.`` keys), after checking that every
-    member is whole and holds finite numbers; ModelLoadError naming *what* and the member if not."""
+    """How many members a state_dict (`as_members`) holds, as its ``member_count`` says, after
+    checking that it holds each of them whole, in finite numbers; ModelLoadError naming *what*
+    and the member if not."""
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise ModelLoadError(
@@ -175,33 +173,42 @@ def _check_members(state_dict: dict, what: str, remedy: str) -> int:
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ModelLoadError(f"{what} is corrupt: {key} holds NaN or infinite values.{remedy}")
+    count = state_dict.get(COUNT_KEY)
+    if count is None or count.numel() != 1 or count.is_floating_point():
+        raise ModelLoadError(
+            f"{what} does not match this network's architecture: no {COUNT_KEY} (an integer) "
+            f"saying how many members it holds.{remedy}"
+        )
+    members = int(count)
+    if not 1 <= members <= MAX_MEMBERS:
+        raise ModelLoadError(
+            f"{what} is corrupt: it claims {members} members (1 to {MAX_MEMBERS}).{remedy}"
+        )
     expected = ConvNet().state_dict().keys()
     unexpected = [
-        key for key in state_dict if not ((m := MEMBER_KEY.match(key)) and m.group(2) in expected)
+        key
+        for key in state_dict
+        if key != COUNT_KEY
+        and not ((m := MEMBER_KEY.match(key)) and int(m[1]) < members and m[2] in expected)
     ]
     if unexpected:
         raise ModelLoadError(
-            f"{what} does not match this network's architecture: unexpected keys "
-            f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}.{remedy}"
-        )
-    members = count_members(state_dict)
-    if members > MAX_MEMBERS:
-        raise ModelLoadError(
-            f"{what} claims {members} members (at most {MAX_MEMBERS}): it is corrupt.{remedy}"
+            f"{what} does not match this network's architecture ({members} members): unexpected "
+            f"keys {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}.{remedy}"
         )
     for index in range(members):
         missing = [k for k in expected if f"members.{index}.{k}" not in state_dict]
         if len(missing) == len(expected):
             raise ModelLoadError(
-                f"{what} holds an ensemble of {members} members with member {index} missing: "
-                f"the file is incomplete.{remedy}"
+                f"{what} is incomplete: it holds an ensemble of {members} members, and member "
+                f"{index} is missing.{remedy}"
             )
         if missing:
             raise ModelLoadError(
                 f"{what} is incomplete: member {index} of {members} lacks "
                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}.{remedy}"
             )
-    return max(members, 1)
+    return members
 
 
 def predict(model: nn.Module, batch: torch.Tensor) -> Prediction:
