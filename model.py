@@ -184,7 +184,8 @@ def _check_members(state_dict: dict, what: str, remedy: str) -> int:
         raise ModelLoadError(
             f"{what} is corrupt: it claims {members} members (1 to {MAX_MEMBERS}).{remedy}"
         )
-    expected = ConvNet().state_dict().keys()
+    with torch.random.fork_rng(devices=[]):  # loading draws no more random numbers than before
+        expected = ConvNet().state_dict().keys()
     unexpected = [
         key
         for key in state_dict
