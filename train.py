@@ -59,7 +59,7 @@ RUN_SETTINGS = (
     "epochs", "batch_size", "lr", "seed", "limit",
     "sources", "pen_share", "pen_views", "held_out_writers",
     "feedback_share", "feedback_views", "init", "epoch_size", "freeze_bn",
-    "distill",
+    "distill", "members",
 )  # fmt: skip
 SOURCES = sources.NAMES
 FEEDBACK_SHARE = 0.3  # measured: README, Training (simulated people)
@@ -74,6 +74,7 @@ FINE_TUNE = {
     "distill": 0.0,
 }  # fmt: skip
 DISTILL_T = 2.0  # the temperature of --distill's soft targets
+MEMBERS = 1  # from scratch: the ensemble's size (README, Training: --members)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,6 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"renderings of each drawing (default {SCRATCH['feedback_views']}; with --init "
         f"{FINE_TUNE['feedback_views']})",
     )
+    parser.add_argument(
+        "--members",
+        type=int,
+        help=f"networks in the ensemble, trained together, each from its own random start; the "
+        f"model averages their probabilities (model.DigitCNN; default {MEMBERS}; with --init: "
+        f"as many as its file holds)",
+    )
     parser.add_argument("--init", type=Path, help="start from these weights: fine-tune")
     parser.add_argument(
         "--epoch-size",
@@ -191,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--pen-share must be between 0 and 1 (exclusive), --pen-views >= 1")
     if not 0 < args.feedback_share < 1 or args.feedback_views < 1:
         parser.error("--feedback-share must be between 0 and 1 (exclusive), --feedback-views >= 1")
+    if args.members is not None and not 1 <= args.members <= model_lib.MAX_MEMBERS:
+        parser.error(f"--members must be between 1 and {model_lib.MAX_MEMBERS}")
     if args.distill < 0 or (args.distill and not args.init):
         parser.error("--distill must be >= 0, and needs --init (the model to stay close to)")
     if args.freeze_bn is None:
@@ -314,7 +324,7 @@ def load_newest_checkpoint(directory: Path, settings: dict) -> dict | None:
         except Exception as exc:  # any unreadable file is skipped, never fatal
             log.warning("skipping corrupt checkpoint %s: %s", path.name, exc)
             continue
-        saved = state.get("settings") or {}
+        saved = {"members": 1, **(state.get("settings") or {})}  # before --members: one
         if (sources := saved.get("sources", ["mnist"])) != settings["sources"]:
             raise SetupError(
                 f"{path} was written by a run trained on {'+'.join(sources)}"
@@ -347,6 +357,9 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
     device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.init:
+        load_init(args)  # its members: the checkpoints' settings name them
+    args.members = args.members or MEMBERS
     torch.manual_seed(args.seed)
     log.info(
         "torch %s on %s with %d threads; pid %d",
@@ -450,13 +463,10 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
 def build(args: argparse.Namespace, data: sources.Data, device, state: dict | None):
     """The network, its optimizer and learning-rate schedule: as the checkpoint `state` left
     them, or new (the network from --init's weights if given)."""
-    net = DigitCNN()
+    net = DigitCNN(members=args.members)
     if args.init and not state:
-        try:
-            net = model_lib.load_model(args.init)
-        except model_lib.ModelLoadError as exc:
-            raise SetupError(f"--init {args.init}: {exc}") from exc
-        log.info("starting from the weights in %s", args.init)
+        net = load_init(args)
+        log.info("starting from the weights in %s (%d members)", args.init, args.members)
     net = net.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
@@ -483,6 +493,21 @@ def build(args: argparse.Namespace, data: sources.Data, device, state: dict | No
     elif not args.fresh:
         log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
     return net, optimizer, scheduler
+
+
+def load_init(args: argparse.Namespace) -> DigitCNN:
+    """--init's model; sets --members to its members (a fine-tune trains them all)."""
+    try:
+        net = model_lib.load_model(args.init)
+    except model_lib.ModelLoadError as exc:
+        raise SetupError(f"--init {args.init}: {exc}") from exc
+    if args.members not in (None, len(net.members)):
+        raise SetupError(
+            f"--init {args.init} holds {len(net.members)} members, not --members {args.members}:"
+            f" leave --members out to fine-tune them all"
+        )
+    args.members = len(net.members)
+    return net
 
 
 @dataclass
@@ -615,8 +640,9 @@ def train_one_epoch(
         inputs = images.sub_(utils.MNIST_MEAN).div_(utils.MNIST_STD)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
 
-        logits = net(inputs)
-        loss = F.cross_entropy(logits, labels)
+        member_logits = net.member_logits(inputs)  # each member learns on its own: losses summed
+        loss = sum(F.cross_entropy(logits, labels) for logits in member_logits)
+        logits = model_lib.combine(member_logits)  # the ensemble's answer, as predict reads it
         if teacher is not None and (kept := ~feedback.to(device)).any():
             with torch.no_grad():
                 target = F.log_softmax(teacher(inputs[kept]) / DISTILL_T, 1)
@@ -734,6 +760,7 @@ def write_model(
         "epoch_size": args.epoch_size,
         "freeze_bn": args.freeze_bn,
         "distill": args.distill,
+        "members": len(net.members),
         "sources": names,
         "pen_share": args.pen_share if {"mnist", "pen"} <= set(names) else None,
         "pen_views": args.pen_views,

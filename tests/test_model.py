@@ -110,3 +110,91 @@ def test_predict_builds_no_autograd_graph(net):
 def test_shipped_model_loads_and_is_small():
     assert model.DEFAULT_MODEL_PATH.stat().st_size < 5 * 1024 * 1024
     load_model()
+
+
+# --- the ensemble: K members in one module ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ensemble_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ensemble") / "model.pth"
+    torch.save(DigitCNN(members=3).state_dict(), path)
+    return path
+
+
+def test_an_ensemble_file_loads_with_its_members_and_weights(ensemble_file):
+    net = load_model(ensemble_file)
+    assert len(net.members) == 3 and not net.training
+    saved = torch.load(ensemble_file, weights_only=True)
+    assert net.state_dict().keys() == saved.keys()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in net.state_dict().items())
+    first, second = (net.members[i].features[0][0].weight for i in (0, 1))
+    assert not torch.equal(first, second)  # each member from its own random start
+
+
+def test_a_single_network_file_from_before_the_ensemble_loads_as_one_member(tmp_path):
+    """models/model.pth, the registry's versions and --init files have keys features.*,
+    classifier.*: one member, predicting exactly as that network does."""
+    torch.manual_seed(2)
+    single = model.ConvNet().eval()
+    path = tmp_path / "model.pth"
+    torch.save(single.state_dict(), path)
+    net = load_model(path)
+    assert len(net.members) == 1
+    batch = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(net(batch), single(batch))
+
+
+def test_an_ensemble_predicts_one_answer_the_mean_of_its_members_probabilities(ensemble_file):
+    net = load_model(ensemble_file)
+    torch.manual_seed(3)
+    batch = torch.randn(1, 1, 28, 28) * 2
+    prediction = predict(net, batch)
+    with torch.no_grad():
+        members = torch.stack([torch.softmax(member(batch), 1)[0] for member in net.members])
+    assert sum(prediction.probabilities) == pytest.approx(1, abs=1e-5)
+    assert prediction.probabilities == pytest.approx(members.mean(0).tolist(), abs=1e-6)
+    assert prediction.digit == int(members.mean(0).argmax())
+    assert prediction.confidence == max(prediction.probabilities)
+
+
+def _without_member(state, index):
+    return {k: v for k, v in state.items() if not k.startswith(f"members.{index}.")}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: _without_member(s, 1), r"incomplete: .* 3 members, and member 1 is missing"),
+        (lambda s: _without_member(s, 2), r"incomplete: .* 3 members, and member 2 is missing"),
+        (
+            lambda s: {k: v for k, v in s.items() if k != "members.2.classifier.2.bias"},
+            r"incomplete: member 2 of 3 lacks classifier\.2\.bias",
+        ),
+        (
+            lambda s: {**s, "members.1.features.0.0.weight": torch.zeros(24, 1, 3, 3)},
+            r"(?s)does not match.*size mismatch.*members\.1\.features\.0\.0\.weight",
+        ),
+        (
+            lambda s: {**s, "members.0.classifier.2.weight": torch.full((10, 864), float("nan"))},
+            r"corrupt: members\.0\.classifier\.2\.weight holds NaN",
+        ),
+        (lambda s: {**s, "members.1.features.0.1.weight": "weights"}, r"corrupt: .* a str"),
+        (lambda s: {**s, "member_count": torch.tensor(40)}, r"corrupt: it claims 40 members"),
+        (lambda s: {**s, "member_count": torch.tensor(2)}, r"unexpected keys members\.2\."),
+        (lambda s: {k: v for k, v in s.items() if k != "member_count"}, r"no member_count"),
+        (lambda s: {**s, "members.0.extra.weight": torch.zeros(3)}, r"does not match.*extra"),
+    ],
+    ids=["member-missing", "last-member-missing", "part-missing", "wrong-shape", "nan",
+         "not-a-tensor", "too-many", "count-too-small", "no-count", "unknown-key"],
+)  # fmt: skip
+def test_a_damaged_ensemble_file_is_a_clear_error_naming_the_file(
+    tmp_path, ensemble_file, damage, message
+):
+    path = tmp_path / "ensemble.pth"
+    torch.save(damage(torch.load(ensemble_file, weights_only=True)), path)
+    with pytest.raises(ModelLoadError, match=message) as raised:
+        load_model(path)
+    assert str(path) in str(raised.value)

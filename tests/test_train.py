@@ -231,6 +231,29 @@ def test_checkpoints_of_a_run_with_other_settings_are_refused_unless_fresh(train
     assert "epoch 1/1 done" in fresh.stdout
 
 
+def test_members_train_together_and_a_fine_tune_of_them_keeps_them_all(tmp_path):
+    """--members 2: one run trains both (each from its own start) into one file that loads as a
+    2-member ensemble; --init of it fine-tunes both; --members other than its own is refused."""
+    result = run(train_command(tmp_path, "--members", "2", "--epochs", "1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out" / "model.pth"
+    net = load_model(out)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert len(net.members) == 2 and report["members"] == 2
+    assert report["parameters"] == sum(p.numel() for p in net.parameters())
+    first, second = (member.features[0][0].weight for member in net.members)
+    assert not torch.equal(first, second)
+
+    fine = ["--init", str(out), "--epochs", "1", "--epoch-size", "256"]
+    tuned = run(train_command(tmp_path / "fine", *fine))
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+    assert f"starting from the weights in {out} (2 members)" in tuned.stdout
+    assert len(load_model(tmp_path / "fine" / "out" / "model.pth").members) == 2
+    refused = run(train_command(tmp_path / "other", *fine, "--members", "3"))
+    assert refused.returncode == train.EXIT_BAD_INPUT, refused.stdout + refused.stderr
+    assert "holds 2 members, not --members 3" in refused.stdout
+
+
 def test_missing_data_is_a_clear_error_with_exit_code_2(tmp_path):
     result = run([*train_command(tmp_path), "--data-dir", str(tmp_path / "nothing")])
     assert result.returncode == train.EXIT_BAD_INPUT
@@ -248,7 +271,13 @@ def test_an_unexpected_crash_is_logged_with_traceback_and_exit_code_1(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--epochs", "0"], ["--limit", "0"], ["--pen-share", "1"], ["--sources", "mnist,paper"]],
+    [
+        ["--epochs", "0"],
+        ["--limit", "0"],
+        ["--pen-share", "1"],
+        ["--sources", "mnist,paper"],
+        ["--members", "0"],
+    ],
 )
 def test_bad_flags_are_rejected_with_exit_code_2(flags, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -413,6 +413,23 @@ def test_live_model_keeps_its_model_while_the_database_is_down(
     assert wait_for(lambda: live.get()[1] == versions.version_name(registry["vandal"]))
 
 
+def test_live_model_follows_a_version_that_is_an_ensemble(server, live_file, live_model):
+    """A K-member model (model.DigitCNN(members=K)) is a version like any other: registered,
+    made live, served by every app process."""
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(model_lib.DigitCNN(members=3).eval().state_dict(), buffer)
+    ensemble = buffer.getvalue()
+    db.configure(server.url)
+    with server.connect() as conn:
+        versions.ensure_live(conn, live_file)
+        versions.register(conn, ensemble, {"members": 3})
+    versions.rollback(sha(ensemble)[:8], conninfo=server.url, out=None)
+    live = live_model()
+    assert wait_for(lambda: live.get()[1] == versions.version_name(sha(ensemble)))
+    assert len(live.get()[0].members) == 3
+
+
 @pytest.mark.parametrize("damage", ["not a model", "not its hash"])
 def test_live_model_keeps_its_model_when_the_new_weights_are_corrupt(
     registry, server, caplog, damage, live_model

@@ -82,7 +82,8 @@ def run() -> list[Row]:
         f"median of 3 blocks (p50s {block_p50s} ms)"
     )
     return [
-        at_most(SECTION, "preprocess + predict, one drawing, p50", percentile(total, 50), "ms", 2,
+        # Issue 22: <= 5 ms (was 2), room for an ensemble of a few members (model.DigitCNN).
+        at_most(SECTION, "preprocess + predict, one drawing, p50", percentile(total, 50), "ms", 5,
                 note=one),
         Row(SECTION, "preprocess + predict, one drawing, p95", percentile(total, 95), "ms",
             note=one),
