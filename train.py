@@ -59,7 +59,7 @@ RUN_SETTINGS = (
     "epochs", "batch_size", "lr", "seed", "limit",
     "sources", "pen_share", "pen_views", "held_out_writers",
     "feedback_share", "feedback_views", "init", "epoch_size", "freeze_bn",
-    "distill",
+    "distill", "stroke_variation",
 )  # fmt: skip
 SOURCES = sources.NAMES
 FEEDBACK_SHARE = 0.3  # measured: README, Training (simulated people)
@@ -123,6 +123,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--pen-views", type=int, default=4, help="renderings of each pen digit, cached"
+    )
+    parser.add_argument(
+        "--stroke-variation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pen and feedback renderings written another way now and then: strokes in another "
+        "order or direction, pen lifts joined or split, tops open, loops closed "
+        "(pendigits.vary_strokes)",
     )
     parser.add_argument(
         "--held-out-writers",
@@ -737,6 +745,7 @@ def write_model(
         "sources": names,
         "pen_share": args.pen_share if {"mnist", "pen"} <= set(names) else None,
         "pen_views": args.pen_views,
+        "stroke_variation": args.stroke_variation,
         **(
             {
                 "feedback_share": args.feedback_share if len(names) > 1 else None,
