@@ -275,14 +275,15 @@ def vary_strokes(
     rng: np.random.Generator,
     odds: StrokeVariation = STROKE_VARIATION,
 ) -> list[np.ndarray]:
-    """A digit's strokes (any unit, y either way) as its writer might have written them on
-    another day: in another order or direction, a pen lift joined (the pen kept down from one
-    stroke's end to the next stroke's start, where that is at most half the digit's size away:
-    a one-stroke 4) or added (a stroke broken by a
-    small gap), a 4's or 9's top left open, a loop of a 0, 6, 8 or 9 closed (a stroke's end
-    pulled onto the nearest point of the loop it falls short of). Each kind with its
-    probability in `odds`; a kind that does not fit the digit (no top to open: the topmost
-    point ends a stroke) leaves it as it is."""
+    """A digit's strokes (any unit, y up as the tablet records them) as its writer might have
+    written them on another day: in another order or direction, a pen lift joined (the pen kept
+    down from one stroke's end to the next stroke's start, where that is at most half the
+    digit's size away: a one-stroke 4) or added (a stroke broken by a gap of 10-20% of the
+    digit's size: wider than the brush, or the round caps would close it), a 4's or 9's top
+    left open (10-25%), a loop of a 0, 6, 8 or 9 closed (a stroke's end pulled onto the nearest
+    point of the loop it falls short of). Each kind with its probability in `odds`; a kind that
+    does not fit the digit (a gap with no room for it, no loop end near the loop) leaves it as
+    it is."""
     lines = [np.asarray(stroke, dtype=np.float64) for stroke in strokes]
     span = float(np.ptp(np.concatenate(lines), axis=0).max()) or 1.0
     if len(lines) > 1 and rng.random() < odds.reorder:
@@ -300,9 +301,9 @@ def vary_strokes(
         lengths = [_length(line) for line in lines]
         at = int(np.argmax(lengths))  # the longest stroke: there is room for a gap
         where = lengths[at] * rng.uniform(0.25, 0.75)
-        lines[at : at + 1] = _gap(lines[at], where, span * rng.uniform(0.04, 0.08))
+        lines[at : at + 1] = _gap(lines[at], where, span * rng.uniform(0.1, 0.2))
     if label in OPEN_TOP_DIGITS and rng.random() < odds.open_top:
-        lines = _open_top(lines, span * rng.uniform(0.06, 0.15))
+        lines = _open_top(lines, span * rng.uniform(0.1, 0.25))
     if label in LOOP_DIGITS and rng.random() < odds.close:
         lines = _close_loop(lines, span, end=bool(rng.integers(2)))
     return [line for line in lines if len(line)]
