@@ -278,12 +278,12 @@ def vary_strokes(
     """A digit's strokes (any unit, y up as the tablet records them) as its writer might have
     written them on another day: in another order or direction, a pen lift joined (the pen kept
     down from one stroke's end to the next stroke's start, where that is at most half the
-    digit's size away: a one-stroke 4) or added (a stroke broken by a gap of 10-20% of the
-    digit's size: wider than the brush, or the round caps would close it), a 4's or 9's top
-    left open (10-25%), a loop of a 0, 6, 8 or 9 closed (a stroke's end pulled onto the nearest
-    point of the loop it falls short of). Each kind with its probability in `odds`; a kind that
-    does not fit the digit (a gap with no room for it, no loop end near the loop) leaves it as
-    it is."""
+    digit's size away: a one-stroke 4) or added (a stroke broken by a gap of 12-25% of the
+    digit's size: where that is narrower than the brush, the round caps close it), a 4's or
+    9's top left open (12-25%), a loop of a 0, 6, 8 or 9 closed (a stroke's end pulled onto
+    the nearest point of the loop it falls short of). Each kind with its probability in
+    `odds`; a kind that does not fit the digit (a gap with no room for it, no loop end near
+    the loop) leaves it as it is."""
     lines = [np.asarray(stroke, dtype=np.float64) for stroke in strokes]
     span = float(np.ptp(np.concatenate(lines), axis=0).max()) or 1.0
     if len(lines) > 1 and rng.random() < odds.reorder:
@@ -296,17 +296,27 @@ def vary_strokes(
     ]
     if lifts and rng.random() < odds.join:
         at = lifts[int(rng.integers(len(lifts)))]  # this pen lift is joined
-        lines[at : at + 2] = [np.concatenate(lines[at : at + 2])]
+        lines[at : at + 2] = [_joined(lines[at], lines[at + 1])]
     if rng.random() < odds.split:
         lengths = [_length(line) for line in lines]
         at = int(np.argmax(lengths))  # the longest stroke: there is room for a gap
         where = lengths[at] * rng.uniform(0.25, 0.75)
-        lines[at : at + 1] = _gap(lines[at], where, span * rng.uniform(0.1, 0.2))
+        lines[at : at + 1] = _gap(lines[at], where, span * rng.uniform(0.12, 0.25))
     if label in OPEN_TOP_DIGITS and rng.random() < odds.open_top:
-        lines = _open_top(lines, span * rng.uniform(0.1, 0.25))
+        lines = _open_top(lines, span * rng.uniform(0.12, 0.25))
     if label in LOOP_DIGITS and rng.random() < odds.close:
         lines = _close_loop(lines, span, end=bool(rng.integers(2)))
     return [line for line in lines if len(line)]
+
+
+def _joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """One stroke: `first`, the pen's way to `second`'s start (points as far apart as the
+    strokes' own, or the canvas's curves would cut the corners off), then `second`."""
+    points = np.concatenate([first, second])
+    spacing = max(_length(points) - _distance(first[-1], second[0]), 1.0) / max(len(points), 2)
+    steps = int(_distance(first[-1], second[0]) / spacing)
+    between = first[-1] + (second[0] - first[-1]) * np.linspace(0, 1, steps + 2)[1:-1, None]
+    return np.concatenate([first, between, second])
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -329,10 +339,10 @@ def _piece(line: np.ndarray, start: float, end: float) -> np.ndarray:
 
 
 def _gap(line: np.ndarray, where: float, gap: float) -> list[np.ndarray]:
-    """`line` broken at arc length `where` by a gap `gap` long (the parts at least as long as
-    the gap each, or the stroke as it is)."""
+    """`line` broken at arc length `where` by a gap `gap` long (the parts at least a quarter
+    of the gap long each, or the stroke as it is)."""
     total = _length(line)
-    if not (where - gap / 2 > gap and total - where - gap / 2 > gap):
+    if not (where - gap / 2 > gap / 4 and total - where - gap / 2 > gap / 4):
         return [line]
     return [_piece(line, 0, where - gap / 2), _piece(line, where + gap / 2, total)]
 
