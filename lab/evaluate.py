@@ -18,6 +18,9 @@ writers the model was trained without (`pen_held_out.writers` in its model.json)
 their recorded strokes with the app's brush exactly as train.py measured them, per digit and
 with the worst confusions.
 
+Each set's expected calibration error (15 equal-width confidence bins) is printed beside its
+accuracy: how far the confidence the app shows is from how often it is right.
+
     python -m lab.evaluate                          # the shipped model on all five sets
     python -m lab.evaluate --write                  # ... and the figures into models/model.json
     python -m lab.evaluate --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
