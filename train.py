@@ -127,10 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stroke-variation",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="pen and feedback renderings written another way now and then: strokes in another "
         "order or direction, pen lifts joined or split, tops open, loops closed "
-        "(pendigits.vary_strokes)",
+        "(pendigits.vary_strokes; off: not confirmed by the held-out writers, README)",
     )
     parser.add_argument(
         "--held-out-writers",
