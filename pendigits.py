@@ -44,7 +44,7 @@ URLS = (
 # it has never seen: 6 of the 30, spread over the ids.
 HELD_OUT_WRITERS = (3, 8, 14, 19, 25, 30)
 # Bump when `render` changes: cached renderings of another version are drawn again.
-RENDERING = 2
+RENDERING = 3
 
 _SEGMENT = re.compile(r'^\.SEGMENT\s+DIGIT\s+[\d-]+\s+\S+\s+"(.*)"\s*$')
 _POINT = re.compile(r"^\s*(-?\d+)\s+(-?\d+)\s*$")
@@ -247,11 +247,157 @@ def _resample(points: np.ndarray, spacing: float) -> np.ndarray:
     )
 
 
+# --- stroke-level variation -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrokeVariation:
+    """How often `vary_strokes` writes a digit another way, each kind on its own: most digits
+    stay as their writer wrote them (with these, about 70% of them; 4s and 9s, 0s, 6s and 8s
+    about 55%)."""
+
+    reorder: float = 0.1  # the strokes written in another order
+    reverse: float = 0.1  # each stroke written the other way (start and end swapped)
+    join: float = 0.15  # the pen not lifted: consecutive strokes one stroke
+    split: float = 0.08  # the pen lifted mid-stroke: a small gap in a stroke
+    open_top: float = 0.25  # a 4's or 9's top left open (the gap at the topmost point)
+    close: float = 0.25  # a 0, 6, 8 or 9's loop closed: a stroke end pulled onto its loop
+
+
+STROKE_VARIATION = StrokeVariation()
+OPEN_TOP_DIGITS = (4, 9)
+LOOP_DIGITS = (0, 6, 8, 9)
+
+
+def vary_strokes(
+    strokes: Sequence[np.ndarray],
+    label: int,
+    rng: np.random.Generator,
+    odds: StrokeVariation = STROKE_VARIATION,
+) -> list[np.ndarray]:
+    """A digit's strokes (any unit, y up as the tablet records them) as its writer might have
+    written them on another day: in another order or direction, a pen lift joined (the pen kept
+    down from one stroke's end to the next stroke's start, where that is at most half the
+    digit's size away: a one-stroke 4) or added (a stroke broken by a gap of 12-25% of the
+    digit's size: where that is narrower than the brush, the round caps close it), a 4's or
+    9's top left open (12-25%), a loop of a 0, 6, 8 or 9 closed (a stroke's end pulled onto
+    the nearest point of the loop it falls short of). Each kind with its probability in
+    `odds`; a kind that does not fit the digit (a gap with no room for it, no loop end near
+    the loop) leaves it as it is."""
+    lines = [np.asarray(stroke, dtype=np.float64) for stroke in strokes]
+    span = float(np.ptp(np.concatenate(lines), axis=0).max()) or 1.0
+    if len(lines) > 1 and rng.random() < odds.reorder:
+        lines = [lines[i] for i in rng.permutation(len(lines))]
+    lines = [line[::-1] if rng.random() < odds.reverse else line for line in lines]
+    # A pen lift across more than half the digit stays lifted: kept down, the pen would draw a
+    # line no writer draws (a 5's curl joined to its top bar closes it into a 6).
+    lifts = [
+        i for i in range(len(lines) - 1) if _distance(lines[i][-1], lines[i + 1][0]) <= span / 2
+    ]
+    if lifts and rng.random() < odds.join:
+        at = lifts[int(rng.integers(len(lifts)))]  # this pen lift is joined
+        lines[at : at + 2] = [_joined(lines[at], lines[at + 1])]
+    if rng.random() < odds.split:
+        lengths = [_length(line) for line in lines]
+        at = int(np.argmax(lengths))  # the longest stroke: there is room for a gap
+        where = lengths[at] * rng.uniform(0.25, 0.75)
+        lines[at : at + 1] = _gap(lines[at], where, span * rng.uniform(0.12, 0.25))
+    if label in OPEN_TOP_DIGITS and rng.random() < odds.open_top:
+        lines = _open_top(lines, span * rng.uniform(0.12, 0.25))
+    if label in LOOP_DIGITS and rng.random() < odds.close:
+        lines = _close_loop(lines, span, end=bool(rng.integers(2)))
+    return [line for line in lines if len(line)]
+
+
+def _joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """One stroke: `first`, the pen's way to `second`'s start (points as far apart as the
+    strokes' own, or the canvas's curves would cut the corners off), then `second`."""
+    points = np.concatenate([first, second])
+    spacing = max(_length(points) - _distance(first[-1], second[0]), 1.0) / max(len(points), 2)
+    steps = int(_distance(first[-1], second[0]) / spacing)
+    between = first[-1] + (second[0] - first[-1]) * np.linspace(0, 1, steps + 2)[1:-1, None]
+    return np.concatenate([first, between, second])
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.hypot(*(a - b)))
+
+
+def _length(line: np.ndarray) -> float:
+    return float(np.hypot(*np.diff(line, axis=0).T).sum()) if len(line) > 1 else 0.0
+
+
+def _piece(line: np.ndarray, start: float, end: float) -> np.ndarray:
+    """The part of polyline `line` from arc length `start` to `end`, ends interpolated."""
+    lengths = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(line, axis=0).T))])
+    inside = (lengths > start) & (lengths < end)
+    ends = [
+        np.stack([np.interp(at, lengths, line[:, 0]), np.interp(at, lengths, line[:, 1])])
+        for at in (start, end)
+    ]
+    return np.concatenate([ends[0][None], line[inside], ends[1][None]])
+
+
+def _gap(line: np.ndarray, where: float, gap: float) -> list[np.ndarray]:
+    """`line` broken at arc length `where` by a gap `gap` long (the parts at least a quarter
+    of the gap long each, or the stroke as it is)."""
+    total = _length(line)
+    if not (where - gap / 2 > gap / 4 and total - where - gap / 2 > gap / 4):
+        return [line]
+    return [_piece(line, 0, where - gap / 2), _piece(line, where + gap / 2, total)]
+
+
+def _open_top(lines: list[np.ndarray], gap: float) -> list[np.ndarray]:
+    """The digit's topmost point (y up, as the tablet records it) opened by `gap`: a gap there
+    inside a stroke (a 9's loop, a one-stroke 4's apex), or the stroke's end taken back by
+    `gap` where a stroke ends there (a two-stroke 4 whose strokes meet at the top)."""
+    at = int(np.argmax([line[:, 1].max() for line in lines]))
+    line = lines[at]
+    lengths = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(line, axis=0).T))])
+    where, total = lengths[int(np.argmax(line[:, 1]))], lengths[-1]
+    if total < 3 * gap:
+        return lines  # a dot or a tick: nothing to open
+    if where < gap:
+        pieces = [_piece(line, gap, total)]
+    elif where > total - gap:
+        pieces = [_piece(line, 0, total - gap)]
+    else:
+        pieces = _gap(line, where, gap)
+    return [*lines[:at], *pieces, *lines[at + 1 :]]
+
+
+def _close_loop(lines: list[np.ndarray], span: float, end: bool) -> list[np.ndarray]:
+    """One stroke's end (the last stroke's last point with `end`, else the first stroke's first)
+    extended to the nearest point of the digit within a quarter of its size that is not the
+    end's own neighbourhood (a third of the size along the stroke): the loop it falls short of
+    is closed. No such point: unchanged."""
+    lines = list(lines)
+    at = len(lines) - 1 if end else 0
+    line = lines[at] if end else lines[at][::-1]
+    lengths = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(line, axis=0).T))])
+    far = line[lengths < lengths[-1] - span / 3]  # the stroke away from its end
+    others = [other for i, other in enumerate(lines) if i != at]
+    candidates = np.concatenate([far.reshape(-1, 2), *others])
+    distances = np.hypot(*(candidates - line[-1]).T)
+    if not len(distances) or distances.min() > span / 4:
+        return lines
+    closed = np.concatenate([line, candidates[int(np.argmin(distances))][None]])
+    lines[at] = closed if end else closed[::-1]
+    return lines
+
+
 def render_for_training(
-    digits: Sequence[PenDigit], views: int, seed: int, vary: bool = True
+    digits: Sequence[PenDigit],
+    views: int,
+    seed: int,
+    vary: bool = True,
+    strokes: StrokeVariation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`views` renderings of each digit, each taken through `utils.preprocess` as the app takes
-    a drawing: (N * views, 28, 28) uint8 in MNIST's pixel range, and their labels.
+    a drawing: (N * views, 28, 28) uint8 in MNIST's pixel range, and their labels. With
+    `strokes` (and `vary`), each digit's strokes first go through `vary_strokes` with those
+    odds, drawn from a random stream of their own: the renderings it leaves plain are the same
+    as without it.
 
     Rendering `i` of view `v` depends only on (seed, i, v), so the set is the same whatever
     order or process it is made in.
@@ -263,7 +409,12 @@ def render_for_training(
     for i, digit in enumerate(digits):
         for view in range(views):
             rng = np.random.default_rng((seed, i, view))
-            model_input = utils.preprocess(render(digit.strokes, rng, vary=vary))
+            lines = digit.strokes
+            if vary and strokes is not None:
+                lines = vary_strokes(
+                    lines, digit.label, np.random.default_rng((seed, i, view, 1)), strokes
+                )
+            model_input = utils.preprocess(render(lines, rng, vary=vary))
             images[i * views + view] = torch.from_numpy(utils.to_pixels(model_input))
             labels[i * views + view] = digit.label
     return images, labels

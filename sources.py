@@ -210,7 +210,9 @@ def load_pen(args) -> Source:
         trained, held_out = trained[: args.limit], held_out[: args.limit]
     if not trained:
         raise DatasetError(f"{args.pen_file}: no digits left once writers are held out")
-    renderings = cached_renderings(args.checkpoint_dir, trained, args.pen_views, args.seed, True)
+    renderings = cached_renderings(
+        args.checkpoint_dir, trained, args.pen_views, args.seed, True, _strokes(args)
+    )
     log.info(
         "pen digits: %d of %d writers for training (%d renderings), %d digits of writers %s "
         "held out",
@@ -240,14 +242,24 @@ def pen_held_out(args, digits: Sequence[pendigits.PenDigit] | None = None) -> He
     )
 
 
+def _strokes(args) -> pendigits.StrokeVariation | None:
+    """The stroke-level variation of the training renderings: `--stroke-variation`'s odds."""
+    return pendigits.STROKE_VARIATION if getattr(args, "stroke_variation", False) else None
+
+
 def cached_renderings(
-    cache_dir: Path, digits: Sequence[pendigits.PenDigit], views: int, seed: int, vary: bool
+    cache_dir: Path,
+    digits: Sequence[pendigits.PenDigit],
+    views: int,
+    seed: int,
+    vary: bool,
+    strokes: pendigits.StrokeVariation | None = None,
 ) -> Images:
     """`pendigits.render_for_training`, kept in `cache_dir`: a resumed run does not draw them
     again. The file name holds a digest of everything the renderings depend on."""
     if not digits:
         return Images.empty()
-    digest = hashlib.sha256(repr((pendigits.RENDERING, seed, views, vary)).encode())
+    digest = hashlib.sha256(repr((pendigits.RENDERING, seed, views, vary, strokes)).encode())
     for digit in digits:
         digest.update(bytes([digit.label]))
         for stroke in digit.strokes:
@@ -262,7 +274,9 @@ def cached_renderings(
     except Exception as exc:  # a damaged cache is drawn again, never fatal
         log.warning("ignoring damaged cache %s: %s", path.name, exc)
     started = time.perf_counter()
-    images, labels = pendigits.render_for_training(digits, views, seed=seed, vary=vary)
+    images, labels = pendigits.render_for_training(
+        digits, views, seed=seed, vary=vary, strokes=strokes
+    )
     log.info(
         "drew %d pen renderings in %.0f s (cached in %s)",
         len(images),
@@ -365,6 +379,7 @@ def load_feedback(args, until: int | None = None) -> Source:
         args.feedback_views,
         args.seed,
         True,
+        _strokes(args),
     )
     held_out = feedback_held_out(drawings)
     log.info(

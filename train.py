@@ -59,7 +59,7 @@ RUN_SETTINGS = (
     "epochs", "batch_size", "lr", "seed", "limit",
     "sources", "pen_share", "pen_views", "held_out_writers",
     "feedback_share", "feedback_views", "init", "epoch_size", "freeze_bn",
-    "distill", "members",
+    "distill", "members", "stroke_variation",
 )  # fmt: skip
 SOURCES = sources.NAMES
 FEEDBACK_SHARE = 0.3  # measured: README, Training (simulated people)
@@ -124,6 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--pen-views", type=int, default=4, help="renderings of each pen digit, cached"
+    )
+    parser.add_argument(
+        "--stroke-variation",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="pen and feedback renderings written another way now and then: strokes in another "
+        "order or direction, pen lifts joined or split, tops open, loops closed "
+        "(pendigits.vary_strokes; off: not confirmed by the held-out writers, README)",
     )
     parser.add_argument(
         "--held-out-writers",
@@ -529,21 +537,33 @@ def epoch_figures(net, data: sources.Data, device, epoch: int) -> dict:
 def final_figures(net, data: sources.Data) -> dict:
     """MNIST's test set through utils.preprocess (the app's path) and each held-out part, per
     digit and with its worst confusions, logged and returned for model.json."""
+    found = predictions(net, (image.numpy() for image in data.test.images))
     test = accuracy_report(
-        predicted_digits(net, (image.numpy() for image in data.test.images)),
+        [p and p.digit for p in found],
         data.test.labels.tolist(),
+        [p.confidence if p else 0.0 for p in found],
     )
-    log.info("MNIST test set: %.2f%% of %d", 100 * test["accuracy"], len(data.test))
-    metrics = {"test_accuracy": test["accuracy"]}
+    log.info(
+        "MNIST test set: %.2f%% of %d, expected calibration error %.2f%%",
+        100 * test["accuracy"],
+        len(data.test),
+        100 * test["ece"],
+    )
+    metrics = {"test_accuracy": test["accuracy"], "test_ece": test["ece"]}
     for held in data.held_out:
         # Held-out images went through utils.preprocess already: this is the app's path.
         predicted = model_lib.predict_batch(net, utils.normalize(held.images)[:, None])
-        report = accuracy_report([p.digit for p in predicted], held.labels.tolist())
+        report = accuracy_report(
+            [p.digit for p in predicted],
+            held.labels.tolist(),
+            [p.confidence for p in predicted],
+        )
         log.info(
-            "%s: %.2f%% of %d; by digit %s; worst confusions %s",
+            "%s: %.2f%% of %d, expected calibration error %.2f%%; by digit %s; worst confusions %s",
             held.title,
             100 * report["accuracy"],
             len(held),
+            100 * report["ece"],
             " ".join(f"{d}:{a:.1%}" for d, a in report["by_digit"].items()),
             ", ".join(f"{c} x{n}" for c, n in report["confusions"].items()) or "none",
         )
@@ -695,31 +715,62 @@ def predicted_digits(
 ) -> list[int | None]:
     """The digit the app would show for each raw image (None where `preprocess` sees no digit):
     each image through `utils.preprocess`, then `predict_batch` in batches."""
-    digits: list[int | None] = []
+    return [p and p.digit for p in predictions(net, images, batch_size)]
+
+
+def predictions(
+    net: torch.nn.Module, images: Iterable[np.ndarray], batch_size: int = 500
+) -> list[model_lib.Prediction | None]:
+    """What the app would show for each raw image, digit and confidence (None where
+    `preprocess` sees no digit): each image through `utils.preprocess`, then `predict_batch`."""
+    found: list[model_lib.Prediction | None] = []
     pending: list[tuple[int, torch.Tensor]] = []
 
     def flush() -> None:
-        predictions = model_lib.predict_batch(net, torch.cat([batch for _, batch in pending]))
-        for (position, _), prediction in zip(pending, predictions, strict=True):
-            digits[position] = prediction.digit
+        batch = model_lib.predict_batch(net, torch.cat([image for _, image in pending]))
+        for (position, _), prediction in zip(pending, batch, strict=True):
+            found[position] = prediction
         pending.clear()
 
     for image in images:
-        digits.append(None)
+        found.append(None)
         try:
-            pending.append((len(digits) - 1, utils.preprocess(image)))
+            pending.append((len(found) - 1, utils.preprocess(image)))
         except utils.EmptyImageError:
             continue
         if len(pending) == batch_size:
             flush()
     if pending:
         flush()
-    return digits
+    return found
 
 
-def accuracy_report(predicted: Sequence[int | None], labels: Sequence[int]) -> dict:
+def expected_calibration_error(
+    confidences: Sequence[float], right: Sequence[bool], bins: int = 15
+) -> float:
+    """Expected calibration error: the confidences cut into `bins` equal-width bins ((0, 1/15],
+    (1/15, 2/15], ...), each bin's |accuracy - mean confidence| weighted by its share of the
+    images (Naeini et al., 2015; Guo et al., 2017, with 15 bins)."""
+    confidence = np.asarray(confidences, dtype=np.float64)
+    correct = np.asarray(right, dtype=np.float64)
+    if not len(confidence):
+        return 0.0
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    gaps = [
+        (which == b).sum() * abs(correct[which == b].mean() - confidence[which == b].mean())
+        for b in np.unique(which)
+    ]
+    return float(sum(gaps) / len(confidence))
+
+
+def accuracy_report(
+    predicted: Sequence[int | None],
+    labels: Sequence[int],
+    confidences: Sequence[float] | None = None,
+) -> dict:
     """Accuracy overall and per digit, and the most frequent confusions ("7 read as 2", count);
-    an image seen as empty counts as wrong."""
+    an image seen as empty counts as wrong. With the `confidences` shown (0 for an image seen
+    as empty), also the expected calibration error (`ece`)."""
     right = [p == t for p, t in zip(predicted, labels, strict=True)]
     totals, correct = Counter(labels), Counter(t for r, t in zip(right, labels, strict=True) if r)
     by_digit = {str(d): round(correct[d] / totals[d], 4) for d in sorted(totals)}
@@ -728,11 +779,17 @@ def accuracy_report(predicted: Sequence[int | None], labels: Sequence[int]) -> d
         for p, t in zip(predicted, labels, strict=True)
         if p != t
     )
+    calibration = (
+        {"ece": round(expected_calibration_error(confidences, right), 5)}
+        if confidences is not None
+        else {}
+    )
     return {
         "accuracy": sum(right) / max(1, len(right)),
         "count": len(right),
         "by_digit": by_digit,
         "confusions": dict(confusions.most_common(5)),
+        **calibration,
     }
 
 
@@ -750,6 +807,7 @@ def write_model(
     names = [source.name for source in data.sources]
     info = {
         "test_accuracy": round(metrics["test_accuracy"], 5),
+        "test_ece": metrics.get("test_ece"),
         **{held.key: metrics[held.key] for held in data.held_out},
         "measured_through": "utils.preprocess + model.predict_batch",
         "epochs": args.epochs,
@@ -764,6 +822,7 @@ def write_model(
         "sources": names,
         "pen_share": args.pen_share if {"mnist", "pen"} <= set(names) else None,
         "pen_views": args.pen_views,
+        "stroke_variation": args.stroke_variation,
         **(
             {
                 "feedback_share": args.feedback_share if len(names) > 1 else None,

@@ -18,6 +18,9 @@ writers the model was trained without (`pen_held_out.writers` in its model.json)
 their recorded strokes with the app's brush exactly as train.py measured them, per digit and
 with the worst confusions.
 
+Each set's expected calibration error (15 equal-width confidence bins) is printed beside its
+accuracy: how far the confidence the app shows is from how often it is right.
+
     python -m lab.evaluate                          # the shipped model on all five sets
     python -m lab.evaluate --write                  # ... and the figures into models/model.json
     python -m lab.evaluate --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
@@ -344,6 +347,15 @@ def accuracy(predicted: Sequence[int | None], labels: Sequence[int]) -> float:
     return train.accuracy_report(predicted, list(labels))["accuracy"]
 
 
+def calibration_error(found: Sequence[model_lib.Prediction | None], labels: Sequence[int]) -> float:
+    """Expected calibration error (15 bins) of what the app showed: an image seen as empty
+    shows no confidence (0) and counts as wrong."""
+    return train.expected_calibration_error(
+        [p.confidence if p else 0.0 for p in found],
+        [p is not None and p.digit == label for p, label in zip(found, labels, strict=True)],
+    )
+
+
 def accuracy_by_style(
     predicted: Sequence[int | None], labels: Sequence[int], styles: Sequence[str]
 ) -> dict[str, float]:
@@ -367,29 +379,39 @@ def evaluate(
     """MNIST test accuracy, drawn-digit accuracy (overall and per style), pen-digit accuracy and
     writing-styles accuracy, all through `utils.preprocess`."""
     started = time.perf_counter()
-    test_accuracy = accuracy(
-        train.predicted_digits(net, (image.numpy() for image in test_images)),
-        test_labels.tolist(),
-    )
-    drawn_labels, drawn_styles, drawn_predicted = _predict_drawings(
+    test_found = train.predictions(net, (image.numpy() for image in test_images))
+    test_accuracy = accuracy([p and p.digit for p in test_found], test_labels.tolist())
+    drawn_labels, drawn_styles, drawn_found = _predict_drawings(
         net, drawn_digits(test_images, test_labels, count=drawn_count, seed=seed)
     )
+    drawn_predicted = [p and p.digit for p in drawn_found]
     drawn_accuracy = accuracy(drawn_predicted, drawn_labels)
     by_style = accuracy_by_style(drawn_predicted, drawn_labels, drawn_styles)
-    pen_labels, _, pen_predicted = _predict_drawings(
+    pen_labels, _, pen_found = _predict_drawings(
         net, pen_digits(test_images, test_labels, count=drawn_count, seed=seed)
     )
-    pen_accuracy = accuracy(pen_predicted, pen_labels)
-    styles_labels, writing_styles, styles_predicted = _predict_drawings(
+    pen_accuracy = accuracy([p and p.digit for p in pen_found], pen_labels)
+    styles_labels, writing_styles, styles_found = _predict_drawings(
         net, styled_digits(count=drawn_count, seed=seed)
     )
+    styles_predicted = [p and p.digit for p in styles_found]
     styles_accuracy = accuracy(styles_predicted, styles_labels)
+    ece = {
+        "test_ece": calibration_error(test_found, test_labels.tolist()),
+        "drawn_ece": calibration_error(drawn_found, drawn_labels),
+        "pen_ece": calibration_error(pen_found, pen_labels),
+        "styles_ece": calibration_error(styles_found, styles_labels),
+    }
     log(
         f"test accuracy {test_accuracy:.2%} on {len(test_labels)} MNIST test images; "
         f"drawn-digit accuracy {drawn_accuracy:.2%} on {len(drawn_labels)} canvas drawings; "
         f"pen-digit accuracy {pen_accuracy:.2%} on {len(pen_labels)} pen tracings; "
         f"writing-styles accuracy {styles_accuracy:.2%} on {len(styles_labels)} pen drawings "
         f"({time.perf_counter() - started:.1f} s)"
+    )
+    log(
+        "  expected calibration error (15 bins): "
+        + ", ".join(f"{name.removesuffix('_ece')} {value:.2%}" for name, value in ece.items())
     )
     log("  drawn by style: " + ", ".join(f"{s} {a:.1%}" for s, a in by_style.items()))
     by_writing = accuracy_by_style(styles_predicted, styles_labels, writing_styles)
@@ -401,13 +423,14 @@ def evaluate(
         "drawn_accuracy_by_style": by_style,
         "pen_accuracy": pen_accuracy,
         "styles_accuracy": styles_accuracy,
+        **ece,
     }
 
 
 def _predict_drawings(
     net: torch.nn.Module, drawings: Iterable[DrawnDigit]
-) -> tuple[list[int], list[str], list[int | None]]:
-    """Labels, styles and predicted digits of a stream of drawings, held one at a time."""
+) -> tuple[list[int], list[str], list[model_lib.Prediction | None]]:
+    """Labels, styles and predictions of a stream of drawings, held one at a time."""
     labels: list[int] = []
     styles: list[str] = []
 
@@ -417,8 +440,8 @@ def _predict_drawings(
             styles.append(drawn.style)
             yield drawn.image
 
-    predicted = train.predicted_digits(net, images())
-    return labels, styles, predicted
+    found = train.predictions(net, images())
+    return labels, styles, found
 
 
 def pen_writers_report(
@@ -429,7 +452,9 @@ def pen_writers_report(
     _, held_out = pendigits.split_writers(pendigits.load(pen_file), writers)
     pixels, labels = pendigits.render_for_training(held_out, 1, seed=seed, vary=False)
     predicted = model_lib.predict_batch(net, utils.normalize(pixels)[:, None])
-    report = train.accuracy_report([p.digit for p in predicted], labels.tolist())
+    report = train.accuracy_report(
+        [p.digit for p in predicted], labels.tolist(), [p.confidence for p in predicted]
+    )
     return {"writers": list(writers), **report}
 
 
@@ -591,7 +616,8 @@ def main() -> None:
         )
         print(
             f"pen digits, writers not trained on ({','.join(map(str, writers))}): "
-            f"{pen['accuracy']:.2%} of {pen['count']}"
+            f"{pen['accuracy']:.2%} of {pen['count']}, expected calibration error "
+            f"{pen['ece']:.2%}"
         )
         print("  by digit: " + ", ".join(f"{d} {a:.1%}" for d, a in pen["by_digit"].items()))
         confusions = ", ".join(f"{c} x{n}" for c, n in pen["confusions"].items())
@@ -605,6 +631,8 @@ def main() -> None:
             if key != "test_accuracy"
         }
         info.update({"evaluate": {"seed": args.seed, "drawn_count": args.drawn, **lab}})
+        if writers and "pen_held_out" in info:  # a model.json from before train.py wrote it
+            info["pen_held_out"]["ece"] = pen["ece"]
         train.atomic_write_text(json.dumps(info, indent=2) + "\n", info_path)
         print(f"figures written to {info_path}")
 

@@ -117,8 +117,12 @@ def test_the_app_path_tells_the_shipped_model_from_an_untrained_one(subset, trai
     assert pen["count"] == 80 and len(pen["by_digit"]) == 10
     found = [report[f"{name}_accuracy"] for name in ("test", "drawn", "pen", "styles")]
     found.append(pen["accuracy"])
+    errors = [report[f"{name}_ece"] for name in ("test", "drawn", "pen", "styles")]
+    errors.append(pen["ece"])
+    print("expected calibration errors", errors)
     if trained:
         assert min(found) >= 0.93 and report["test_accuracy"] >= 0.98, found
+        assert max(errors) < 0.06, errors  # as sure as it is right: within a few points
     else:
         assert max(found) < 0.5, found
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zipfile
 
@@ -82,6 +83,105 @@ def test_rendering_stays_inside_the_canvas_and_repeats_for_a_seed():
     other, _ = pendigits.render_for_training(digits, 2, seed=6)
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     assert first.shape == (40, 28, 28) and labels.tolist()[:2] == [digits[0].label] * 2
+
+
+def _arc(degrees: tuple[float, float], centre=(150, 300), radii=(100, 100)) -> np.ndarray:
+    """Points along an ellipse, counter-clockwise (y up, as the tablet records it)."""
+    angles = np.radians(np.arange(degrees[0], degrees[1] + 1, 10))
+    return np.stack([np.cos(angles), np.sin(angles)], 1) * radii + centre
+
+
+def _dense(*corners) -> np.ndarray:
+    """A stroke through `corners` with a point every 20 units, as a tablet samples a pen."""
+    pieces = [
+        np.linspace(a, b, max(2, int(np.hypot(*np.subtract(b, a)) / 20)), endpoint=False)
+        for a, b in zip(corners[:-1], corners[1:], strict=True)
+    ]
+    return np.concatenate([*pieces, [corners[-1]]])
+
+
+# Hand-made digits, y up: a two-stroke 4 (down and across, then the upright), a 9 whose loop's
+# top is inside its one stroke, a 0 that falls short of closing at its top.
+FOUR = (_dense((40, 400), (0, 150), (250, 150)), _dense((200, 330), (200, 0)))
+NINE = (np.concatenate([_arc((10, 350), radii=(100, 100))[:-1], _dense((244, 266), (240, 0))]),)
+ZERO = (_arc((105, 435), centre=(100, 150), radii=(100, 150)),)
+ONLY = {
+    kind: pendigits.StrokeVariation(**{k: 0.0 for k in ("reorder", "reverse", "join", "split",
+                                                       "open_top", "close")} | {kind: 1.0})
+    for kind in ("join", "split", "open_top", "close")
+}  # fmt: skip
+
+
+def _drawn(strokes, seed: int, vary: bool = False) -> np.ndarray:
+    return pendigits.render(strokes, np.random.default_rng(seed), vary=vary).astype(np.int64)
+
+
+def _inside(image: np.ndarray) -> bool:
+    edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return image.max() == 255 and edges.max() == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "label", "strokes", "more_ink"),
+    [
+        ("join", 4, FOUR, True),  # a line from the cross-bar's end to the upright's top
+        ("split", 4, FOUR, False),  # a gap in the longer stroke
+        ("open_top", 9, NINE, False),  # a gap at the loop's top
+        ("close", 0, ZERO, True),  # a line across the gap at the top
+    ],
+)
+def test_each_stroke_variation_changes_the_drawing_and_keeps_it_on_the_canvas(
+    kind, label, strokes, more_ink
+):
+    large = 0
+    for seed in range(10):
+        varied = pendigits.vary_strokes(strokes, label, np.random.default_rng(seed), ONLY[kind])
+        plain, changed = _drawn(strokes, seed), _drawn(varied, seed)
+        assert _inside(changed), f"seed {seed}: ink cut at the edge"
+        # Inked pixels counted, not compared one by one: a gap at the digit's edge moves it.
+        more = int((changed > 0).sum()) - int((plain > 0).sum())
+        more = more if more_ink else -more
+        # A stroke drawn or a gap (a small drawing's gap may be narrower than the brush: its
+        # round caps close it).
+        assert more > 0, f"seed {seed}: {more} px more ink, for {kind}"
+        large += more > 100
+        assert _inside(_drawn(varied, seed, vary=True))
+    assert large >= 7, f"hundreds of pixels inked or not in only {large} of 10 drawings"
+
+
+def test_stroke_order_and_direction_change_what_a_joined_pen_lift_draws():
+    joined = {
+        tuple(map(bytes, pendigits.vary_strokes(FOUR, 4, np.random.default_rng(s), odds)))
+        for s in range(10)
+        for odds in (ONLY["join"], dataclasses.replace(ONLY["join"], reorder=1, reverse=1))
+    }
+    assert len(joined) > 1  # the pen goes from another stroke end to another start
+
+
+def test_a_loop_end_far_from_its_loop_and_a_long_pen_lift_stay_as_written():
+    one = (np.array([[0, 0], [0, 400]]),)  # a 1 has no loop to close
+    assert pendigits.vary_strokes(one, 0, np.random.default_rng(0), ONLY["close"])[0].tolist() == (
+        one[0].tolist()
+    )
+    # A 5's curl ending far from its top bar: joined, it would close into a 6.
+    five = (np.array([[0, 400], [0, 200], [200, 100], [0, 0]]), np.array([[0, 400], [200, 400]]))
+    five = (five[0], five[1][::-1])  # the top bar drawn from the right: 400 units from the curl
+    kept = pendigits.vary_strokes(five, 5, np.random.default_rng(0), ONLY["join"])
+    assert len(kept) == 2
+
+
+def test_stroke_variation_is_deterministic_for_a_seed_and_leaves_plain_digits_as_they_were():
+    digits = pendigits.load(PEN_SUBSET)[:40]
+    odds = pendigits.STROKE_VARIATION
+    first, _ = pendigits.render_for_training(digits, 2, seed=5, strokes=odds)
+    again, _ = pendigits.render_for_training(digits, 2, seed=5, strokes=odds)
+    assert np.array_equal(first, again)
+    without, _ = pendigits.render_for_training(digits, 2, seed=5)
+    never = pendigits.StrokeVariation(0, 0, 0, 0, 0, 0)
+    zero, _ = pendigits.render_for_training(digits, 2, seed=5, strokes=never)
+    assert np.array_equal(zero, without)  # their own random stream: the plain ones unchanged
+    differ = (first != without).flatten(1).any(1)
+    assert 0 < differ.sum() < len(first) / 2  # some varied, most plain
 
 
 @pytest.fixture

@@ -319,6 +319,27 @@ def test_an_empty_drawing_counts_as_wrong():
     assert report["confusions"] == {"3 read as nothing": 1, "5 read as 4": 1}
 
 
+def test_expected_calibration_error_of_a_hand_made_case():
+    # 15 bins, (0, 1/15], (1/15, 2/15], ...: 0.95 in the last (4 images, 3 right: |0.75 - 0.95|),
+    # 0.55 in the 9th (2 images, 1 right: |0.5 - 0.55|), weighted by their shares.
+    confidences, right = [0.95] * 4 + [0.55] * 2, [True, True, True, False, True, False]
+    assert train.expected_calibration_error(confidences, right) == pytest.approx(
+        4 / 6 * 0.2 + 2 / 6 * 0.05
+    )
+    # 0.65 and 0.68 fall on either side of 10/15 (one bin of ten would hold both: 0.165).
+    assert train.expected_calibration_error([0.65, 0.68], [True, False]) == pytest.approx(
+        0.5 * 0.35 + 0.5 * 0.68
+    )
+    # A bin holds its upper edge: 10/15 in (9/15, 10/15], 0.7 in the next.
+    assert train.expected_calibration_error([10 / 15, 0.7], [True, False]) == pytest.approx(
+        0.5 * (1 - 10 / 15) + 0.5 * 0.7
+    )
+    assert train.expected_calibration_error([1.0, 0.5, 0.5], [True, True, False]) == 0
+    report = train.accuracy_report([1, 2], [1, 3], confidences=[0.9, 0.6])
+    assert report["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
+    assert "ece" not in train.accuracy_report([1, 2], [1, 3])
+
+
 def test_feedback_from_an_unreachable_database_is_a_clear_error_with_exit_code_2(tmp_path):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     command = train_command(tmp_path, "--sources", "mnist,pen,feedback")
