@@ -323,12 +323,15 @@ class AppPage(contextlib.AbstractContextManager):
 
     def release(self) -> None:
         """Lift the mouse button ``draw_held`` holds: the canvas sends the drawing 200 ms later."""
+        finished = self.runs_finished
         self.page.mouse.up()
-        self._sent()
+        self._sent(finished)
 
-    def _sent(self) -> None:
+    def _sent(self, finished: int) -> None:
+        """*finished*: the runs ended before the pointer went up. Counted after, a busy machine
+        can let the drawing's own run end (and be counted) before ``last_pointer_up_ms`` returns."""
         sent = self.last_pointer_up_ms() + CANVAS_DEBOUNCE_MS - 5  # the drawing, not sent yet
-        self.drawing_mark = (sent, self.runs_finished)
+        self.drawing_mark = (sent, finished)
 
     def wait_for_drawing(self) -> Run:
         """Wait for the run of the drawing sent after the last ``release`` or draw."""
@@ -388,7 +391,7 @@ class AppPage(contextlib.AbstractContextManager):
     def touch_draw(self, strokes: Sequence[Stroke]) -> Run:
         """Draw *strokes* with one finger (CDP Input.dispatchTouchEvent; the context needs
         ``has_touch=True``, as ``PHONES`` have) and wait for the run."""
-        cdp = self.context.new_cdp_session(self.page)
+        cdp, finished = self.context.new_cdp_session(self.page), self.runs_finished
         try:
             for stroke in strokes:
                 first, *rest = self._on_screen(stroke)
@@ -400,7 +403,7 @@ class AppPage(contextlib.AbstractContextManager):
                 cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
         finally:
             cdp.detach()
-        self._sent()
+        self._sent(finished)
         return self.wait_for_drawing()
 
     def prediction(self) -> ShownPrediction | None:
