@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +40,6 @@ import pendigits
 import train
 import utils
 
-PEN_FILE = Path(__file__).resolve().parent.parent.parent / "shared/pendigits/pendigits-orig.tra"
 VAL_WRITERS = (5, 11, 17, 23)
 FEATURES = 5
 
@@ -60,14 +58,12 @@ def canvas_strokes(strokes, rng: np.random.Generator | None = None) -> list[np.n
         sx, sy = np.exp(rng.uniform(-0.2, 0.2, 2))
         cos, sin = np.cos(angle), np.sin(angle)
         warp = (
-            np.diag([sx, sy]) @ np.array([[1.0, -slant], [0.0, 1.0]]) @ np.array(
-                [[cos, -sin], [sin, cos]]
-            )
+            np.diag([sx, sy])
+            @ np.array([[1.0, -slant], [0.0, 1.0]])
+            @ np.array([[cos, -sin], [sin, cos]])
         )
         lines = [
-            line @ warp.T
-            + rng.normal(0, 0.025 * span, 2)
-            + rng.normal(0, 0.006 * span, line.shape)
+            line @ warp.T + rng.normal(0, 0.025 * span, 2) + rng.normal(0, 0.006 * span, line.shape)
             for line in lines
         ]
     return [pendigits.canvas_path(line) for line in lines]
@@ -97,8 +93,11 @@ def features(lines: list[np.ndarray], points: int = 64) -> np.ndarray:
             continue
         if length[-1] > 0:
             along = np.linspace(0, length[-1], n)
-            out.append(np.stack([np.interp(along, length, line[:, 0]),
-                                 np.interp(along, length, line[:, 1])], 1))
+            out.append(
+                np.stack(
+                    [np.interp(along, length, line[:, 0]), np.interp(along, length, line[:, 1])], 1
+                )
+            )
         else:
             out.append(np.repeat(line[:1], n, axis=0))
         flags.append(np.eye(1, n).ravel())  # 1 at the stroke's first point
@@ -185,8 +184,10 @@ def train_model(digits, args, log=print) -> tuple[StrokeNet, float]:
             schedule.step()
             total += loss.item() * len(idx)
         if epoch % 5 == 4 or epoch == args.epochs - 1:
-            log(f"  epoch {epoch + 1}: loss {total / len(digits):.4f} "
-                f"({time.process_time() - started:.0f} s CPU)")
+            log(
+                f"  epoch {epoch + 1}: loss {total / len(digits):.4f} "
+                f"({time.process_time() - started:.0f} s CPU)"
+            )
     return net.eval(), time.process_time() - started
 
 
@@ -245,7 +246,7 @@ def per_digit_ms(net: nn.Module, digits, points: int, repeats: int = 300) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pen-file", default=str(PEN_FILE))
+    parser.add_argument("--pen-file", default=str(pendigits.default_path()))  # env PENDIGITS_DIR
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch", type=int, default=64)
@@ -265,9 +266,11 @@ def main() -> None:
     rest, held_out = pendigits.split_writers(digits, pendigits.HELD_OUT_WRITERS)
     val_writers = [int(w) for w in args.val_writers.split(",") if w]
     fit, val = pendigits.split_writers(rest, val_writers)
-    print(f"train {len(fit)} digits ({len({d.writer for d in fit})} writers), validation "
-          f"{len(val)} (writers {val_writers}), held out {len(held_out)} "
-          f"(writers {list(pendigits.HELD_OUT_WRITERS)})")
+    print(
+        f"train {len(fit)} digits ({len({d.writer for d in fit})} writers), validation "
+        f"{len(val)} (writers {val_writers}), held out {len(held_out)} "
+        f"(writers {list(pendigits.HELD_OUT_WRITERS)})"
+    )
 
     net, cpu_seconds = train_model(fit, args)
     print(f"trained in {cpu_seconds:.0f} s CPU (1 thread)")
@@ -278,28 +281,43 @@ def main() -> None:
     sets = {}
     for name, part in (("validation", val), ("held out", held_out)):
         labels = np.array([d.label for d in part])
-        sets[name] = (cnn_probabilities(cnn, part), probabilities(net, feature_batch(part, args.points)), labels)
+        sets[name] = (
+            cnn_probabilities(cnn, part),
+            probabilities(net, feature_batch(part, args.points)),
+            labels,
+        )
 
-    results = {name: {r: measure(f(c, t), y) for r, f in rules().items()}
-               for name, (c, t, y) in sets.items()}
+    results = {
+        name: {r: measure(f(c, t), y) for r, f in rules().items()}
+        for name, (c, t, y) in sets.items()
+    }
     # The rule: the combination with the lowest validation log loss (never the held-out set).
     combos = [r for r in rules() if r not in ("cnn alone", "strokes alone")]
-    chosen = min(combos, key=lambda r: (results["validation"][r]["nll"], -results["validation"][r]["accuracy"]))
+    chosen = min(
+        combos,
+        key=lambda r: (results["validation"][r]["nll"], -results["validation"][r]["accuracy"]),
+    )
     print(f"\nchosen on validation writers (lowest log loss): {chosen}")
-    print(f"{'rule':16} {'val acc':>8} {'val err':>7} {'val nll':>8} | {'held acc':>8} "
-          f"{'err':>4} {'ECE':>6} {'nll':>6}  min digit")
+    print(
+        f"{'rule':16} {'val acc':>8} {'val err':>7} {'val nll':>8} | {'held acc':>8} "
+        f"{'err':>4} {'ECE':>6} {'nll':>6}  min digit"
+    )
     for r in rules():
         v, h = results["validation"][r], results["held out"][r]
         worst = min(h["by_digit"].items(), key=lambda kv: kv[1])
-        print(f"{r + (' *' if r == chosen else ''):16} {v['accuracy']:8.2%} {v['errors']:7d} "
-              f"{v['nll']:8.4f} | {h['accuracy']:8.2%} {h['errors']:4d} {h['ece']:6.2%} "
-              f"{h['nll']:6.3f}  {worst[0]}: {worst[1]:.1%}")
+        print(
+            f"{r + (' *' if r == chosen else ''):16} {v['accuracy']:8.2%} {v['errors']:7d} "
+            f"{v['nll']:8.4f} | {h['accuracy']:8.2%} {h['errors']:4d} {h['ece']:6.2%} "
+            f"{h['nll']:6.3f}  {worst[0]}: {worst[1]:.1%}"
+        )
 
     c, t, y = sets["held out"]
     for r in ("strokes alone", chosen):
         h = results["held out"][r]
-        print(f"\n{r} on held-out, by digit: "
-              + ", ".join(f"{d} {a:.1%}" for d, a in h["by_digit"].items()))
+        print(
+            f"\n{r} on held-out, by digit: "
+            + ", ".join(f"{d} {a:.1%}" for d, a in h["by_digit"].items())
+        )
         print(f"  confusions: {h['confusions']}")
     combined = rules()[chosen](c, t)
     cnn_wrong = set(np.flatnonzero(c.argmax(1) != y))
@@ -307,13 +325,17 @@ def main() -> None:
 
     def describe(i):
         d = held_out[i]
-        return (f"#{i} writer {d.writer} {d.label} ({len(d.strokes)} stroke"
-                f"{'s' if len(d.strokes) > 1 else ''}): cnn {c[i].argmax()} {c[i].max():.2f}, "
-                f"strokes {t[i].argmax()} {t[i].max():.2f}, combined {combined[i].argmax()} "
-                f"{combined[i].max():.2f}")
+        return (
+            f"#{i} writer {d.writer} {d.label} ({len(d.strokes)} stroke"
+            f"{'s' if len(d.strokes) > 1 else ''}): cnn {c[i].argmax()} {c[i].max():.2f}, "
+            f"strokes {t[i].argmax()} {t[i].max():.2f}, combined {combined[i].argmax()} "
+            f"{combined[i].max():.2f}"
+        )
 
-    print(f"\nCNN's {len(cnn_wrong)} held-out errors, fixed by '{chosen}': "
-          f"{len(cnn_wrong - comb_wrong)}")
+    print(
+        f"\nCNN's {len(cnn_wrong)} held-out errors, fixed by '{chosen}': "
+        f"{len(cnn_wrong - comb_wrong)}"
+    )
     for i in sorted(cnn_wrong):
         print(("  fixed   " if i not in comb_wrong else "  kept    ") + describe(i))
     print(f"new errors of '{chosen}': {len(comb_wrong - cnn_wrong)}")
@@ -322,8 +344,10 @@ def main() -> None:
 
     whole, alone = per_digit_ms(net, held_out, args.points)
     params = sum(p.numel() for p in net.parameters())
-    print(f"\ntrajectory model: {params} parameters; one digit, 1 thread, p50: {whole:.2f} ms "
-          f"(features + model), {alone:.2f} ms (model alone)")
+    print(
+        f"\ntrajectory model: {params} parameters; one digit, 1 thread, p50: {whole:.2f} ms "
+        f"(features + model), {alone:.2f} ms (model alone)"
+    )
 
 
 if __name__ == "__main__":
