@@ -391,7 +391,7 @@ class AppPage(contextlib.AbstractContextManager):
     def touch_draw(self, strokes: Sequence[Stroke]) -> Run:
         """Draw *strokes* with one finger (CDP Input.dispatchTouchEvent; the context needs
         ``has_touch=True``, as ``PHONES`` have) and wait for the run."""
-        cdp, finished = self.context.new_cdp_session(self.page), self.runs_finished
+        cdp = self.context.new_cdp_session(self.page)
         try:
             for stroke in strokes:
                 first, *rest = self._on_screen(stroke)
@@ -400,6 +400,7 @@ class AppPage(contextlib.AbstractContextManager):
                     cdp.send(
                         "Input.dispatchTouchEvent", {"type": kind, "touchPoints": touch_points}
                     )
+                finished = self.runs_finished  # before the last lift: see _sent
                 cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
         finally:
             cdp.detach()
