@@ -11,7 +11,8 @@ How "finished" is known: an init script records each change of the app root's
 page receives to ``AppPage._received``, which counts the runs that ended (Streamlit's own message
 classes). After an action, the page is idle when a run has ended since the action, none is
 pending after an ``st.rerun()``, the page says notRunning, nothing came for ``QUIET_MS``, nothing
-is stale and every image is loaded. A drawing is sent by the canvas 200 ms after the mouse-up.
+is stale, every image is loaded and no element waits for its code (Streamlit's placeholders).
+A drawing is sent by the canvas 200 ms after the mouse-up.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ _PROBE = """(() => {
 })();"""
 
 # When the page is idle: [the first "running" at or after `since` (else `since`), the last
-# "notRunning"], once it has been notRunning for `quietMs`, nothing stale, every image loaded.
+# "notRunning"], once it has been notRunning for `quietMs`, nothing stale, every image loaded,
+# no placeholder.
 _IDLE = """({since, quietMs}) => {
   const states = window.__probe.states;
   const app = document.querySelector('[data-testid="stApp"]');
@@ -219,6 +221,8 @@ _IDLE = """({since, quietMs}) => {
   const [end, last] = states[states.length - 1];
   if (last !== 'notRunning' || performance.now() - end < quietMs) return null;
   if (document.querySelector('[data-stale="true"]')) return null;
+  // an element whose code Streamlit still loads (tables, radios: a React Suspense placeholder)
+  if (document.querySelector('[data-testid="stSkeleton"]')) return null;
   if (![...document.images].every((img) => img.complete)) return null;
   const started = states.find(([t, s]) => s === 'running' && t >= since);
   return [started ? started[0] : since, Math.max(end, since)];

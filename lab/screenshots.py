@@ -49,9 +49,6 @@ def save(page: browser.AppPage, path: Path, fit: bool = True, width: int | None 
     """A screenshot of *page* (*fit*: the window made as tall as the content, no more), scaled
     to *width* pixels, in 256 colours."""
     page.page.mouse.move(0, 0)  # no hover highlight on the last button clicked
-    # Streamlit loads the code of some elements (tables, radio buttons, download buttons) on
-    # first use and shows a grey placeholder (React Suspense) meanwhile: wait for the elements.
-    page.page.wait_for_function("() => !document.querySelector('[data-testid=\"stSkeleton\"]')")
     viewport = page.page.viewport_size
     if fit:  # measured in a short window: the content fills the window at least
         page.page.set_viewport_size({"width": viewport["width"], "height": 400})
