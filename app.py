@@ -134,7 +134,11 @@ def warm_up(classifier: torch.nn.Module) -> None:
     # ~150 ms per prediction when the CPU is shared (measured on 2 cores). APP_THREADS: more.
     torch.set_num_threads(app_threads())
     # The first forward pass is ~200 ms slower than the next ones: pay it here, not on a drawing.
-    model.predict(classifier, utils.normalize(np.zeros((28, 28), dtype=np.uint8))[None, None])
+    model.predict(
+        classifier,
+        utils.normalize(np.zeros((28, 28), dtype=np.uint8))[None, None],
+        utils.trajectory([[[0, 0], [10, 10]]]),
+    )
 
 
 def app_threads() -> int:
@@ -212,13 +216,15 @@ def analyse(
     except (utils.ImageFormatError, OSError, Image.DecompressionBombError) as exc:
         logger.warning("unreadable drawing: %s", exc)
         return Analysis(digest, hint="The drawing could not be read: clear the canvas and retry.")
+    path = stroke_path(canvas_objects)
     prepared = time.perf_counter()
-    prediction = model.predict(classifier, batch)
+    prediction = model.predict(classifier, batch, path)
     done = time.perf_counter()
     logger.info(
-        "predicted %d (%.1f%%) in %.1f ms (preprocess %.1f ms, model %.1f ms)",
+        "predicted %d (%.1f%%%s) in %.1f ms (preprocess %.1f ms, model %.1f ms)",
         prediction.digit,
         prediction.confidence * 100,
+        "" if path is not None else ", from the image alone",
         (done - start) * 1000,
         (prepared - start) * 1000,
         (done - prepared) * 1000,
@@ -232,6 +238,19 @@ def analyse(
         model_pixels=pixels.tobytes(),
         canvas_objects=canvas_objects,
     )
+
+
+def stroke_path(canvas_objects: list | None) -> torch.Tensor | None:
+    """The drawing's path for the model of the strokes (`utils.trajectory`), from the canvas's
+    fabric.js paths; None where there are none or they cannot be read: the image alone then
+    decides, as it did before the model read strokes."""
+    if not canvas_objects:
+        return None
+    try:
+        return utils.trajectory(drawings.canvas_strokes(canvas_objects))
+    except ValueError as exc:  # db.DrawingTooLarge, drawings.UnreadableDrawing, utils' errors
+        logger.warning("strokes unreadable, predicting from the image alone: %s", exc)
+        return None
 
 
 def decode_drawing(png: bytes) -> np.ndarray:

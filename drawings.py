@@ -6,7 +6,7 @@ The canvas (streamlit-drawable-canvas, fabric.js 7) records a stroke as a ``Path
 ``["M", p0]``, then ``["Q", p(i), midpoint(p(i), p(i+1))]`` for each sampled point but the last,
 then ``["L", pn]`` (M and L are nudged by brush/1000 px). ``from_canvas`` keeps those sampled
 points (the Q control points and the L end), in canvas pixels: nothing is lost, and
-``pendigits.canvas_path`` draws the same curves through them again, as ``render`` does.
+``utils.canvas_path`` draws the same curves through them again, as ``render`` does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import db
-import pendigits
 import utils
 
 DECIMALS = 3  # canvas px; fabric.js's own coordinates carry float32 noise beyond this
@@ -42,6 +41,18 @@ def from_canvas(
 
     Raises db.DrawingTooLarge over the limits (counted before any point is converted), and
     UnreadableDrawing (a ValueError) for anything that is not a path of numbers."""
+    strokes = canvas_strokes(objects)
+    try:
+        return db.Drawing(strokes, canvas_size, float(brush_width), image)
+    except db.DrawingTooLarge:
+        raise
+    except ValueError as exc:
+        raise UnreadableDrawing(str(exc)) from exc
+
+
+def canvas_strokes(objects: Sequence[dict[str, Any]]) -> list[list[list[float]]]:
+    """The strokes of the canvas JSON's *objects*: each the points the canvas sampled, [x, y]
+    in canvas pixels, in drawing order (`from_canvas`, which raises what this raises)."""
     paths = [obj for obj in objects if isinstance(obj, dict) and obj.get("type") in PATH_TYPES]
     commands = [obj.get("path") for obj in paths]
     if not all(isinstance(path, list) for path in commands):
@@ -56,12 +67,7 @@ def from_canvas(
     strokes = [_stroke(obj, path) for obj, path in zip(paths, commands, strict=True)]
     if not strokes:
         raise UnreadableDrawing("no strokes")
-    try:
-        return db.Drawing(strokes, canvas_size, float(brush_width), image)
-    except db.DrawingTooLarge:
-        raise
-    except ValueError as exc:
-        raise UnreadableDrawing(str(exc)) from exc
+    return strokes
 
 
 def _stroke(obj: dict[str, Any], path: list[Any]) -> list[list[float]]:
@@ -159,15 +165,15 @@ def _path_centre(path: list[Any]) -> tuple[float, float]:
 
 def render(strokes: Sequence[Sequence[Sequence[float]]], canvas_size: int, brush_width: float):
     """The canvas of a stored drawing, drawn again: white on black, canvas_size x canvas_size
-    uint8, each stroke along the canvas's own curves (``pendigits.canvas_path``) with a round
+    uint8, each stroke along the canvas's own curves (``utils.canvas_path``) with a round
     brush, where it was drawn."""
     canvas = Image.new("L", (canvas_size, canvas_size))
     pen = ImageDraw.Draw(canvas)
     radius = brush_width / 2
     for stroke in strokes:
-        line = pendigits.canvas_path(np.asarray(stroke, dtype=np.float64))
+        line = utils.canvas_path(np.asarray(stroke, dtype=np.float64))
         # As pendigits.render: vertices a third of the brush apart, each stamped with the brush.
-        path = pendigits._resample(line, spacing=max(1.0, brush_width / 3))
+        path = utils.resample(line, spacing=max(1.0, brush_width / 3))
         if len(path) > 1:
             pen.line([tuple(point) for point in path], fill=255, width=round(brush_width))
         for x, y in path:

@@ -1,4 +1,5 @@
-"""The digit classifier: the CNN, loading its weights, and predicting."""
+"""The digit classifier: the CNN over the image, beside it a model of the pen trajectory, loading
+their weights (one file), and predicting."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+import utils
+
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH = PROJECT_DIR / "models" / "model.pth"
 TRAIN_COMMAND = "python train.py --download"
 MEMBER_KEY = re.compile(r"^members\.(\d+)\.(.+)$")  # members.<index>.<the member's key>
 COUNT_KEY = "member_count"
+TRAJECTORY_PREFIX = "trajectory."  # the trajectory model's keys: trajectory.<its key>
+TRAJECTORY_KEY = "trajectory_points"  # in a file holding one: the points it reads
 MAX_MEMBERS = 16  # more in a file is a corrupt file, not an ensemble to build
 
 
@@ -42,6 +47,40 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class TrajectoryNet(nn.Module):
+    """The second model: a small 1D CNN over the drawing's path, as `utils.trajectory` gives it
+    ((N, 5, points): x, y, step, pen lift along the ink), 148k parameters. Its output: logits.
+
+    It reads what the image cannot show: where each stroke starts and which way it goes. Beside
+    the image CNN it corrects digits whose image is ambiguous (an 8 written as two loops and a
+    4 closed at the top look like their neighbours; their paths do not): README, Training."""
+
+    def __init__(self, width: int = 64, dropout: float = 0.3) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, kernel_size: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv1d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False),
+                nn.BatchNorm1d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.features = nn.Sequential(
+            block(utils.TRAJECTORY_FEATURES, width, 5),
+            block(width, width, 5),
+            nn.MaxPool1d(2),
+            block(width, 2 * width, 3),
+            block(2 * width, 2 * width, 3),
+            nn.MaxPool1d(2),
+            block(2 * width, 2 * width, 3),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.head(torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1))
+
+
 class DigitCNN(nn.Module):
     """The classifier: `members` ConvNets, each from its own random start, read as one.
 
@@ -54,28 +93,48 @@ class DigitCNN(nn.Module):
     output are those of the averaged probabilities; with one member it returns the member's
     logits, exactly the single network of before.
 
+    With `trajectory`, it holds a `TrajectoryNet` too. Given a drawing's path beside its
+    image, the answer is the normalised product of the two models' probabilities (each
+    calibrated on its own; together they are as calibrated: README, Training); given the image
+    alone (a drawing whose strokes are unknown), the CNN's answer.
+
     Weights: a state_dict with keys ``members.<i>.<layer>`` and ``member_count``, the number of
-    members it holds (`load_weights` checks each is there). A file of the single network from
-    before the ensemble (keys ``features.*``, ``classifier.*``) loads as one member. Trains in a
-    few minutes per member on two CPU cores; predicts one digit in under a millisecond per member.
+    members it holds (`load_weights` checks each is there), and with a trajectory model its keys
+    ``trajectory.<layer>`` and ``trajectory_points``, the points it reads. A file of the single
+    network from before the ensemble (keys ``features.*``, ``classifier.*``) loads as one
+    member. Trains in a few minutes per member on two CPU cores; predicts one digit in under a
+    millisecond per member.
     """
 
-    def __init__(self, members: int = 1, dropout: float = 0.3) -> None:
+    def __init__(self, members: int = 1, dropout: float = 0.3, trajectory: bool = False) -> None:
         super().__init__()
         if members < 1:
             raise ValueError(f"an ensemble needs at least one member, not {members}")
         self.members = nn.ModuleList(ConvNet(dropout) for _ in range(members))
         # In the weights file: how many members it must hold (a member lost is an error).
         self.register_buffer(COUNT_KEY, torch.tensor(members))
+        self.trajectory: TrajectoryNet | None = None
+        if trajectory:
+            self.add_trajectory(dropout)
+
+    def add_trajectory(self, dropout: float = 0.3) -> None:
+        """Give the model a trajectory model, newly initialised. Its random start leaves the
+        random numbers that follow (the CNN's training) as they would be without it."""
+        with torch.random.fork_rng(devices=[]):
+            self.trajectory = TrajectoryNet(dropout=dropout)
+        self.register_buffer(TRAJECTORY_KEY, torch.tensor(utils.TRAJECTORY_POINTS))
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's logits, stacked: (members, N, 10). Training sums their losses."""
         return torch.stack([member(x) for member in self.members])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.members) == 1:
-            return self.members[0](x)
-        return combine(self.member_logits(x))
+    def forward(self, x: torch.Tensor, trajectory: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities up to a constant (softmax reads them) of images `x` (N, 1, 28, 28);
+        with their paths `trajectory` (N, 5, points) and a trajectory model, of both."""
+        out = self.members[0](x) if len(self.members) == 1 else combine(self.member_logits(x))
+        if trajectory is None or self.trajectory is None:
+            return out
+        return torch.log_softmax(out, dim=1) + torch.log_softmax(self.trajectory(trajectory), 1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return super().load_state_dict(as_members(state_dict), strict=strict, assign=assign)
@@ -151,7 +210,8 @@ def load_weights(
     if not isinstance(state_dict, dict):
         raise ModelLoadError(f"{what} holds a {type(state_dict).__name__}, not a state_dict.")
     state_dict = as_members(state_dict)
-    model = DigitCNN(_check_members(state_dict, what, remedy))
+    members = _check_members(state_dict, what, remedy)
+    model = DigitCNN(members, trajectory=_check_trajectory(state_dict, what, remedy))
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -189,7 +249,8 @@ def _check_members(state_dict: dict, what: str, remedy: str) -> int:
     unexpected = [
         key
         for key in state_dict
-        if key != COUNT_KEY
+        if key not in (COUNT_KEY, TRAJECTORY_KEY)
+        and not key.startswith(TRAJECTORY_PREFIX)  # _check_trajectory's
         and not ((m := MEMBER_KEY.match(key)) and int(m[1]) < members and m[2] in expected)
     ]
     if unexpected:
@@ -212,20 +273,81 @@ def _check_members(state_dict: dict, what: str, remedy: str) -> int:
     return members
 
 
-def predict(model: nn.Module, batch: torch.Tensor) -> Prediction:
-    """Predict the one digit in a (1, 1, 28, 28) batch, as `utils.preprocess` returns it."""
+def _check_trajectory(state_dict: dict, what: str, remedy: str) -> bool:
+    """Whether a state_dict holds a trajectory model (its ``trajectory_points`` says so), after
+    checking that it holds it whole; ModelLoadError naming *what* if not. (`_check_members`
+    has checked every value is a finite tensor.)"""
+    keys = [key for key in state_dict if key.startswith(TRAJECTORY_PREFIX)]
+    points = state_dict.get(TRAJECTORY_KEY)
+    if points is None:
+        if keys:
+            raise ModelLoadError(
+                f"{what} does not match this network's architecture: it holds a trajectory "
+                f"model's weights but no {TRAJECTORY_KEY} (an integer).{remedy}"
+            )
+        return False
+    if points.numel() != 1 or points.is_floating_point():
+        raise ModelLoadError(f"{what} is corrupt: {TRAJECTORY_KEY} is not an integer.{remedy}")
+    if int(points) != utils.TRAJECTORY_POINTS:
+        raise ModelLoadError(
+            f"{what} does not match this network's architecture: its trajectory model reads "
+            f"{int(points)} points, this app gives it {utils.TRAJECTORY_POINTS}.{remedy}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        expected = TrajectoryNet().state_dict().keys()
+    missing = [key for key in expected if TRAJECTORY_PREFIX + key not in state_dict]
+    if len(missing) == len(expected):
+        raise ModelLoadError(
+            f"{what} is incomplete: it says it holds a trajectory model (the model of the "
+            f"strokes), and its weights are missing.{remedy}"
+        )
+    if missing:
+        raise ModelLoadError(
+            f"{what} is incomplete: its trajectory model lacks "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}.{remedy}"
+        )
+    unexpected = [key for key in keys if key.removeprefix(TRAJECTORY_PREFIX) not in expected]
+    if unexpected:
+        raise ModelLoadError(
+            f"{what} does not match this network's architecture: unexpected keys "
+            f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}.{remedy}"
+        )
+    return True
+
+
+def predict(
+    model: nn.Module, batch: torch.Tensor, trajectory: torch.Tensor | None = None
+) -> Prediction:
+    """Predict the one digit in a (1, 1, 28, 28) batch, as `utils.preprocess` returns it, with
+    its path as `utils.trajectory` returns it, if known (None: the image alone)."""
     if batch.shape[0] != 1:
         raise ValueError(f"predict takes one image; use predict_batch for {batch.shape[0]}.")
-    return predict_batch(model, batch)[0]
+    return predict_batch(model, batch, trajectory)[0]
 
 
-def predict_batch(model: nn.Module, batch: torch.Tensor) -> list[Prediction]:
-    """Predict every image of an (N, 1, 28, 28) batch."""
+def predict_batch(
+    model: nn.Module, batch: torch.Tensor, trajectories: torch.Tensor | None = None
+) -> list[Prediction]:
+    """Predict every image of an (N, 1, 28, 28) batch; with their paths (N, 5, points), from
+    both (a model without a trajectory model reads the images alone)."""
     if batch.ndim != 4 or tuple(batch.shape[1:]) != (1, 28, 28):
         raise ValueError(f"Expected a batch of shape (N, 1, 28, 28), got {tuple(batch.shape)}.")
+    expected = (len(batch), utils.TRAJECTORY_FEATURES)
+    if trajectories is not None and (
+        trajectories.ndim != 3 or tuple(trajectories.shape[:2]) != expected
+    ):
+        raise ValueError(
+            f"Expected trajectories of shape ({expected[0]}, {expected[1]}, points) for "
+            f"{len(batch)} images, got {tuple(trajectories.shape)}."
+        )
     device = next(model.parameters()).device
+    if trajectories is not None and getattr(model, "trajectory", None) is not None:
+        trajectories = trajectories.to(device)
+    else:
+        trajectories = None  # forward's second argument only where a model reads it
     with torch.inference_mode():
-        probabilities = torch.softmax(model(batch.to(device)), dim=1).cpu()
+        inputs = (batch.to(device),) if trajectories is None else (batch.to(device), trajectories)
+        probabilities = torch.softmax(model(*inputs), dim=1).cpu()
     confidences, digits = probabilities.max(dim=1)
     return [
         Prediction(digit=int(digit), confidence=float(confidence), probabilities=tuple(row))

@@ -163,8 +163,8 @@ def render(
     strokes: Sequence[np.ndarray], rng: np.random.Generator, vary: bool = True
 ) -> np.ndarray:
     """Draw a digit's strokes as the app's canvas would: white on black, 280x280 uint8, a round
-    brush (round caps and joins) along the canvas's own curves (`canvas_path`), anywhere on the
-    canvas where the digit fits whole (`on_canvas`, then `draw`)."""
+    brush (round caps and joins) along the canvas's own curves (`utils.canvas_path`), anywhere
+    on the canvas where the digit fits whole (`on_canvas`, then `draw`)."""
     return draw(*on_canvas(strokes, rng, vary=vary))
 
 
@@ -212,39 +212,12 @@ def draw(lines: Sequence[np.ndarray], brush: float) -> np.ndarray:
     for line in lines:
         # Vertices at least a third of the brush apart, each stamped with the round brush: round
         # caps and joins, and none of the spikes a wide line gets from many tiny segments.
-        path = _resample(canvas_path(line), spacing=max(1.0, brush / 3))
+        path = utils.resample(utils.canvas_path(line), spacing=max(1.0, brush / 3))
         if len(path) > 1:
             pen.line([tuple(point) for point in path], fill=255, width=round(brush))
         for x, y in path:
             pen.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
     return np.asarray(canvas)
-
-
-def canvas_path(points: np.ndarray, steps: int = 4) -> np.ndarray:
-    """The path the canvas's pencil brush (fabric.js) draws through sampled points: a straight
-    start to the first midpoint, then quadratic curves from midpoint to midpoint with each
-    sampled point as control point, then straight to the last point. Pen points sampled every
-    100 ms would otherwise be joined by straight lines, with corners no canvas shows."""
-    if len(points) < 3:
-        return points
-    mids = (points[:-1] + points[1:]) / 2
-    t = np.linspace(0, 1, steps + 1)[1:, None, None]
-    start, control, end = mids[:-1], points[1:-1], mids[1:]
-    curves = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end  # (steps, n - 2, 2)
-    return np.concatenate(
-        [points[:1], mids[:1], curves.transpose(1, 0, 2).reshape(-1, 2), points[-1:]]
-    )
-
-
-def _resample(points: np.ndarray, spacing: float) -> np.ndarray:
-    """Points along the polyline `points`, evenly `spacing` apart (ends kept)."""
-    lengths = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(points, axis=0).T))])
-    if lengths[-1] == 0:
-        return points[:1]
-    along = np.linspace(0, lengths[-1], max(2, int(lengths[-1] / spacing) + 1))
-    return np.stack(
-        [np.interp(along, lengths, points[:, 0]), np.interp(along, lengths, points[:, 1])], 1
-    )
 
 
 # --- stroke-level variation -----------------------------------------------------------------
@@ -298,7 +271,7 @@ def vary_strokes(
         at = lifts[int(rng.integers(len(lifts)))]  # this pen lift is joined
         lines[at : at + 2] = [_joined(lines[at], lines[at + 1])]
     if rng.random() < odds.split:
-        lengths = [_length(line) for line in lines]
+        lengths = [utils.path_length(line) for line in lines]
         at = int(np.argmax(lengths))  # the longest stroke: there is room for a gap
         where = lengths[at] * rng.uniform(0.25, 0.75)
         lines[at : at + 1] = _gap(lines[at], where, span * rng.uniform(0.12, 0.25))
@@ -313,18 +286,15 @@ def _joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """One stroke: `first`, the pen's way to `second`'s start (points as far apart as the
     strokes' own, or the canvas's curves would cut the corners off), then `second`."""
     points = np.concatenate([first, second])
-    spacing = max(_length(points) - _distance(first[-1], second[0]), 1.0) / max(len(points), 2)
-    steps = int(_distance(first[-1], second[0]) / spacing)
+    gap = _distance(first[-1], second[0])
+    spacing = max(utils.path_length(points) - gap, 1.0) / max(len(points), 2)
+    steps = int(gap / spacing)
     between = first[-1] + (second[0] - first[-1]) * np.linspace(0, 1, steps + 2)[1:-1, None]
     return np.concatenate([first, between, second])
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.hypot(*(a - b)))
-
-
-def _length(line: np.ndarray) -> float:
-    return float(np.hypot(*np.diff(line, axis=0).T).sum()) if len(line) > 1 else 0.0
 
 
 def _piece(line: np.ndarray, start: float, end: float) -> np.ndarray:
@@ -341,7 +311,7 @@ def _piece(line: np.ndarray, start: float, end: float) -> np.ndarray:
 def _gap(line: np.ndarray, where: float, gap: float) -> list[np.ndarray]:
     """`line` broken at arc length `where` by a gap `gap` long (the parts at least a quarter
     of the gap long each, or the stroke as it is)."""
-    total = _length(line)
+    total = utils.path_length(line)
     if not (where - gap / 2 > gap / 4 and total - where - gap / 2 > gap / 4):
         return [line]
     return [_piece(line, 0, where - gap / 2), _piece(line, where + gap / 2, total)]

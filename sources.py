@@ -29,6 +29,7 @@ import torch
 import db
 import mnist
 import pendigits
+import utils
 from files import atomic_file
 from mnist import DatasetError
 
@@ -76,6 +77,9 @@ class HeldOut(Images):
     key: str = ""
     title: str = ""
     about: dict = field(default_factory=dict)  # what it is (writers, drawings), for model.json
+    # Each image's path as the app hands it to the trajectory model (`utils.trajectory`):
+    # (N, 5, points) float32; None where the strokes are not known.
+    trajectories: torch.Tensor | None = None
 
 
 @dataclass
@@ -88,6 +92,9 @@ class Source:
     share: float | None
     held_out: HeldOut | None = None
     until: int | None = None  # feedback: the newest row read (a resume reads no newer ones)
+    # The strokes behind the training images (pen digits, people's drawings: y up, as a
+    # tablet records them), for the trajectory model; none for scanned MNIST.
+    strokes: list[pendigits.PenDigit] = field(default_factory=list)
 
 
 @dataclass
@@ -107,6 +114,11 @@ class Data:
     @property
     def held_out(self) -> list[HeldOut]:
         return [source.held_out for source in self.sources if source.held_out is not None]
+
+    @property
+    def strokes(self) -> list[pendigits.PenDigit]:
+        """Every source's training strokes: what the trajectory model learns from."""
+        return [digit for source in self.sources for digit in source.strokes]
 
     @property
     def feedback_until(self) -> int | None:
@@ -222,7 +234,13 @@ def load_pen(args) -> Source:
         len(held_out),
         ",".join(map(str, args.held_out_writers)) or "none",
     )
-    return Source("pen", renderings, share=args.pen_share, held_out=pen_held_out(args, held_out))
+    return Source(
+        "pen",
+        renderings,
+        share=args.pen_share,
+        held_out=pen_held_out(args, held_out),
+        strokes=trained,
+    )
 
 
 def pen_held_out(args, digits: Sequence[pendigits.PenDigit] | None = None) -> HeldOut | None:
@@ -239,6 +257,7 @@ def pen_held_out(args, digits: Sequence[pendigits.PenDigit] | None = None) -> He
         key="pen_held_out",
         title=f"pen digits, writers not trained on ({','.join(map(str, args.held_out_writers))})",
         about={"writers": list(args.held_out_writers)},
+        trajectories=trajectories([digit.strokes for digit in digits], y_up=True),
     )
 
 
@@ -395,6 +414,7 @@ def load_feedback(args, until: int | None = None) -> Source:
         share=args.feedback_share,
         held_out=held_out if len(held_out) else None,
         until=max(d.id for d in drawings),
+        strokes=[d.as_pen_digit() for d in trained],
     )
 
 
@@ -408,4 +428,15 @@ def feedback_held_out(drawings: Sequence[Drawing]) -> HeldOut:
         key="feedback_held_out",
         title="people's drawings not trained on",
         about={"drawings": len(kept), "submissions_held_out": f"1 in {HELD_OUT_BUCKETS}"},
+        trajectories=trajectories([d.strokes for d in kept]) if kept else None,
+    )
+
+
+def trajectories(strokes: Sequence[Sequence[np.ndarray]], y_up: bool = False) -> torch.Tensor:
+    """Each drawing's path as the app hands it to the trajectory model (`utils.trajectory`),
+    stacked: (N, 5, points). *strokes*: each drawing's strokes, y down as the canvas gives them
+    (`y_up`: as a tablet records them)."""
+    flip = np.array([1.0, -1.0 if y_up else 1.0])
+    return torch.from_numpy(
+        np.stack([utils.trajectory_features([s * flip for s in lines]) for lines in strokes])
     )

@@ -1,5 +1,5 @@
-"""Train the digit CNN on MNIST, real pen handwriting and the app's own answered drawings,
-checkpointing every epoch so that no crash loses progress.
+"""Train the digit CNN on MNIST, real pen handwriting and the app's own answered drawings, then
+the model of their strokes beside it, checkpointing every epoch so that no crash loses progress.
 
     python train.py --download          # full run with the defaults: minutes on 2 CPU cores
     python train.py --limit 2000 --epochs 2 --out /tmp/m.pth --checkpoint-dir /tmp/ckpt
@@ -8,9 +8,12 @@ checkpointing every epoch so that no crash loses progress.
                                         # fine-tune the live model on people's drawings too
                                         # (--init: the fine-tune defaults, FINE_TUNE)
 
-The data comes from `sources.py`. The held-out part of each source (pen writers, a fifth of the
-people's drawings) is never trained on; the model's accuracy on it, per digit and with its worst
-confusions, goes to the log and to model.json. With `--promote`, the new model replaces the live
+First `--epochs` epochs of the image CNN, then `--trajectory-epochs` epochs of the trajectory
+model (model.TrajectoryNet) on the strokes of the pen digits and people's drawings, each epoch
+written and placed anew (`trajectory_inputs`). The data comes from `sources.py`. The held-out
+part of each source (pen writers, a fifth of the people's drawings) is never trained on; the
+model's accuracy on it, per digit and with its worst confusions, goes to the log and to
+model.json. With `--promote`, the new model replaces the live
 one only if `versions.promote` finds it better (exit code versions.EXIT_REFUSED otherwise).
 
 Kill it at any moment (SIGKILL, OOM, power loss) and run the same command again: it resumes from
@@ -59,20 +62,27 @@ RUN_SETTINGS = (
     "epochs", "batch_size", "lr", "seed", "limit",
     "sources", "pen_share", "pen_views", "held_out_writers",
     "feedback_share", "feedback_views", "init", "epoch_size", "freeze_bn",
-    "distill", "members", "stroke_variation",
+    "distill", "members", "stroke_variation", "trajectory_epochs",
 )  # fmt: skip
+# What a checkpoint from before a setting existed was trained with.
+OLD_SETTINGS = {"members": 1, "trajectory_epochs": 0}
 SOURCES = sources.NAMES
 FEEDBACK_SHARE = 0.3  # measured: README, Training (simulated people)
 # From scratch: --epochs, --lr, --epoch-size. A fine-tune (--init, the feedback loop's run) has
 # its own defaults, measured with `python -m lab.evaluate --simulate-people` (README, Training).
 SCRATCH = {
     "epochs": 12, "lr": 0.05, "epoch_size": None, "pen_share": 0.4, "feedback_views": 8,
-    "distill": 0.0,
+    "distill": 0.0, "trajectory_epochs": 40,
 }  # fmt: skip
+# A fine-tune keeps --init's trajectory model as it is unless --trajectory-epochs says more.
 FINE_TUNE = {
     "epochs": 2, "lr": 0.005, "epoch_size": 20_000, "pen_share": 0.2, "feedback_views": 16,
-    "distill": 0.0,
+    "distill": 0.0, "trajectory_epochs": 0,
 }  # fmt: skip
+# The trajectory model's training (README, Training: chosen by leave-writers-out CV).
+TRAJECTORY_BATCH = 64
+TRAJECTORY_LR = 3e-3
+TRAJECTORY_STREAM = 7  # its random numbers: a stream of their own, beside the renderings'
 DISTILL_T = 2.0  # the temperature of --distill's soft targets
 MEMBERS = 1  # from scratch: the ensemble's size (README, Training: --members)
 
@@ -159,6 +169,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"model averages their probabilities (model.DigitCNN; default {MEMBERS}; with --init: "
         f"as many as its file holds)",
     )
+    parser.add_argument(
+        "--trajectory-epochs",
+        type=int,
+        help="then passes of the trajectory model (the model of the strokes) over the pen "
+        "digits' and people's strokes; 0: none, the image CNN alone (default "
+        f"{SCRATCH['trajectory_epochs']} with pen or feedback among --sources; with --init "
+        f"{FINE_TUNE['trajectory_epochs']}: its trajectory model kept as it is)",
+    )
     parser.add_argument("--init", type=Path, help="start from these weights: fine-tune")
     parser.add_argument(
         "--epoch-size",
@@ -194,9 +212,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--log-every", type=float, default=5.0, help="seconds between lines")
     args = parser.parse_args(argv)
+    asked_trajectory = args.trajectory_epochs
     for name, default in (FINE_TUNE if args.init else SCRATCH).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if not {"pen", "feedback"} & set(args.sources):  # MNIST alone: no strokes to learn from
+        if asked_trajectory:
+            parser.error("--trajectory-epochs needs strokes: pen or feedback among --sources")
+        args.trajectory_epochs = 0
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.keep < 1:
         parser.error("--epochs, --batch-size and --keep must be >= 1 and --lr > 0")
     if args.limit is not None and args.limit < 1:
@@ -207,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--pen-share must be between 0 and 1 (exclusive), --pen-views >= 1")
     if not 0 < args.feedback_share < 1 or args.feedback_views < 1:
         parser.error("--feedback-share must be between 0 and 1 (exclusive), --feedback-views >= 1")
+    if args.trajectory_epochs < 0:
+        parser.error("--trajectory-epochs must be >= 0")
     if args.members is not None and not 1 <= args.members <= model_lib.MAX_MEMBERS:
         parser.error(f"--members must be between 1 and {model_lib.MAX_MEMBERS}")
     if args.distill < 0 or (args.distill and not args.init):
@@ -332,7 +357,7 @@ def load_newest_checkpoint(directory: Path, settings: dict) -> dict | None:
         except Exception as exc:  # any unreadable file is skipped, never fatal
             log.warning("skipping corrupt checkpoint %s: %s", path.name, exc)
             continue
-        saved = {"members": 1, **(state.get("settings") or {})}  # before --members: one
+        saved = {**OLD_SETTINGS, **(state.get("settings") or {})}
         if (sources := saved.get("sources", ["mnist"])) != settings["sources"]:
             raise SetupError(
                 f"{path} was written by a run trained on {'+'.join(sources)}"
@@ -382,7 +407,7 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
     state = None if args.fresh else load_newest_checkpoint(args.checkpoint_dir, settings)
     # A resume trains on the drawings the interrupted run read, not on those stored since.
     data = sources.load_data(args, feedback_until=state.get("feedback_until") if state else None)
-    net, optimizer, scheduler = build(args, data, device, state)
+    net, optimizer, scheduler, stroke_optimizer, stroke_scheduler = build(args, data, device, state)
     history, trained_seconds = (state["history"], state["trained_seconds"]) if state else ([], 0)
     progress = Progress(epoch=state["epoch"], step=state["step"]) if state else Progress(0, 0)
 
@@ -392,6 +417,14 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
             "model": net.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            **(
+                {
+                    "trajectory_optimizer": stroke_optimizer.state_dict(),
+                    "trajectory_scheduler": stroke_scheduler.state_dict(),
+                }
+                if stroke_optimizer
+                else {}
+            ),
             "rng": torch.get_rng_state(),
             "epoch": epoch,
             "step": step,
@@ -447,15 +480,44 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
             progress.step = 0
             path = save_checkpoint(epoch + 1, 0)
             log.info("checkpoint saved: %s", path)
+        stroke_labels = torch.tensor([digit.label for digit in data.strokes], dtype=torch.int64)
+        last = args.epochs + args.trajectory_epochs
+        for epoch in range(max(progress.epoch, args.epochs), last):
+            progress.epoch = epoch
+            train_trajectory_epoch(
+                net.trajectory, data.strokes, stroke_labels, stroke_optimizer, stroke_scheduler,
+                device, args, progress, stop,
+            )  # fmt: skip
+            history.append(figures := trajectory_figures(net, data, device, epoch))
+            rss, peak = memory_mb()
+            log.info(
+                "trajectory epoch %d/%d done%s, lr %.5f, rss %.0f MB (peak %.0f MB), %.0f s so far",
+                epoch + 1 - args.epochs,
+                args.trajectory_epochs,
+                "".join(
+                    f", {h.title}: strokes alone {figures[f'{h.key}_strokes_accuracy']:.2%}, "
+                    f"with the image {figures[f'{h.key}_accuracy']:.2%}"
+                    for h in data.held_out
+                    if h.trajectories is not None
+                ),
+                stroke_scheduler.get_last_lr()[0],
+                rss,
+                peak,
+                trained_seconds + time.perf_counter() - session_start,
+            )
+            progress.step = 0
+            path = save_checkpoint(epoch + 1, 0)
+            log.info("checkpoint saved: %s", path)
     except StopRequested as stopped:
         path = save_checkpoint(progress.epoch, progress.step)
         log.warning(
-            "%s received: checkpoint of epoch %d step %d saved to %s; run the same command "
-            "to resume",
+            "%s received: checkpoint of epoch %d step %d saved to %s (epochs after %d: the "
+            "trajectory model's); run the same command to resume",
             stopped,
             progress.epoch + 1,
             progress.step,
             path,
+            args.epochs,
         )
         raise
 
@@ -469,15 +531,24 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
 
 
 def build(args: argparse.Namespace, data: sources.Data, device, state: dict | None):
-    """The network, its optimizer and learning-rate schedule: as the checkpoint `state` left
-    them, or new (the network from --init's weights if given)."""
-    net = DigitCNN(members=args.members)
-    if args.init and not state:
+    """The network, its optimizer and learning-rate schedule, and the trajectory model's (None
+    without --trajectory-epochs): as the checkpoint `state` left them, or new (the network from
+    --init's weights if given; a trajectory model added if it has none and one is to be
+    trained)."""
+    if args.trajectory_epochs and not data.strokes:
+        raise SetupError("--trajectory-epochs: no strokes to learn from (no pen digits)")
+    if state:
+        net = DigitCNN(args.members, trajectory=model_lib.TRAJECTORY_KEY in state["model"])
+    elif args.init:
         net = load_init(args)
         log.info("starting from the weights in %s (%d members)", args.init, args.members)
+    else:
+        net = DigitCNN(members=args.members)
+    if args.trajectory_epochs and net.trajectory is None:
+        net.add_trajectory()
     net = net.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
-        net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
+        net.members.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -485,10 +556,24 @@ def build(args: argparse.Namespace, data: sources.Data, device, state: dict | No
         epochs=args.epochs,
         steps_per_epoch=-(-sum(data.per_epoch) // args.batch_size),
     )
+    stroke_optimizer = stroke_scheduler = None
+    if args.trajectory_epochs:
+        stroke_optimizer = torch.optim.AdamW(
+            net.trajectory.parameters(), lr=TRAJECTORY_LR, weight_decay=1e-4
+        )
+        stroke_scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            stroke_optimizer,
+            max_lr=TRAJECTORY_LR,
+            epochs=args.trajectory_epochs,
+            steps_per_epoch=-(-len(data.strokes) // TRAJECTORY_BATCH),
+        )
     if state:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if stroke_optimizer:
+            stroke_optimizer.load_state_dict(state["trajectory_optimizer"])
+            stroke_scheduler.load_state_dict(state["trajectory_scheduler"])
         torch.set_rng_state(state["rng"])
         log.info(
             "resuming from epoch %d step %d (%s): continuing with epoch %d/%d",
@@ -500,7 +585,7 @@ def build(args: argparse.Namespace, data: sources.Data, device, state: dict | No
         )
     elif not args.fresh:
         log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
-    return net, optimizer, scheduler
+    return net, optimizer, scheduler, stroke_optimizer, stroke_scheduler
 
 
 def load_init(args: argparse.Namespace) -> DigitCNN:
@@ -551,13 +636,13 @@ def final_figures(net, data: sources.Data) -> dict:
     )
     metrics = {"test_accuracy": test["accuracy"], "test_ece": test["ece"]}
     for held in data.held_out:
-        # Held-out images went through utils.preprocess already: this is the app's path.
-        predicted = model_lib.predict_batch(net, utils.normalize(held.images)[:, None])
-        report = accuracy_report(
-            [p.digit for p in predicted],
-            held.labels.tolist(),
-            [p.confidence for p in predicted],
-        )
+        # Held-out images went through utils.preprocess already, their strokes through
+        # utils.trajectory: this is the app's path.
+        images = utils.normalize(held.images)[:, None]
+        report = held_out_report(net, images, held)
+        if held.trajectories is not None and net.trajectory is not None:
+            alone = held_out_report(net, images, held, strokes=False)
+            report["image_alone"] = {k: alone[k] for k in ("accuracy", "ece", "by_digit")}
         log.info(
             "%s: %.2f%% of %d, expected calibration error %.2f%%; by digit %s; worst confusions %s",
             held.title,
@@ -569,6 +654,16 @@ def final_figures(net, data: sources.Data) -> dict:
         )
         metrics[held.key] = {**held.about, **report}
     return metrics
+
+
+def held_out_report(net, images: torch.Tensor, held: sources.HeldOut, strokes: bool = True):
+    """`accuracy_report` of the app's answers on a held-out part (from its images alone, if
+    not `strokes` or its strokes are unknown)."""
+    trajectories = held.trajectories if strokes else None
+    predicted = model_lib.predict_batch(net, images, trajectories)
+    return accuracy_report(
+        [p.digit for p in predicted], held.labels.tolist(), [p.confidence for p in predicted]
+    )
 
 
 def candidate_path(args: argparse.Namespace) -> Path:
@@ -596,7 +691,12 @@ def promote(args: argparse.Namespace, trained: Trained) -> int:
     held_pen = held_pen or sources.pen_held_out(args) or sources.Images.empty()
 
     def eval_set(images: sources.Images, primary: bool = False):
-        return versions.EvalSet(utils.normalize(images.images)[:, None], images.labels, primary)
+        return versions.EvalSet(
+            utils.normalize(images.images)[:, None],
+            images.labels,
+            primary,
+            getattr(images, "trajectories", None),
+        )
 
     eval_sets = {
         "held-out feedback": eval_set(held_feedback, primary=True),
@@ -696,6 +796,93 @@ def train_one_epoch(
             last_log, samples, loss_sum, correct = now, 0, 0.0, 0
 
 
+def trajectory_inputs(digits: Sequence[pendigits.PenDigit], seed: int, epoch: int) -> torch.Tensor:
+    """The trajectory model's inputs for one epoch, (N, 5, points): each digit's strokes as
+    another person might write them (`pendigits.vary_strokes`: order, direction, pen lifts,
+    open tops, closed loops), placed on the canvas as another person or device might
+    (`pendigits.on_canvas`: slant, rotation, stretch, each stroke a little off, tremor), then
+    read as the app reads a drawing (`utils.trajectory_features`). Digit i of epoch e depends
+    only on (seed, e, i): a resumed epoch is the same."""
+    out = np.empty((len(digits), utils.TRAJECTORY_FEATURES, utils.TRAJECTORY_POINTS), np.float32)
+    for i, digit in enumerate(digits):
+        rng = np.random.default_rng((seed, epoch, i, TRAJECTORY_STREAM))
+        lines, _ = pendigits.on_canvas(
+            pendigits.vary_strokes(digit.strokes, digit.label, rng), rng, vary=True
+        )
+        out[i] = utils.trajectory_features(lines)
+    return torch.from_numpy(out)
+
+
+def train_trajectory_epoch(
+    net: model_lib.TrajectoryNet,
+    digits: Sequence[pendigits.PenDigit],
+    labels: torch.Tensor,
+    optimizer,
+    scheduler,
+    device,
+    args,
+    progress: Progress,
+    stop,
+) -> None:
+    """Train the trajectory model `net` on `digits` from `progress.step` to the end of epoch
+    `progress.epoch` (counted after the CNN's `args.epochs`), counting steps."""
+    epoch = progress.epoch - args.epochs
+    inputs = trajectory_inputs(digits, args.seed, epoch)
+    order = torch.from_numpy(np.random.default_rng((args.seed, epoch)).permutation(len(digits)))
+    steps = -(-len(digits) // TRAJECTORY_BATCH)
+    net.train()
+    last_log = time.perf_counter()
+    samples, loss_sum, correct = 0, 0.0, 0
+    for step in range(progress.step, steps):
+        stop.check()
+        batch = order[step * TRAJECTORY_BATCH : (step + 1) * TRAJECTORY_BATCH]
+        target = labels[batch].to(device)
+        logits = net(inputs[batch].to(device))
+        loss = F.cross_entropy(logits, target, label_smoothing=0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.step = step + 1
+        samples += len(batch)
+        loss_sum += loss.item() * len(batch)
+        correct += int((logits.argmax(1) == target).sum())
+        now = time.perf_counter()
+        if now - last_log >= args.log_every or progress.step == steps:
+            log.info(
+                "trajectory epoch %d/%d step %d/%d loss %.4f acc %.2f%% %.0f samples/s rss %.0f MB",
+                epoch + 1,
+                args.trajectory_epochs,
+                progress.step,
+                steps,
+                loss_sum / samples,
+                100 * correct / samples,
+                samples / (now - last_log),
+                memory_mb()[0],
+            )
+            last_log, samples, loss_sum, correct = now, 0, 0.0, 0
+
+
+def trajectory_figures(net, data: sources.Data, device, epoch: int) -> dict:
+    """After a trajectory epoch, on each held-out part whose strokes are known: the accuracy of
+    the trajectory model alone and of the app's answer (both models)."""
+    figures = {"epoch": epoch + 1}
+    net.eval()
+    for held in data.held_out:
+        if held.trajectories is None:
+            continue
+        strokes = held.trajectories.to(device)
+        images = utils.normalize(held.images)[:, None].to(device)
+        with torch.inference_mode():
+            alone = net.trajectory(strokes).argmax(1).cpu()
+            both = net(images.contiguous(memory_format=torch.channels_last), strokes)
+        figures[f"{held.key}_strokes_accuracy"] = float((alone == held.labels).float().mean())
+        figures[f"{held.key}_accuracy"] = float(
+            (both.argmax(1).cpu() == held.labels).float().mean()
+        )
+    return figures
+
+
 def pixels_accuracy(net, images: sources.Images, device) -> float:
     """Accuracy on 28x28 uint8 images as they are (MNIST's own framing: fast; the app's path is
     checked at the end)."""
@@ -723,21 +910,37 @@ def predictions(
 ) -> list[model_lib.Prediction | None]:
     """What the app would show for each raw image, digit and confidence (None where
     `preprocess` sees no digit): each image through `utils.preprocess`, then `predict_batch`."""
+    return read_drawings(net, ((image, None) for image in images), batch_size)
+
+
+def read_drawings(
+    net: torch.nn.Module, drawings: Iterable[tuple[np.ndarray, object]], batch_size: int = 500
+) -> list[model_lib.Prediction | None]:
+    """`predictions` of (image, strokes) pairs, each read as the app reads a drawing: its image
+    through `utils.preprocess`, its strokes (canvas pixels, y down; None: unknown) through
+    `utils.trajectory`, then `predict_batch` (a batch with any strokes unknown: the images
+    alone)."""
     found: list[model_lib.Prediction | None] = []
-    pending: list[tuple[int, torch.Tensor]] = []
+    pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
 
     def flush() -> None:
-        batch = model_lib.predict_batch(net, torch.cat([image for _, image in pending]))
-        for (position, _), prediction in zip(pending, batch, strict=True):
+        paths = [path for _, _, path in pending]
+        trajectories = torch.cat(paths) if all(p is not None for p in paths) else None
+        images = torch.cat([image for _, image, _ in pending])
+        for (position, _, _), prediction in zip(
+            pending, model_lib.predict_batch(net, images, trajectories), strict=True
+        ):
             found[position] = prediction
         pending.clear()
 
-    for image in images:
+    for image, strokes in drawings:
         found.append(None)
         try:
-            pending.append((len(found) - 1, utils.preprocess(image)))
+            model_input = utils.preprocess(image)
         except utils.EmptyImageError:
             continue
+        path = utils.trajectory(strokes) if strokes is not None else None
+        pending.append((len(found) - 1, model_input, path))
         if len(pending) == batch_size:
             flush()
     if pending:
@@ -809,7 +1012,9 @@ def write_model(
         "test_accuracy": round(metrics["test_accuracy"], 5),
         "test_ece": metrics.get("test_ece"),
         **{held.key: metrics[held.key] for held in data.held_out},
-        "measured_through": "utils.preprocess + model.predict_batch",
+        "measured_through": "utils.preprocess"
+        + (" + utils.trajectory" if net.trajectory is not None else "")
+        + " + model.predict_batch",
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -819,6 +1024,8 @@ def write_model(
         "freeze_bn": args.freeze_bn,
         "distill": args.distill,
         "members": len(net.members),
+        "trajectory_model": net.trajectory is not None,
+        "trajectory_epochs": args.trajectory_epochs,
         "sources": names,
         "pen_share": args.pen_share if {"mnist", "pen"} <= set(names) else None,
         "pen_views": args.pen_views,

@@ -1,4 +1,5 @@
-"""Turn a drawing into the 28x28 input the model was trained on.
+"""Turn a drawing into what the model reads: the 28x28 image it was trained on, and the path of
+its strokes (`trajectory`).
 
 A canvas drawing is nothing like an MNIST digit until it is normalised the way MNIST was built:
 the ink is cropped to its bounding box, scaled so its longest side is 20 px (keeping the aspect
@@ -28,6 +29,11 @@ INK_THRESHOLD = 0.2
 MIN_CONTRAST = 40 / 255
 # Ink whose bounding box is smaller than this fraction of the image is a speck, not a digit.
 MIN_DIGIT_FRACTION = 0.08
+
+
+# The trajectory model's input: this many points along the ink, each with these features.
+TRAJECTORY_POINTS = 64
+TRAJECTORY_FEATURES = 5  # x, y, dx, dy, pen lift
 
 
 class EmptyImageError(ValueError):
@@ -153,3 +159,95 @@ def _is_grey(colour: np.ndarray) -> bool:
 def _border(array: np.ndarray) -> np.ndarray:
     """The pixels on the image's edge, as one (N, ...) array."""
     return np.concatenate([array[0], array[-1], array[1:-1, 0], array[1:-1, -1]])
+
+
+# --- the strokes ------------------------------------------------------------------------------
+
+
+def trajectory(strokes) -> torch.Tensor:
+    """The trajectory model's input for one drawing, shape (1, TRAJECTORY_FEATURES,
+    TRAJECTORY_POINTS), float32: `trajectory_features` as a batch of one."""
+    return torch.from_numpy(trajectory_features(strokes))[None]
+
+
+def trajectory_features(strokes, points: int = TRAJECTORY_POINTS) -> np.ndarray:
+    """A drawing's strokes as the trajectory model reads them: (5, points) float32.
+
+    *strokes*: each stroke the points the canvas sampled between pen down and pen up, (n, 2),
+    x to the right and y down, in any unit (canvas pixels; a tablet's y flipped). Each goes
+    through the canvas's own curves (`canvas_path`); the ink is centred on its bounding box and
+    scaled by its larger side (aspect kept), then `points` points are taken equally spaced
+    along it, shared between the strokes in proportion to their length (at least one each).
+    Each point: x, y, the step from the previous point (at a pen lift, the jump from the last
+    stroke's end) and a flag at each stroke's start but the first. How densely the strokes were
+    sampled (a mouse, a finger, a tablet every 100 ms) barely changes it: only the path counts.
+
+    Raises EmptyImageError without a point, ImageFormatError for points that are not finite
+    (x, y) pairs.
+    """
+    try:
+        lines = [np.asarray(stroke, dtype=np.float64).reshape(-1, 2) for stroke in strokes]
+    except (TypeError, ValueError) as exc:
+        raise ImageFormatError(f"Strokes must be lists of (x, y) points ({exc}).") from exc
+    lines = [canvas_path(line) for line in lines if len(line)]
+    if not lines:
+        raise EmptyImageError("Nothing is drawn yet: draw a digit on the canvas.")
+    everything = np.concatenate(lines)
+    if not np.isfinite(everything).all():
+        raise ImageFormatError("Strokes hold points that are not finite numbers.")
+    if len(lines) > points:  # more strokes than points: the longest ones
+        lengths = [path_length(line) for line in lines]
+        keep = sorted(np.argsort(lengths)[::-1][:points])
+        lines = [lines[i] for i in keep]
+    low, high = everything.min(axis=0), everything.max(axis=0)
+    scale = max(float((high - low).max()), 1e-6)
+    lines = [(line - (low + high) / 2) / scale for line in lines]
+    lengths = np.array([path_length(line) for line in lines])
+    total = lengths.sum()
+    weights = lengths / total if total > 0 else np.full(len(lines), 1 / len(lines))  # dots
+    share = weights * (points - len(lines))
+    counts = 1 + np.floor(share).astype(int)
+    for i in np.argsort(-(share - np.floor(share)))[: points - counts.sum()]:
+        counts[i] += 1
+    xy = np.concatenate([resample(line, count=n) for n, line in zip(counts, lines, strict=True)])
+    lift = np.concatenate([np.eye(1, n).ravel() for n in counts])
+    lift[0] = 0.0  # the first stroke's start is no pen lift
+    step = np.diff(xy, axis=0, prepend=xy[:1])
+    return np.concatenate([xy * 2, step * points / 4, lift[:, None]], axis=1).T.astype(np.float32)
+
+
+def canvas_path(points: np.ndarray, steps: int = 4) -> np.ndarray:
+    """The path the canvas's pencil brush (fabric.js) draws through sampled points: a straight
+    start to the first midpoint, then quadratic curves from midpoint to midpoint with each
+    sampled point as control point, then straight to the last point. Pen points sampled every
+    100 ms would otherwise be joined by straight lines, with corners no canvas shows."""
+    if len(points) < 3:
+        return points
+    mids = (points[:-1] + points[1:]) / 2
+    t = np.linspace(0, 1, steps + 1)[1:, None, None]
+    start, control, end = mids[:-1], points[1:-1], mids[1:]
+    curves = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end  # (steps, n - 2, 2)
+    return np.concatenate(
+        [points[:1], mids[:1], curves.transpose(1, 0, 2).reshape(-1, 2), points[-1:]]
+    )
+
+
+def resample(
+    points: np.ndarray, spacing: float | None = None, count: int | None = None
+) -> np.ndarray:
+    """Points along the polyline `points`, evenly spaced, ends kept: `spacing` apart (a line of
+    no length: its first point), or `count` of them (a line of no length: its first point
+    `count` times)."""
+    lengths = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(points, axis=0).T))])
+    if lengths[-1] == 0:
+        return np.repeat(points[:1], count or 1, axis=0)
+    if count is None:
+        count = max(2, int(lengths[-1] / spacing) + 1)
+    along = np.linspace(0, lengths[-1], count)
+    return np.stack(
+        [np.interp(along, lengths, points[:, 0]), np.interp(along, lengths, points[:, 1])], 1
+    )
+
+
+def path_length(line: np.ndarray) -> float:
+    return float(np.hypot(*np.diff(line, axis=0).T).sum()) if len(line) > 1 else 0.0

@@ -302,6 +302,9 @@ class EvalSet:
     images: torch.Tensor  # (N, 1, 28, 28) float, normalised as utils.normalize does
     labels: torch.Tensor  # (N,) int64
     paired_primary: bool = False  # the held-out feedback: the candidate must be better on it
+    # Their paths (N, 5, points) as utils.trajectory gives them, read by a model that has a
+    # trajectory model as the app reads them; None: the images alone.
+    trajectories: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -363,12 +366,22 @@ def sign_test(successes: int, trials: int) -> float:
     return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
 
 
-def log_probabilities(net: torch.nn.Module, images: torch.Tensor, batch: int = 1000):
+def log_probabilities(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    batch: int = 1000,
+    trajectories: torch.Tensor | None = None,
+):
+    """What `net` makes of each image (with its path, where given and `net` reads paths)."""
     net.eval()
     out = []
+    reads_paths = trajectories is not None and getattr(net, "trajectory", None) is not None
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            out.append(torch.log_softmax(net(images[start : start + batch].float()), dim=1))
+            inputs = [images[start : start + batch].float()]
+            if reads_paths:
+                inputs.append(trajectories[start : start + batch])
+            out.append(torch.log_softmax(net(*inputs), dim=1))
     return torch.cat(out) if out else torch.empty((0, 10))
 
 
@@ -378,8 +391,10 @@ def compare(
     results = []
     for name, eval_set in eval_sets.items():
         labels = eval_set.labels.long()
-        live_out = log_probabilities(live, eval_set.images)
-        candidate_out = log_probabilities(candidate, eval_set.images)
+        live_out = log_probabilities(live, eval_set.images, trajectories=eval_set.trajectories)
+        candidate_out = log_probabilities(
+            candidate, eval_set.images, trajectories=eval_set.trajectories
+        )
         live_right = live_out.argmax(1) == labels
         candidate_right = candidate_out.argmax(1) == labels
         by_digit = {

@@ -1,4 +1,5 @@
-"""Measure a model the way the app uses it: raw images through `utils.preprocess`, then `predict`.
+"""Measure a model the way the app uses it: raw images through `utils.preprocess`, strokes (where a
+set has them) through `utils.trajectory`, then `predict`.
 
 Besides MNIST's test set this builds a "drawn" set: MNIST test digits redrawn the way people draw
 on the app's 280x280 canvas, with a solid brush of some width, small or large, anywhere on the
@@ -11,12 +12,14 @@ scanned from paper, so their strokes vary in width; what people draw in the app 
 
 The fourth set, "styles", owes nothing to MNIST: hand-made pen templates of the ways people write
 each digit, some of them rare in MNIST (a 1 with a flag and a base, a crossed 7, a closed 4, a
-slashed 0), drawn with the app's 18 px brush, bent, slanted and sized at random.
+slashed 0), drawn with the app's 18 px brush, bent, slanted and sized at random. Their strokes
+go to the model too, as a mouse would sample them: the app's answer, both models'. The first
+three sets are images, read by the image CNN alone (their strokes are not a person's).
 
 The fifth, "pen digits, writers not trained on", is real handwriting: the digits of the pen
 writers the model was trained without (`pen_held_out.writers` in its model.json), drawn from
-their recorded strokes with the app's brush exactly as train.py measured them, per digit and
-with the worst confusions.
+their recorded strokes with the app's brush exactly as train.py measured them, with the strokes,
+per digit and with the worst confusions; and the image alone, what the CNN makes of them.
 
 Each set's expected calibration error (15 equal-width confidence bins) is printed beside its
 accuracy: how far the confidence the app shows is from how often it is right.
@@ -64,10 +67,12 @@ from PIL import Image, ImageDraw
 import mnist
 import model as model_lib
 import pendigits
+import sources
 import train
 import utils
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 
+MOUSE_STEP_PX = 3.0  # how far apart a mouse's samples of a stroke are, at most
 # Pen digits use brush widths around the app's (px on the 280 px canvas).
 PEN_BRUSH_WIDTHS = (10, 26)
 PEN_DIGIT_SIZES = (80, 250)
@@ -88,6 +93,9 @@ class DrawnDigit:
     image: np.ndarray
     label: int
     style: str
+    # Its strokes as the canvas would sample them (canvas pixels, y down), where a hand's path
+    # is known (writing styles); None: an image (MNIST re-drawn), read by the image CNN alone.
+    strokes: list[np.ndarray] | None = None
 
 
 def drawn_digits(
@@ -304,17 +312,19 @@ def styled_digits(count: int = 2000, seed: int = 0) -> Iterator[DrawnDigit]:
     for i in range(count):
         name = names[i % len(names)]
         label, strokes = WRITING_STYLES[name]
-        ink = _pen_trajectory(strokes, rng)
+        ink, lines = _pen_trajectory(strokes, rng)
         image = _app_canvas_image(_anywhere_on_canvas(ink, rng))
-        yield DrawnDigit(image=image, label=label, style=name)
+        # The hand's path as a mouse samples it: a point every few pixels along each stroke.
+        sampled = [utils.resample(line, spacing=MOUSE_STEP_PX) for line in lines]
+        yield DrawnDigit(image=image, label=label, style=name, strokes=sampled)
 
 
 def _pen_trajectory(
     strokes: list[Stroke], rng: np.random.Generator, brush: int = BRUSH_WIDTH
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """One hand's version of a template: bent by a smooth random warp, each stroke put down a
     little off, the whole slanted, then drawn 110-240 px tall with a round brush, anti-aliased
-    by drawing at twice the size."""
+    by drawing at twice the size. The ink, and the strokes drawn (px, y down)."""
     height = rng.uniform(110, 240)
     width = height * rng.uniform(0.55, 0.8)
     slant = rng.uniform(-0.15, 0.35)
@@ -339,7 +349,7 @@ def _pen_trajectory(
         for x, y in (points[0], points[-1]):
             pen.ellipse([x - brush, y - brush, x + brush, y + brush], fill=255)
     ink = np.asarray(image.resize(tuple(size), Image.Resampling.BOX)) / np.float32(255)
-    return ink[:CANVAS_SIZE, :CANVAS_SIZE]
+    return ink[:CANVAS_SIZE, :CANVAS_SIZE], lines
 
 
 def accuracy(predicted: Sequence[int | None], labels: Sequence[int]) -> float:
@@ -434,13 +444,13 @@ def _predict_drawings(
     labels: list[int] = []
     styles: list[str] = []
 
-    def images() -> Iterator[np.ndarray]:
+    def read() -> Iterator[tuple[np.ndarray, list[np.ndarray] | None]]:
         for drawn in drawings:
             labels.append(drawn.label)
             styles.append(drawn.style)
-            yield drawn.image
+            yield drawn.image, drawn.strokes
 
-    found = train.predictions(net, images())
+    found = train.read_drawings(net, read())
     return labels, styles, found
 
 
@@ -448,14 +458,29 @@ def pen_writers_report(
     net: torch.nn.Module, pen_file: str, writers: Sequence[int], seed: int
 ) -> dict:
     """The model on the pen digits of `writers`, drawn as train.py drew them for its own
-    measurement (one rendering each, the app's brush, `seed`), through `utils.preprocess`."""
+    measurement (one rendering each, the app's brush, `seed`), read as the app reads a drawing:
+    the image through `utils.preprocess`, the strokes through `utils.trajectory`. With a
+    trajectory model, also the image alone (`image_alone`)."""
     _, held_out = pendigits.split_writers(pendigits.load(pen_file), writers)
     pixels, labels = pendigits.render_for_training(held_out, 1, seed=seed, vary=False)
-    predicted = model_lib.predict_batch(net, utils.normalize(pixels)[:, None])
-    report = train.accuracy_report(
-        [p.digit for p in predicted], labels.tolist(), [p.confidence for p in predicted]
-    )
-    return {"writers": list(writers), **report}
+    images = utils.normalize(pixels)[:, None]
+    paths = sources.trajectories([digit.strokes for digit in held_out], y_up=True)
+
+    def report(trajectories: torch.Tensor | None) -> dict:
+        found = model_lib.predict_batch(net, images, trajectories)
+        return train.accuracy_report(
+            [p.digit for p in found], labels.tolist(), [p.confidence for p in found]
+        )
+
+    both = report(paths)
+    if getattr(net, "trajectory", None) is None:
+        return {"writers": list(writers), **both}
+    alone = report(None)
+    return {
+        "writers": list(writers),
+        **both,
+        "image_alone": {key: alone[key] for key in ("accuracy", "ece", "by_digit")},
+    }
 
 
 def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None:
@@ -622,6 +647,12 @@ def main() -> None:
         print("  by digit: " + ", ".join(f"{d} {a:.1%}" for d, a in pen["by_digit"].items()))
         confusions = ", ".join(f"{c} x{n}" for c, n in pen["confusions"].items())
         print(f"  worst confusions: {confusions}")
+        if alone := pen.get("image_alone"):
+            print(
+                f"  the image alone (the CNN, strokes unknown): {alone['accuracy']:.2%}, "
+                f"expected calibration error {alone['ece']:.2%}; by digit "
+                + ", ".join(f"{d} {a:.1%}" for d, a in alone["by_digit"].items())
+            )
     else:
         print("pen digits: the model was trained on every writer; none to measure it on")
     if args.write:

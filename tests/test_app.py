@@ -74,10 +74,11 @@ def png_header(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def save_untrained_model(path: Path, seed: int = 0) -> Path:
-    """A valid, untrained model file (what train.py writes: a DigitCNN state_dict)."""
+def save_untrained_model(path: Path, seed: int = 0, trajectory: bool = True) -> Path:
+    """A valid, untrained model file (what train.py writes: a DigitCNN state_dict, with a
+    trajectory model unless told otherwise: what the app reads strokes with)."""
     torch.manual_seed(seed)
-    torch.save(model.DigitCNN().state_dict(), path)
+    torch.save(model.DigitCNN(trajectory=trajectory).state_dict(), path)
     return path
 
 
@@ -118,14 +119,18 @@ def history_app() -> AppTest:
 def draw(at: AppTest, png: bytes, drawn: bool = True) -> AppTest:
     """What the canvas sends when someone draws (drawn=False: after its clear button): the PNG
     and, for a drawing_png, its strokes as paths."""
-    strokes = STROKES_OF_PNG.get(png) or [[(0, 0)]]
-    objects = [fabric_path(stroke) for stroke in strokes] if drawn else []
+    objects = [fabric_path(stroke) for stroke in strokes_of(png)] if drawn else []
     data_url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     value = {"drawing": {"raw": {"objects": objects}, "data": data_url}, "backgroundFit": None}
     at.session_state[f"canvas-{at.session_state[app.CANVAS_GENERATION]}"] = value
     at.run()
     assert not at.exception
     return at
+
+
+def strokes_of(png: bytes) -> list[list[tuple[int, int]]]:
+    """The strokes draw() sends with a PNG: drawing_png's, else a dot."""
+    return STROKES_OF_PNG.get(png) or [[(0, 0)]]
 
 
 def widget_key(at: AppTest, name: str) -> str:
@@ -172,9 +177,12 @@ def chart_data(chart):
     return convert_arrow_bytes_to_pandas_df(dataset.data.data)
 
 
-def expected_prediction(model_path: Path, png: bytes) -> model.Prediction:
+def expected_prediction(model_path: Path, png: bytes, strokes: bool = True) -> model.Prediction:
+    """What the model makes of a drawing draw() sends: its image and its strokes (`strokes`
+    False: the image alone)."""
     image = np.asarray(Image.open(io.BytesIO(png)))
-    return model.predict(model.load_model(model_path), utils.preprocess(image))
+    path = utils.trajectory(strokes_of(png)) if strokes else None
+    return model.predict(model.load_model(model_path), utils.preprocess(image), path)
 
 
 def stored_rows(server: PostgresProcess) -> list[tuple]:
@@ -252,6 +260,30 @@ def test_a_drawing_shows_prediction_confidence_probabilities_and_model_view(draw
     assert image.proto.imgs[0].url.endswith(".png")  # lossless, so the pixels stay crisp
     assert not button(draw_app, app.CORRECT_BUTTON).disabled
     assert not label_input(draw_app).disabled
+
+
+def test_the_strokes_are_read_with_the_image_and_unreadable_strokes_leave_the_image_alone(
+    draw_app, model_file, caplog
+):
+    """The canvas's paths reach the model of the strokes in the same call as the image (the
+    answer is both models'); where they cannot be read, the image alone is read, as before."""
+    png = digit_png(4)
+    both, alone = (expected_prediction(model_file, png, strokes) for strokes in (True, False))
+    assert both.probabilities != pytest.approx(alone.probabilities, abs=1e-4)
+    draw(draw_app, png)
+    assert draw_app.session_state[app.ANALYSIS].prediction == both
+
+    png = digit_png(7)
+    with caplog.at_level(logging.WARNING, logger="app"):
+        value = {"drawing": {"raw": {"objects": [{"type": "Path", "path": [["Z", "?"]]}]}}}
+        value["drawing"]["data"] = "data:image/png;base64," + base64.b64encode(png).decode()
+        draw_app.session_state[f"canvas-{draw_app.session_state[app.CANVAS_GENERATION]}"] = value
+        draw_app.run()
+    analysis = draw_app.session_state[app.ANALYSIS]
+    alone = expected_prediction(model_file, png, strokes=False)
+    assert analysis.prediction.probabilities == pytest.approx(alone.probabilities, abs=1e-6)
+    assert shown_predictions(draw_app) == [f"Prediction: {alone.digit}"]
+    assert "strokes unreadable, predicting from the image alone" in caplog.text
 
 
 def test_model_view_is_the_28x28_input_upscaled_with_nearest_neighbour():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import model
+import utils
 from model import DigitCNN, ModelLoadError, load_model, predict, predict_batch
 
 
@@ -198,3 +199,108 @@ def test_a_damaged_ensemble_file_is_a_clear_error_naming_the_file(
     with pytest.raises(ModelLoadError, match=message) as raised:
         load_model(path)
     assert str(path) in str(raised.value)
+
+
+# --- the trajectory model: a second model, over the strokes, in the same file ------------------
+
+
+@pytest.fixture(scope="module")
+def paired_file(tmp_path_factory):
+    torch.manual_seed(4)
+    path = tmp_path_factory.mktemp("paired") / "model.pth"
+    torch.save(DigitCNN(members=2, trajectory=True).state_dict(), path)
+    return path
+
+
+def _path(seed: int, count: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(count, utils.TRAJECTORY_FEATURES, utils.TRAJECTORY_POINTS)
+
+
+def test_a_file_with_a_trajectory_model_loads_it_with_weights_only(paired_file, monkeypatch):
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    net = load_model(paired_file)
+    assert loads == [{"map_location": "cpu", "weights_only": True}]
+    assert isinstance(net.trajectory, model.TrajectoryNet) and not net.trajectory.training
+    saved = real_load(paired_file, weights_only=True)
+    assert net.state_dict().keys() == saved.keys()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in net.state_dict().items())
+
+
+def test_with_strokes_the_answer_is_the_normalised_product_of_both_models(paired_file):
+    net = load_model(paired_file)
+    torch.manual_seed(5)
+    image, path = torch.randn(1, 1, 28, 28) * 2, _path(6) * 3
+    with torch.no_grad():
+        cnn = torch.softmax(net(image), 1)[0]  # the image alone: the ensemble's answer
+        strokes = torch.softmax(net.trajectory(path), 1)[0]
+    product = cnn * strokes / (cnn * strokes).sum()
+    both = predict(net, image, path)
+    assert both.probabilities == pytest.approx(product.tolist(), abs=1e-6)
+    assert both.digit == int(product.argmax()) and both.confidence == max(both.probabilities)
+    alone = predict(net, image)  # a drawing whose strokes are unknown: the CNN's answer
+    assert alone.probabilities == pytest.approx(cnn.tolist(), abs=1e-6)
+    batch = predict_batch(net, image.repeat(3, 1, 1, 1), torch.cat([path, _path(7, 2)]))
+    assert batch[0].probabilities == pytest.approx(both.probabilities, abs=1e-6)
+
+
+def test_a_model_without_a_trajectory_model_ignores_the_strokes(net):
+    image = torch.randn(1, 1, 28, 28)
+    assert predict(net, image, _path(8)).probabilities == predict(net, image).probabilities
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (2, 5, 64), (1, 4, 64)])
+def test_predict_rejects_strokes_of_the_wrong_shape(paired_file, shape):
+    with pytest.raises(ValueError, match="Expected trajectories"):
+        predict(load_model(paired_file), torch.zeros(1, 1, 28, 28), torch.zeros(shape))
+
+
+def _without_trajectory(state):
+    return {k: v for k, v in state.items() if not k.startswith("trajectory.")}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_without_trajectory, r"incomplete: it says it holds a trajectory model .* missing"),
+        (
+            lambda s: {k: v for k, v in s.items() if k != "trajectory.head.1.bias"},
+            r"incomplete: its trajectory model lacks head\.1\.bias",
+        ),
+        (
+            lambda s: {k: v for k, v in s.items() if k != "trajectory_points"},
+            r"does not match.*trajectory model's weights but no trajectory_points",
+        ),
+        (lambda s: {**s, "trajectory_points": torch.tensor(32)}, r"reads 32 points"),
+        (
+            lambda s: {**s, "trajectory.head.1.weight": torch.full((10, 256), float("inf"))},
+            r"corrupt: trajectory\.head\.1\.weight holds NaN or infinite",
+        ),
+        (
+            lambda s: {**s, "trajectory.head.1.weight": torch.zeros(10, 128)},
+            r"(?s)does not match.*size mismatch.*trajectory\.head\.1\.weight",
+        ),
+        (lambda s: {**s, "trajectory.extra": torch.zeros(1)}, r"unexpected keys trajectory\.extra"),
+    ],
+    ids=["missing", "part-missing", "no-points", "other-points", "inf", "wrong-shape", "extra"],
+)
+def test_a_damaged_trajectory_model_is_a_clear_error_naming_the_file(
+    tmp_path, paired_file, damage, message
+):
+    path = tmp_path / "paired.pth"
+    torch.save(damage(torch.load(paired_file, weights_only=True)), path)
+    with pytest.raises(ModelLoadError, match=message) as raised:
+        load_model(path)
+    assert str(path) in str(raised.value)
+
+
+def test_adding_a_trajectory_model_leaves_the_random_numbers_that_follow_alone():
+    """The CNN of `train.py --members 2` trains exactly as before the trajectory model."""
+    torch.manual_seed(9)
+    DigitCNN(members=2)
+    without = torch.rand(3)
+    torch.manual_seed(9)
+    DigitCNN(members=2, trajectory=True)
+    assert torch.equal(torch.rand(3), without)

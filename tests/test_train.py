@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 LIMIT = 600  # MNIST images, plus 400 pen renderings: 1,000 images, 8 steps of 128 per epoch
 STEPS = 8
-DONE = re.compile(r"epoch (\d+)/\d+ done")
+TRAJECTORY_EPOCHS = "2"  # then the trajectory model: 80 pen digits, 2 steps of 64 per epoch
+DONE = re.compile(r"INFO epoch (\d+)/\d+ done")  # the image CNN's epochs
+ANY_DONE = re.compile(r"INFO (trajectory )?epoch (\d+)/\d+ done")
 SAVED = re.compile(r"checkpoint saved: .*checkpoint-e(\d{4})-s000000\.pt")
 RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+)")
 FEEDBACK = re.compile(r"feedback: (\d+) answered drawings")
@@ -44,7 +46,7 @@ def train_command(directory: Path, *extra: str) -> list[str]:
         "--out", str(directory / "out" / "model.pth"),
         "--checkpoint-dir", str(directory / "ckpt"),
         "--limit", str(LIMIT), "--epochs", "3", "--log-every", "0.2",
-        *extra,
+        "--trajectory-epochs", TRAJECTORY_EPOCHS, *extra,
     ]  # fmt: skip
 
 
@@ -83,6 +85,12 @@ def answered(server, count: int, seed: int = 0) -> list[people.Answer]:
     return people.answer_all(server.url, digits, DigitCNN().eval(), "model.pth@0123456789ab")
 
 
+def epochs_done(text: str, cnn_epochs: int = 3) -> list[int]:
+    """The epochs a log says are done, counted as checkpoints count them: the trajectory
+    model's after the image CNN's."""
+    return [int(n) + (cnn_epochs if kind else 0) for kind, n in ANY_DONE.findall(text)]
+
+
 def checkpoints(directory: Path) -> list[str]:
     return [path.name for path in train.list_checkpoints(directory)]
 
@@ -106,17 +114,22 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
 def test_a_run_learns_and_writes_the_model_its_report_and_the_newest_checkpoints(trained):
     directory, log = trained
     assert "starting from scratch" in log and "samples/s rss" in log
-    assert [int(epoch) for epoch in DONE.findall(log)] == [1, 2, 3]
+    assert epochs_done(log) == [1, 2, 3, 4, 5]  # 3 of the image CNN, then 2 of the trajectory
     net = load_model(directory / "out" / "model.pth")
+    assert net.trajectory is not None
     report = json.loads((directory / "out" / "model.json").read_text())
     assert report["test_accuracy"] > 0.5  # 600 digits, 3 short epochs: 0.72; untrained: 0.1
     # Writers 3 and 8 of the subset are held out: 80 digits never trained on, 80 trained on.
     pen = report["pen_held_out"]
     assert pen["writers"] == list(train.pendigits.HELD_OUT_WRITERS) and pen["count"] == 80
     assert 0.3 < pen["accuracy"] <= 1 and set(pen["by_digit"]) == {str(d) for d in range(10)}
+    # Measured as the app reads a drawing (its image and its strokes), and the image alone.
+    assert 0.3 < pen["image_alone"]["accuracy"] <= 1 and "ece" in pen["image_alone"]
+    assert report["trajectory_model"] and report["trajectory_epochs"] == 2
+    assert "utils.trajectory" in report["measured_through"]
     assert report["training_images"] == {"mnist": LIMIT, "pen": 80 * 4}
     assert report["parameters"] == sum(p.numel() for p in net.parameters())
-    assert checkpoints(directory / "ckpt") == [train.checkpoint_name(e, 0) for e in (3, 2)]
+    assert checkpoints(directory / "ckpt") == [train.checkpoint_name(e, 0) for e in (5, 4)]
     assert not list(directory.rglob("*.tmp"))
 
 
@@ -135,9 +148,18 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
         return rf"epoch {epoch}/3 step {rng.randint(1, STEPS)}/", rng.uniform(0, 0.3)
 
     # In epoch 1; right after epoch 2's "done" line, while its checkpoint is being written;
-    # in epoch 3 or in the final evaluation. Then a run that is left to finish.
+    # in epoch 3, in the trajectory model's epochs or in the final evaluation. Then a run that
+    # is left to finish.
     moments = [mid_epoch(1), ("epoch 2/3 done", rng.uniform(0, 0.015))]
-    moments += [mid_epoch(3) if rng.random() < 0.5 else ("training done in", rng.uniform(0, 0.3))]
+    moments += [
+        rng.choice(
+            [
+                mid_epoch(3),
+                (r"trajectory epoch \d/2 step", rng.uniform(0, 0.1)),
+                ("training done in", rng.uniform(0, 0.3)),
+            ]
+        )
+    ]
     command = train_command(tmp_path, "--log-every", "0", "--sources", "mnist,pen,feedback")
     ckpt = tmp_path / "ckpt"
     done, saved = [], set()  # epochs logged done (by every run) and logged saved
@@ -162,21 +184,21 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
         answered(fresh_pg_server, 5, seed=100 + 5 * index)  # answered while the run is down
         first = int(resumed.group(1)) + 1 if resumed else 1
         assert first - 1 == on_disk, "it resumes from the newest checkpoint"
-        ran = [int(epoch) for epoch in DONE.findall(text)]
+        ran = epochs_done(text)
         assert ran == list(range(first, first + len(ran)))
         # No epoch logged as saved is trained again; an epoch logged done can be, once, if the
         # kill fell before its checkpoint was renamed into place.
         assert max(saved, default=0) < first and max(done, default=0) <= first
         done += ran
         saved |= {int(epoch) for epoch in SAVED.findall(text)}
-    assert set(done) == {1, 2, 3} and max(Counter(done).values()) <= 2, done
+    assert set(done) == {1, 2, 3, 4, 5} and max(Counter(done).values()) <= 2, done
     load_model(tmp_path / "out" / "model.pth")
     report = json.loads((tmp_path / "out" / "model.json").read_text())
     assert report["epochs"] == 3 and report["sources"] == ["mnist", "pen", "feedback"]
     held = report["feedback_held_out"]  # 1 in 5 submissions, never trained on
     assert 0 < held["count"] == held["drawings"] < 15 and 0 <= held["accuracy"] <= 1
     assert report["training_images"]["feedback"] == 8 * (read - held["count"])
-    assert newest_loadable(ckpt) == 3 and len(checkpoints(ckpt)) == 3
+    assert newest_loadable(ckpt) == 5 and len(checkpoints(ckpt)) == 3
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -201,20 +223,65 @@ def test_sigterm_saves_a_loadable_checkpoint_mid_epoch_and_resumes_there(tmp_pat
     load_model(tmp_path / "out" / "model.pth")
 
 
+def test_a_trajectory_epoch_stopped_mid_way_resumes_to_the_same_weights():
+    """SIGTERM in the trajectory model's epochs: the checkpoint holds the step reached, and
+    the resumed epoch (its inputs drawn again from the seed) trains exactly as one never
+    stopped."""
+    digits = train.pendigits.load(PEN_SUBSET)[:150]
+    labels = torch.tensor([digit.label for digit in digits])
+    args = SimpleNamespace(epochs=3, trajectory_epochs=2, seed=1, log_every=60)
+
+    def fresh():
+        torch.manual_seed(0)
+        net = DigitCNN(trajectory=True)
+        optimizer = torch.optim.AdamW(net.trajectory.parameters(), lr=train.TRAJECTORY_LR)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.003, total_steps=10)
+        return net, optimizer, schedule
+
+    def epoch(net, optimizer, schedule, progress, stop):
+        train.train_trajectory_epoch(
+            net.trajectory, digits, labels, optimizer, schedule, "cpu", args, progress, stop
+        )
+
+    whole = fresh()
+    epoch(*whole, train.Progress(3, 0), SimpleNamespace(check=lambda: None))
+
+    stopped, progress, steps = fresh(), train.Progress(3, 0), []
+
+    def stop_after_one():
+        steps.append(progress.step)
+        if progress.step == 1:
+            raise train.StopRequested("SIGTERM")
+
+    with pytest.raises(train.StopRequested):
+        epoch(*stopped, progress, SimpleNamespace(check=stop_after_one))
+    assert progress.step == 1  # what the checkpoint records
+    state = {name: part.state_dict() for name, part in zip("nos", stopped, strict=True)}
+    rng = torch.get_rng_state()
+    resumed = fresh()
+    for name, part in zip("nos", resumed, strict=True):
+        part.load_state_dict(state[name])
+    torch.set_rng_state(rng)
+    epoch(*resumed, progress, SimpleNamespace(check=lambda: None))
+    assert progress.step == 3  # 150 digits, 64 a step
+    for name, tensor in whole[0].state_dict().items():
+        assert torch.equal(tensor, resumed[0].state_dict()[name]), name
+
+
 def test_corrupt_checkpoints_are_skipped_with_a_warning(trained, tmp_path, caplog):
     ckpt = shutil.copytree(trained[0] / "ckpt", tmp_path / "ckpt")
-    settings = torch.load(ckpt / train.checkpoint_name(3, 0), weights_only=True)["settings"]
-    newest = ckpt / train.checkpoint_name(3, 0)
+    settings = torch.load(ckpt / train.checkpoint_name(5, 0), weights_only=True)["settings"]
+    newest = ckpt / train.checkpoint_name(5, 0)
     newest.write_bytes(newest.read_bytes()[:1000])
-    assert train.load_newest_checkpoint(ckpt, settings)["epoch"] == 2
+    assert train.load_newest_checkpoint(ckpt, settings)["epoch"] == 4
     assert f"skipping corrupt checkpoint {newest.name}" in caplog.text
-    (ckpt / train.checkpoint_name(2, 0)).write_bytes(b"garbage")
+    (ckpt / train.checkpoint_name(4, 0)).write_bytes(b"garbage")
     assert train.load_newest_checkpoint(ckpt, settings) is None  # a fresh start
 
 
 def test_a_resume_with_other_sources_is_refused(trained):
     ckpt = trained[0] / "ckpt"
-    settings = torch.load(ckpt / train.checkpoint_name(3, 0), weights_only=True)["settings"]
+    settings = torch.load(ckpt / train.checkpoint_name(5, 0), weights_only=True)["settings"]
     with pytest.raises(train.SetupError, match=r"trained on mnist\+pen; this run asks for mnist"):
         train.load_newest_checkpoint(ckpt, {**settings, "sources": ["mnist"]})
 
@@ -245,10 +312,16 @@ def test_members_train_together_and_a_fine_tune_of_them_keeps_them_all(tmp_path)
     assert not torch.equal(first, second)
 
     fine = ["--init", str(out), "--epochs", "1", "--epoch-size", "256"]
-    tuned = run(train_command(tmp_path / "fine", *fine))
+    command = train_command(tmp_path / "fine", *fine)
+    at = command.index("--trajectory-epochs")
+    tuned = run(command[:at] + command[at + 2 :])  # a fine-tune's defaults
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
     assert f"starting from the weights in {out} (2 members)" in tuned.stdout
-    assert len(load_model(tmp_path / "fine" / "out" / "model.pth").members) == 2
+    tuned_net = load_model(tmp_path / "fine" / "out" / "model.pth")
+    assert len(tuned_net.members) == 2
+    # Its trajectory model is --init's, kept as it is (a fine-tune's default: 0 epochs of it).
+    kept, before = tuned_net.trajectory.state_dict(), net.trajectory.state_dict()
+    assert all(torch.equal(kept[name], before[name]) for name in before)
     refused = run(train_command(tmp_path / "other", *fine, "--members", "3"))
     assert refused.returncode == train.EXIT_BAD_INPUT, refused.stdout + refused.stderr
     assert "holds 2 members, not --members 3" in refused.stdout
@@ -277,6 +350,8 @@ def test_an_unexpected_crash_is_logged_with_traceback_and_exit_code_1(tmp_path):
         ["--pen-share", "1"],
         ["--sources", "mnist,paper"],
         ["--members", "0"],
+        ["--trajectory-epochs", "-1"],
+        ["--trajectory-epochs", "3", "--sources", "mnist"],
     ],
 )
 def test_bad_flags_are_rejected_with_exit_code_2(flags, capsys):

@@ -204,3 +204,69 @@ def test_any_image_gives_the_digit_an_input_or_a_clear_error(make, outcome):
         except utils.EmptyImageError:
             return
         assert batch.shape == (1, 1, 28, 28) and torch.isfinite(batch).all()
+
+
+# --- utils.trajectory: the strokes as the trajectory model reads them ----------------------------
+
+# A 4 in two strokes (canvas pixels, y down): down and across, then the stem.
+FOUR = [[[60, 40], [45, 140], [150, 140]], [[120, 60], [118, 200]]]
+
+
+def test_trajectory_has_the_models_shape_and_marks_each_pen_lift():
+    path = utils.trajectory(FOUR)
+    assert path.shape == (1, utils.TRAJECTORY_FEATURES, utils.TRAJECTORY_POINTS)
+    assert path.dtype == torch.float32
+    lifts = path[0, 4]
+    assert lifts.sum() == 1 and lifts[0] == 0  # one pen lift: where the stem starts
+    start = int(lifts.argmax())
+    # x, y (scaled by the larger side, centred: within +-1); the stem's start is where it is.
+    x, y = path[0, 0], path[0, 1]
+    assert float(x.abs().max()) <= 1.0 + 1e-6 and float(y.abs().max()) <= 1.0 + 1e-6
+    assert float(y[start]) < float(y[start - 1])  # the stem starts above the bar's end
+
+
+def test_trajectory_ignores_where_and_how_large_the_digit_is_drawn():
+    moved = [[[x * 1.5 + 30, y * 1.5 - 20] for x, y in stroke] for stroke in FOUR]
+    assert np.allclose(utils.trajectory_features(moved), utils.trajectory_features(FOUR), atol=1e-5)
+
+
+def test_trajectory_reads_the_path_not_how_densely_it_was_sampled():
+    """A pen sampled every 100 ms (a few points per stroke) and a mouse sampled every few pixels
+    along the curve the canvas draws through those points give nearly the same input."""
+    sparse = [np.array(s, dtype=float) for s in FOUR]
+    dense = [utils.resample(utils.canvas_path(s), spacing=3.0).round() for s in sparse]
+    assert all(len(d) > 20 * len(s) / 3 for d, s in zip(dense, sparse, strict=True))
+    difference = np.abs(utils.trajectory_features(dense) - utils.trajectory_features(sparse))
+    assert difference[:2].max() < 0.02  # x, y: 2% of the digit's size
+
+
+def test_trajectory_reads_stroke_direction_and_order():
+    backwards = [stroke[::-1] for stroke in FOUR]
+    reordered = FOUR[::-1]
+    for other in (backwards, reordered):
+        assert (
+            np.abs(utils.trajectory_features(other) - utils.trajectory_features(FOUR)).max() > 0.5
+        )
+
+
+@pytest.mark.parametrize(
+    ("strokes", "error"),
+    [
+        ([], utils.EmptyImageError),
+        ([[]], utils.EmptyImageError),
+        ([[[1, 2], [float("nan"), 3]]], utils.ImageFormatError),
+        ([[[1, 2, 3]]], utils.ImageFormatError),
+        ([["a", "b"]], utils.ImageFormatError),
+        (None, utils.ImageFormatError),
+    ],
+    ids=["none", "empty-stroke", "nan", "not-pairs", "text", "not-a-list"],
+)
+def test_strokes_that_are_not_a_drawing_are_a_clear_error(strokes, error):
+    with pytest.raises(error):
+        utils.trajectory(strokes)
+
+
+def test_a_dot_and_more_strokes_than_points_still_give_an_input():
+    assert utils.trajectory([[[5, 5]]]).shape[2] == utils.TRAJECTORY_POINTS
+    dots = [[[i, i % 7], [i + 1, i % 7]] for i in range(100)]
+    assert torch.isfinite(utils.trajectory(dots)).all()
