@@ -20,13 +20,16 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import pytest
+import torch
 from conftest import aligned_difference, own_server
+from mnist_files import PEN_SUBSET
 from PIL import Image
 
 import app as app_module
 import db
 import drawings
 import model
+import pendigits
 import utils
 from lab import browser
 from lab.browser import AppPage, AppProcess
@@ -254,6 +257,42 @@ def test_a_mouse_drawing_is_stored_with_its_strokes_and_the_image_shown(
     classifier = model.load_model(model.model_path())
     assert model.predict(classifier, utils.normalize(again)[None, None]).digit == shown.digit
     assert aligned_difference(again, view) <= 3.0
+
+
+def test_strokes_drawn_in_the_browser_read_like_the_tablet_strokes_they_trace(
+    open_session, module_db
+):
+    """Held-out writers' pen digits (a tablet's points, every 100 ms), traced with the mouse along
+    the curves the canvas draws through them: to the model of the strokes, the strokes the app
+    stores read as the tablet's do (same digit, every probability within 0.05); and the answer
+    shown is both models' on exactly the image and strokes stored."""
+    classifier = model.load_model(model.model_path())
+    assert classifier.trajectory is not None, "the shipped model reads strokes"
+    held_out = [d for d in pendigits.load(PEN_SUBSET) if d.writer in pendigits.HELD_OUT_WRITERS]
+    digits = [next(d for d in held_out if d.label == label) for label in (4, 8, 9)]
+    page = open_session()
+    baseline = last_id(module_db)
+    for seed, digit in enumerate(digits):
+        lines, _ = pendigits.on_canvas(digit.strokes, np.random.default_rng(seed), vary=False)
+        traced = [utils.resample(utils.canvas_path(line), spacing=4.0).tolist() for line in lines]
+        draw_and_read(page, digit.label, traced)
+        page.click_correct()
+
+    stored = drawings_after(module_db, baseline)
+    rows = rows_after(module_db, baseline)
+    assert len(stored) == len(rows) == len(digits)
+    for digit, (strokes, _, _, image), row in zip(digits, stored, rows, strict=True):
+        tablet = utils.trajectory([stroke * (1, -1) for stroke in digit.strokes])
+        app_drawn = utils.trajectory(strokes)
+        with torch.inference_mode():
+            expected, found = (
+                torch.softmax(classifier.trajectory(path), 1)[0] for path in (tablet, app_drawn)
+            )
+        assert int(found.argmax()) == int(expected.argmax()) == digit.label
+        assert float((found - expected).abs().max()) < 0.05
+        pixels = utils.normalize(np.frombuffer(image, np.uint8).reshape(28, 28).copy())[None, None]
+        answer = model.predict(classifier, pixels, app_drawn)
+        assert (row[0], row[2] / 100) == pytest.approx((answer.digit, answer.confidence), 1e-5)
 
 
 def assert_in_view(locator, viewport: dict[str, int]) -> dict[str, float]:
