@@ -3,9 +3,10 @@ for the tests and `python -m lab.evaluate --simulate-people`.
 
 Each digit's pen trajectory is put on the app's 280x280 canvas as it would be drawn there
 (`pendigits.on_canvas`, the app's 18 px brush), drawn, read by the model through
-`utils.preprocess`, and stored through the app's own call, `db.log_prediction(..., drawing=...)`:
-the `predictions` row with the model's prediction and its `drawings` row in one transaction (the
-strokes in canvas pixels, y down, the canvas size, the brush, the 28x28 image the model read).
+`utils.preprocess` and `utils.trajectory` (its strokes), and stored through the app's own call,
+`db.log_prediction(..., drawing=...)`: the `predictions` row with the model's prediction and its
+`drawings` row in one transaction (the strokes in canvas pixels, y down, the canvas size, the
+brush, the 28x28 image the model read).
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def store_answer(
     model_name: str,
     submission_id: uuid.UUID | None = None,
 ) -> Answer:
-    """One drawing answered as in the app: the model's prediction on the drawn canvas, the
-    person's true label, stored with the drawing in one transaction by the app's own call
-    (`db.log_prediction(..., drawing=...)`), to the database `db` is configured to."""
+    """One drawing answered as in the app: the model's prediction on the drawn canvas and its
+    strokes, the person's true label, stored with the drawing in one transaction by the app's
+    own call (`db.log_prediction(..., drawing=...)`), to the database `db` is configured to."""
     model_input = utils.preprocess(pendigits.draw(strokes, brush))
-    prediction = model_lib.predict(net, model_input)
+    prediction = model_lib.predict(net, model_input, utils.trajectory(strokes))
     image = utils.to_pixels(model_input)
     # Canvas pixels (origin top left, y down), rounded as drawings.from_canvas rounds the app's.
     points = [
