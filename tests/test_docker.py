@@ -27,9 +27,10 @@ pytestmark = pytest.mark.docker
 
 UP = "docker compose up -d --build --wait"
 TRAIN = "docker compose --profile train up -d train"
-# Short training that still has epochs long enough to be stopped in (125 steps of 8).
+# Short training that still has epochs long enough to be stopped in (125 steps of 8), then 2
+# epochs of the model of the strokes.
 TRAIN_FLAGS = ["--workers", "2", "--epochs", "2", "--limit", "600", "--batch-size", "8",
-               "--log-every", "0.5"]  # fmt: skip
+               "--log-every", "0.5", "--trajectory-epochs", "2"]  # fmt: skip
 PROGRESS = re.compile(r"epoch (\d+)/\d+ step (\d+)/(\d+) loss \S+ acc \S+ \S+ samples/s rss \d+ MB")
 RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+)")
 

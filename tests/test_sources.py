@@ -120,6 +120,17 @@ def test_no_drawing_to_train_on_is_a_clear_error(answered, tmp_path, monkeypatch
     )
     found = sources.load_feedback(args)
     assert found.held_out is not None and len(found.train) == 2 * (40 - len(found.held_out))
+    # The model of the strokes learns from the strokes of the drawings trained on (as a tablet
+    # records them, y up) and is measured on the held-out ones' paths, as the app reads them.
+    drawings = sources.read_feedback(server.url)
+    trained = [d for d in drawings if not d.held_out]
+    assert [d.label for d in found.strokes] == [d.label for d in trained]
+    for digit, drawing in zip(found.strokes, trained, strict=True):
+        pairs = zip(digit.strokes, drawing.strokes, strict=True)
+        assert all(np.array_equal(a * (1, -1), b) for a, b in pairs)
+    held = [d for d in drawings if d.held_out]
+    expected = torch.cat([utils.trajectory(d.strokes) for d in held])
+    assert torch.allclose(found.held_out.trajectories, expected)
     with server.connect() as conn:
         conn.execute("DELETE FROM predictions")
     with pytest.raises(sources.FeedbackError, match="0 answered drawings and none to train on"):
