@@ -85,6 +85,7 @@ TRAJECTORY_LR = 3e-3
 TRAJECTORY_STREAM = 7  # its random numbers: a stream of their own, beside the renderings'
 DISTILL_T = 2.0  # the temperature of --distill's soft targets
 MEMBERS = 1  # from scratch: the ensemble's size (README, Training: --members)
+EVAL_BATCH = 500  # images per forward pass when measuring (a whole set at once: 100s of MB)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -659,8 +660,11 @@ def final_figures(net, data: sources.Data) -> dict:
 def held_out_report(net, images: torch.Tensor, held: sources.HeldOut, strokes: bool = True):
     """`accuracy_report` of the app's answers on a held-out part (from its images alone, if
     not `strokes` or its strokes are unknown)."""
-    trajectories = held.trajectories if strokes else None
-    predicted = model_lib.predict_batch(net, images, trajectories)
+    predicted = []
+    for start in range(0, len(images), EVAL_BATCH):  # a whole set at once: hundreds of MB
+        part = slice(start, start + EVAL_BATCH)
+        paths = held.trajectories[part] if strokes and held.trajectories is not None else None
+        predicted += model_lib.predict_batch(net, images[part], paths)
     return accuracy_report(
         [p.digit for p in predicted], held.labels.tolist(), [p.confidence for p in predicted]
     )
@@ -871,15 +875,16 @@ def trajectory_figures(net, data: sources.Data, device, epoch: int) -> dict:
     for held in data.held_out:
         if held.trajectories is None:
             continue
-        strokes = held.trajectories.to(device)
-        images = utils.normalize(held.images)[:, None].to(device)
-        with torch.inference_mode():
-            alone = net.trajectory(strokes).argmax(1).cpu()
-            both = net(images.contiguous(memory_format=torch.channels_last), strokes)
-        figures[f"{held.key}_strokes_accuracy"] = float((alone == held.labels).float().mean())
-        figures[f"{held.key}_accuracy"] = float(
-            (both.argmax(1).cpu() == held.labels).float().mean()
-        )
+        alone, both = [], []
+        for start in range(0, len(held), EVAL_BATCH):
+            strokes = held.trajectories[start : start + EVAL_BATCH].to(device)
+            images = utils.normalize(held.images[start : start + EVAL_BATCH])[:, None].to(device)
+            with torch.inference_mode():
+                alone.append(net.trajectory(strokes).argmax(1).cpu())
+                images = images.contiguous(memory_format=torch.channels_last)
+                both.append(net(images, strokes).argmax(1).cpu())
+        for name, found in (("strokes_accuracy", alone), ("accuracy", both)):
+            figures[f"{held.key}_{name}"] = float((torch.cat(found) == held.labels).float().mean())
     return figures
 
 
