@@ -449,6 +449,15 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
         teacher = teacher.to(memory_format=torch.channels_last)
     steps_per_epoch = -(-sum(data.per_epoch) // args.batch_size)
     session_start = time.perf_counter()
+
+    def epoch_done(summary: str) -> None:
+        """Log the epoch just done (`summary`, then memory and time), checkpoint it."""
+        rss, peak = memory_mb()
+        seconds = trained_seconds + time.perf_counter() - session_start
+        log.info("%s, rss %.0f MB (peak %.0f MB), %.0f s so far", summary, rss, peak, seconds)
+        progress.step = 0
+        log.info("checkpoint saved: %s", save_checkpoint(progress.epoch + 1, 0))
+
     try:
         for epoch in range(progress.epoch, args.epochs):
             progress.epoch = epoch
@@ -465,22 +474,12 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
                 teacher,
             )  # fmt: skip
             history.append(figures := epoch_figures(net, data, device, epoch))
-            rss, peak = memory_mb()
-            log.info(
-                "epoch %d/%d done: test accuracy %.2f%%%s, lr %.4f, rss %.0f MB (peak %.0f MB), "
-                "%.0f s so far",
-                epoch + 1,
-                args.epochs,
-                100 * figures["test_accuracy"],
-                "".join(f", {h.title} {figures[f'{h.key}_accuracy']:.2%}" for h in data.held_out),
-                scheduler.get_last_lr()[0],
-                rss,
-                peak,
-                trained_seconds + time.perf_counter() - session_start,
+            epoch_done(
+                f"epoch {epoch + 1}/{args.epochs} done: test accuracy "
+                f"{figures['test_accuracy']:.2%}"
+                + "".join(f", {h.title} {figures[f'{h.key}_accuracy']:.2%}" for h in data.held_out)
+                + f", lr {scheduler.get_last_lr()[0]:.4f}"
             )
-            progress.step = 0
-            path = save_checkpoint(epoch + 1, 0)
-            log.info("checkpoint saved: %s", path)
         stroke_labels = torch.tensor([digit.label for digit in data.strokes], dtype=torch.int64)
         last = args.epochs + args.trajectory_epochs
         for epoch in range(max(progress.epoch, args.epochs), last):
@@ -490,25 +489,16 @@ def train(args: argparse.Namespace, stop: StopFlag) -> Trained:
                 device, args, progress, stop,
             )  # fmt: skip
             history.append(figures := trajectory_figures(net, data, device, epoch))
-            rss, peak = memory_mb()
-            log.info(
-                "trajectory epoch %d/%d done%s, lr %.5f, rss %.0f MB (peak %.0f MB), %.0f s so far",
-                epoch + 1 - args.epochs,
-                args.trajectory_epochs,
-                "".join(
+            epoch_done(
+                f"trajectory epoch {epoch + 1 - args.epochs}/{args.trajectory_epochs} done"
+                + "".join(
                     f", {h.title}: strokes alone {figures[f'{h.key}_strokes_accuracy']:.2%}, "
                     f"with the image {figures[f'{h.key}_accuracy']:.2%}"
                     for h in data.held_out
                     if h.trajectories is not None
-                ),
-                stroke_scheduler.get_last_lr()[0],
-                rss,
-                peak,
-                trained_seconds + time.perf_counter() - session_start,
+                )
+                + f", lr {stroke_scheduler.get_last_lr()[0]:.5f}"
             )
-            progress.step = 0
-            path = save_checkpoint(epoch + 1, 0)
-            log.info("checkpoint saved: %s", path)
     except StopRequested as stopped:
         path = save_checkpoint(progress.epoch, progress.step)
         log.warning(

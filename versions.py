@@ -570,7 +570,8 @@ class LiveModel:
     The first ``get()`` looks up the live version, then starts a thread that looks again every
     *check_s* seconds (a one-row query with the app's pool), whether or not anyone draws; a new
     hash's weights are read once, checked against their hash, loaded, passed to *prepare*
-    (warm-up), and served from the next ``get()`` on. ``get()`` itself never touches the
+    (warm-up: what it returns, if anything, is served instead), and served from the next
+    ``get()`` on. ``get()`` itself never touches the
     database. While the database is down or the new weights are unusable, the current model
     stays (logged); with an empty (or not yet migrated) registry, ``load_file()`` serves
     models/model.pth as before versions existed. The thread ends once the LiveModel is gone.
@@ -579,7 +580,7 @@ class LiveModel:
     def __init__(
         self,
         load_file: Callable[[], tuple[torch.nn.Module, str]],
-        prepare: Callable[[torch.nn.Module], None] | None = None,
+        prepare: Callable[[torch.nn.Module], torch.nn.Module | None] | None = None,
         check_s: float | None = None,
     ) -> None:
         self.load_file = load_file
@@ -664,8 +665,8 @@ class LiveModel:
             if sha256_of(weights) != sha:
                 raise model_lib.ModelLoadError(f"version {name}: weights do not match their hash")
             net = load_weights(weights, f"version {name}")
-            if self.prepare is not None:
-                self.prepare(net)
+            if self.prepare is not None and (prepared := self.prepare(net)) is not None:
+                net = prepared
         except model_lib.ModelLoadError:
             self._unusable.add(sha)
             raise

@@ -194,8 +194,13 @@ def _without_member(state, index):
 def test_a_damaged_ensemble_file_is_a_clear_error_naming_the_file(
     tmp_path, ensemble_file, damage, message
 ):
-    path = tmp_path / "ensemble.pth"
-    torch.save(damage(torch.load(ensemble_file, weights_only=True)), path)
+    assert_damage_named(tmp_path, ensemble_file, damage, message)
+
+
+def assert_damage_named(tmp_path, intact, damage, message) -> None:
+    """The file *intact* saved again through *damage* fails to load with *message*, naming it."""
+    path = tmp_path / "damaged.pth"
+    torch.save(damage(torch.load(intact, weights_only=True)), path)
     with pytest.raises(ModelLoadError, match=message) as raised:
         load_model(path)
     assert str(path) in str(raised.value)
@@ -289,11 +294,7 @@ def _without_trajectory(state):
 def test_a_damaged_trajectory_model_is_a_clear_error_naming_the_file(
     tmp_path, paired_file, damage, message
 ):
-    path = tmp_path / "paired.pth"
-    torch.save(damage(torch.load(paired_file, weights_only=True)), path)
-    with pytest.raises(ModelLoadError, match=message) as raised:
-        load_model(path)
-    assert str(path) in str(raised.value)
+    assert_damage_named(tmp_path, paired_file, damage, message)
 
 
 def test_adding_a_trajectory_model_leaves_the_random_numbers_that_follow_alone():
@@ -304,3 +305,19 @@ def test_adding_a_trajectory_model_leaves_the_random_numbers_that_follow_alone()
     torch.manual_seed(9)
     DigitCNN(members=2, trajectory=True)
     assert torch.equal(torch.rand(3), without)
+
+
+@pytest.mark.parametrize("trajectory", [True, False])
+def test_the_compiled_model_answers_as_the_model_on_both_paths(trajectory):
+    """model.Compiled (what the app serves): the same probabilities, with strokes and without,
+    one drawing or several."""
+    torch.manual_seed(10)
+    net = DigitCNN(members=2, trajectory=trajectory).eval()
+    fast = model.Compiled(net)
+    for count in (1, 3):
+        images = torch.randn(count, 1, 28, 28) * 2
+        for path in (_path(11, count) * 3, None):
+            expected = predict_batch(net, images, path)
+            for got, want in zip(predict_batch(fast, images, path), expected, strict=True):
+                assert got.probabilities == pytest.approx(want.probabilities, abs=1e-5)
+                assert got.digit == want.digit
