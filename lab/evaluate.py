@@ -529,9 +529,14 @@ def simulate_people(args: argparse.Namespace) -> None:
         f"{len(tests['people'])} digits, the {len(tests['others'])} digits of writers "
         f"{','.join(map(str, others))}, MNIST's test set; work folder {work}"
     )
-    # Each test digit drawn once with the app's brush, as train.py measures held-out writers.
+    # Each test digit drawn once with the app's brush, as train.py measures held-out writers,
+    # and read with its strokes, as the app reads a drawing.
     sets = {
         key: pendigits.render_for_training(digits, 1, seed=1, vary=False)
+        for key, digits in tests.items()
+    }
+    paths = {
+        key: sources.trajectories([digit.strokes for digit in digits], y_up=True)
         for key, digits in tests.items()
     }
     test_images, test_labels = mnist.load_split(data_dir, "test")
@@ -587,11 +592,17 @@ def simulate_people(args: argparse.Namespace) -> None:
     print(f"\n| set | {' | '.join(models)} |\n|---|" + "---|" * len(models))
     for key, (images, labels) in sets.items():
         cells, baseline = [], None
+        strokes = paths.get(key)
         for net in models.values():
-            predicted = torch.cat(
+            predicted = torch.tensor(
                 [
-                    net(utils.normalize(images[i : i + 1000])[:, None]).argmax(1)
+                    found.digit
                     for i in range(0, len(images), 1000)
+                    for found in model_lib.predict_batch(
+                        net,
+                        utils.normalize(images[i : i + 1000])[:, None],
+                        None if strokes is None else strokes[i : i + 1000],
+                    )
                 ]
             )
             errors = int((predicted != labels).sum())
