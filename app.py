@@ -195,9 +195,11 @@ class Analysis:
     hint: str | None = None
     model_name: str | None = None  # the model that made the prediction
     model_pixels: bytes | None = None  # the 28x28 uint8 image the model read
-    # The canvas's fabric.js objects of this drawing (json_data["objects"]), converted into the
-    # stored strokes only when an answer is saved (drawings.from_canvas).
-    canvas_objects: list | None = field(default=None, compare=False, repr=False)
+    # The strokes of this drawing, read once from the canvas's fabric.js objects
+    # (drawings.canvas_strokes): for the prediction, and kept with an answer when one is saved;
+    # or why they could not be read (the answer's drawing is refused with it).
+    strokes: list | None = field(default=None, compare=False, repr=False)
+    strokes_error: ValueError | None = field(default=None, compare=False, repr=False)
 
 
 def drawing_digest(png: bytes) -> str:
@@ -219,7 +221,8 @@ def analyse(
     except (utils.ImageFormatError, OSError, Image.DecompressionBombError) as exc:
         logger.warning("unreadable drawing: %s", exc)
         return Analysis(digest, hint="The drawing could not be read: clear the canvas and retry.")
-    path = stroke_path(canvas_objects)
+    strokes, strokes_error = read_strokes(canvas_objects)
+    path = stroke_path(strokes, strokes_error)
     prepared = time.perf_counter()
     prediction = model.predict(classifier, batch, path)
     done = time.perf_counter()
@@ -239,19 +242,29 @@ def analyse(
         model_view_png(pixels),
         model_name=model_name,
         model_pixels=pixels.tobytes(),
-        canvas_objects=canvas_objects,
+        strokes=strokes,
+        strokes_error=strokes_error,
     )
 
 
-def stroke_path(canvas_objects: list | None) -> torch.Tensor | None:
-    """The drawing's path for the model of the strokes (`utils.trajectory`), from the canvas's
-    fabric.js paths; None where there are none or they cannot be read: the image alone then
-    decides, as it did before the model read strokes."""
-    if not canvas_objects:
-        return None
+def read_strokes(canvas_objects: list | None) -> tuple[list | None, ValueError | None]:
+    """The strokes of the canvas's fabric.js objects (`drawings.canvas_strokes`), or why they
+    cannot be read (db.DrawingTooLarge, drawings.UnreadableDrawing)."""
     try:
-        return utils.trajectory(drawings.canvas_strokes(canvas_objects))
-    except ValueError as exc:  # db.DrawingTooLarge, drawings.UnreadableDrawing, utils' errors
+        return drawings.canvas_strokes(canvas_objects or []), None
+    except ValueError as exc:
+        return None, exc
+
+
+def stroke_path(strokes: list | None, error: ValueError | None) -> torch.Tensor | None:
+    """The drawing's path for the model of the strokes (`utils.trajectory`); None where the
+    strokes could not be read (`error` says why): the image alone then decides, as it did
+    before the model read strokes."""
+    try:
+        if strokes is None:
+            raise error or drawings.UnreadableDrawing("no strokes")
+        return utils.trajectory(strokes)
+    except ValueError as exc:  # that, and utils' errors
         logger.warning("strokes unreadable, predicting from the image alone: %s", exc)
         return None
 
@@ -495,15 +508,18 @@ def save_feedback(analysis: Analysis, true_label: int) -> bool:
 
 def drawing_to_keep(analysis: Analysis) -> db.Drawing | None:
     """The drawing of the answer, as shown (the strokes travel with the analysis of the drawing
-    on screen), or None with STORE_DRAWINGS off. Converted here, once per save, never per rerun."""
+    on screen), or None with STORE_DRAWINGS off; raises why its strokes could not be read.
+    Checked here, once per save, never per rerun."""
     if not store_drawings():
         return None
+    if analysis.strokes_error is not None:
+        raise analysis.strokes_error
     start = time.process_time()
-    drawing = drawings.from_canvas(
-        analysis.canvas_objects or [], CANVAS_SIZE, BRUSH_WIDTH, analysis.model_pixels or b""
+    drawing = drawings.as_drawing(
+        analysis.strokes or [], CANVAS_SIZE, BRUSH_WIDTH, analysis.model_pixels or b""
     )
     logger.info(
-        "drawing of %d strokes, %d points read in %.2f ms CPU",
+        "drawing of %d strokes, %d points checked in %.2f ms CPU",
         len(drawing.strokes),
         sum(len(stroke) for stroke in drawing.strokes),
         (time.process_time() - start) * 1000,

@@ -41,7 +41,13 @@ def from_canvas(
 
     Raises db.DrawingTooLarge over the limits (counted before any point is converted), and
     UnreadableDrawing (a ValueError) for anything that is not a path of numbers."""
-    strokes = canvas_strokes(objects)
+    return as_drawing(canvas_strokes(objects), canvas_size, brush_width, image)
+
+
+def as_drawing(
+    strokes: list[list[list[float]]], canvas_size: int, brush_width: float, image: bytes
+) -> db.Drawing:
+    """The drawing of strokes `canvas_strokes` read, checked as `from_canvas` checks it."""
     try:
         return db.Drawing(strokes, canvas_size, float(brush_width), image)
     except db.DrawingTooLarge:

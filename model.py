@@ -174,7 +174,7 @@ class Compiled(nn.Module):
     convolutions, weights as constants) and optimised for inference. At one drawing on one
     thread that is ~1.4 ms less per prediction: every op of the ~40 in the pair costs Python
     and dispatch time, more than its arithmetic (README, Benchmarks). The other path (a drawing
-    whose strokes cannot be read) runs the model as it is. Compiling takes ~0.7 s, once per
+    whose strokes cannot be read) runs the model as it is. Compiling takes ~1 s, once per
     model loaded. For predictions only: train the DigitCNN it wraps (`net`)."""
 
     def __init__(self, net: DigitCNN) -> None:
