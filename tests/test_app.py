@@ -451,16 +451,31 @@ def test_store_drawings_false_stores_the_answer_without_its_drawing(clean_db, mo
     assert stored_drawings(clean_db) == []
 
 
-def test_a_drawing_too_large_to_keep_is_refused_and_nothing_is_stored(draw_app, clean_db):
-    """Over the documented limit (db.MAX_STROKE_POINTS): a clear message, no row, nothing
-    reset; with a drawing of fewer points, the answer is stored."""
+def _long_stroke() -> list[list[tuple[float, float]]]:
     (x0, y0), (x1, y1) = STROKES[1][0]
     count = db.MAX_STROKE_POINTS + 1
-    points = [(x0 + n % 2, y0 + (y1 - y0) * n / count) for n in range(count)]
-    draw(draw_app, drawing_png([points]))
+    return [[(x0 + n % 2, y0 + (y1 - y0) * n / count) for n in range(count)]]
+
+
+def _many_strokes() -> list[list[tuple[float, float]]]:
+    return [[(20 + 2 * n, 100), (20 + 2 * n, 180)] for n in range(db.MAX_STROKES + 1)]
+
+
+@pytest.mark.parametrize(
+    ("strokes", "reason"),
+    [(_long_stroke, "(a stroke of 2001 "), (_many_strokes, "(101 strokes, ")],
+    ids=["stroke-points", "strokes"],
+)
+def test_a_drawing_too_large_to_keep_is_refused_and_nothing_is_stored(
+    draw_app, clean_db, strokes, reason
+):
+    """Over a documented limit (db.MAX_STROKE_POINTS, checked when the answer is saved;
+    db.MAX_STROKES, when the canvas's paths are read): a clear message, no row, nothing reset;
+    with a drawing of fewer points, the answer is stored."""
+    draw(draw_app, drawing_png(strokes()))
     click(draw_app, app.CORRECT_BUTTON)
     [error] = values(draw_app.error)
-    assert error.startswith("Not saved: this drawing is too large to keep (a stroke of 2001 ")
+    assert error.startswith("Not saved: this drawing is too large to keep " + reason)
     assert stored_rows(clean_db) == [] and stored_drawings(clean_db) == []
     assert_nothing_reset(draw_app, label="")
     click(draw(draw_app, digit_png(1)), app.CORRECT_BUTTON)
