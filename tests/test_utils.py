@@ -237,7 +237,7 @@ def test_trajectory_reads_the_path_not_how_densely_it_was_sampled():
     dense = [utils.resample(utils.canvas_path(s), spacing=3.0).round() for s in sparse]
     assert all(len(d) > 20 * len(s) / 3 for d, s in zip(dense, sparse, strict=True))
     difference = np.abs(utils.trajectory_features(dense) - utils.trajectory_features(sparse))
-    assert difference[:2].max() < 0.02  # x, y: 2% of the digit's size
+    assert difference[:2].max() < 0.02  # x, y (scaled to -1..1): 1% of the digit's size
 
 
 def test_trajectory_reads_stroke_direction_and_order():
