@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import numbers
-import os
 import struct
 import sys
 import threading
@@ -37,7 +36,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import psycopg
-from dotenv import load_dotenv
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
@@ -45,11 +43,11 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 import embedded_pg
+import settings
+from settings import APP_ROLE  # the app's login: see migrate() for what it may do
 
 logger = logging.getLogger("db")
 
-PROJECT_ROOT = Path(__file__).resolve().parent
-APP_ROLE = "mnist_app"  # the app's login: see migrate() for what it may do
 CONNECT_TIMEOUT_S = 3  # one connection attempt (psycopg's minimum is 2 s)
 STATEMENT_TIMEOUT_S = 5  # one query, lock waits included (e.g. during a restore)
 BUSY_WAIT_S = 10  # how long a call waits for a free pooled connection on a healthy server
@@ -184,41 +182,30 @@ def resolve_conninfo(
     ``embedded_pg.data_dir()``: ``data/postgres`` in the project, elsewhere as root), started if not
     already running and left running for the next process, and migrated (its superuser is the
     owner; the app connects as ``APP_ROLE``).
-    *environ* defaults to ``os.environ`` after loading the project's ``.env`` (variables already
-    set win). Empty values count as unset.
+    Each variable is read by settings.py, from *environ* if given, else from ``os.environ`` after
+    loading the project's ``.env`` (variables already set win). Empty values count as unset.
     """
     if environ is None:
-        load_dotenv(PROJECT_ROOT / ".env")
-        environ = os.environ
-    if url := environ.get("DATABASE_URL", "").strip():
+        environ = settings.environment()
+    if url := settings.database_url(environ):
         return url
-    if host := environ.get("POSTGRES_HOST", "").strip():
-        user, password = (
-            ("POSTGRES_USER", "POSTGRES_PASSWORD") if owner else ("APP_DB_USER", "APP_DB_PASSWORD")
-        )
+    if host := settings.postgres_host(environ):
+        if owner:
+            user, password = settings.postgres_user(environ), settings.postgres_password(environ)
+        else:
+            user, password = settings.app_db_user(environ), settings.app_db_password(environ)
         return make_conninfo(
             host=host,
-            port=environ.get("POSTGRES_PORT") or "5432",
-            user=environ.get(user) or ("postgres" if owner else APP_ROLE),
-            password=secret(password, environ),
-            dbname=environ.get("POSTGRES_DB") or "postgres",
+            port=settings.postgres_port(environ),
+            user=user,
+            password=password,
+            dbname=settings.postgres_db(environ),
         )
     superuser = _start_embedded(Path(pgdata) if pgdata is not None else None)
     if owner:
         return superuser
     migrate(superuser)  # trust authentication: the app role needs no password
     return make_conninfo(superuser, user=APP_ROLE)
-
-
-def secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """The value of variable *name*, else the content of the file ``<name>_FILE`` names (Docker
-    secrets: ``APP_DB_PASSWORD_FILE=/run/secrets/...``, one trailing newline dropped), else None."""
-    environ = os.environ if environ is None else environ
-    if value := environ.get(name):
-        return value
-    if path := environ.get(f"{name}_FILE", "").strip():
-        return Path(path).read_text().removesuffix("\n") or None
-    return None
 
 
 def _start_embedded(pgdata: Path | None) -> str:
@@ -323,10 +310,9 @@ def check_connection_budget(conn: psycopg.Connection | None = None) -> int:
     if conn is None:
         with _connection() as pooled:
             return check_connection_budget(pooled)
-    try:
-        replicas = int(os.environ.get("APP_REPLICAS") or 1)
-    except ValueError:
-        raise RuntimeError(f"APP_REPLICAS={os.environ['APP_REPLICAS']!r} is not a number") from None
+    replicas = settings.app_replicas()  # a settings.SettingError (RuntimeError) if not a number
+    if replicas is None:
+        replicas = 1
     (limit,) = conn.execute(
         "SELECT current_setting('max_connections')::int"
         " - current_setting('superuser_reserved_connections')::int"
@@ -861,17 +847,18 @@ def main(argv: list[str]) -> int:
     command = argv[1] if len(argv) == 2 else ""
     if command == "migrate":
         owner = resolve_conninfo(owner=True)
-        app_role = os.environ.get("APP_DB_USER") or APP_ROLE
-        if os.environ.get("DATABASE_URL", "").strip():
+        app_role = settings.app_db_user()
+        if settings.database_url() is not None:
             app_role = None  # the app connects with DATABASE_URL, as the owner
-        if os.environ.get("APP_REPLICAS"):  # deploy/stack-deploy.sh: refuse before deploying
-            try:
+        # deploy/stack-deploy.sh passes APP_REPLICAS: refuse before deploying (a bad value too).
+        try:
+            if settings.app_replicas() is not None:
                 with psycopg.connect(owner, connect_timeout=CONNECT_TIMEOUT_S) as conn:
                     logger.info("connections for the app: %d", check_connection_budget(conn))
-            except RuntimeError as exc:
-                print(f"ERROR: {exc}", file=sys.stderr)
-                return 1
-        migrate(owner, app_role, secret("APP_DB_PASSWORD"))
+        except RuntimeError as exc:
+            print(f"ERROR: {exc}", file=sys.stderr)
+            return 1
+        migrate(owner, app_role, settings.app_db_password())
         return 0
     if command == "stop-embedded":
         if embedded_pg.stop():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 import struct
 import urllib.error
 import urllib.request
@@ -20,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import settings
 from files import atomic_file
 
 log = logging.getLogger("mnist")
-
-DEFAULT_DATA_DIR = Path("data/mnist")
 
 # SHA-256 of the *uncompressed* files: mirrors compress them differently, the content is the same
 # (these match the canonical MD5 sums published with MNIST).
@@ -59,7 +57,8 @@ class DatasetError(RuntimeError):
 
 
 def data_dir_from_env() -> Path:
-    return Path(os.environ.get("MNIST_DIR") or DEFAULT_DATA_DIR)
+    """`MNIST_DIR` if set, else data/mnist (settings.mnist_dir)."""
+    return settings.mnist_dir()
 
 
 def read_idx(path: str | Path) -> np.ndarray:

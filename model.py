@@ -4,7 +4,6 @@ their weights (one file), and predicting."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -14,10 +13,10 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+import settings
 import utils
 
-PROJECT_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_PATH = PROJECT_DIR / "models" / "model.pth"
+DEFAULT_MODEL_PATH = settings.DEFAULT_MODEL_PATH  # models/model.pth in the project
 TRAIN_COMMAND = "python train.py --download"
 MEMBER_KEY = re.compile(r"^members\.(\d+)\.(.+)$")  # members.<index>.<the member's key>
 COUNT_KEY = "member_count"
@@ -212,7 +211,7 @@ class ModelLoadError(RuntimeError):
 
 def model_path() -> Path:
     """Where the app finds its weights: `MODEL_PATH` if set, else models/model.pth."""
-    return Path(os.environ.get("MODEL_PATH") or DEFAULT_MODEL_PATH)
+    return settings.model_path()
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitCNN:

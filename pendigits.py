@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import settings
 import utils
 from files import atomic_file
 from mnist import DatasetError
@@ -33,7 +33,6 @@ from mnist import DatasetError
 log = logging.getLogger("pendigits")
 
 FILE_NAME = "pendigits-orig.tra"
-DEFAULT_DIR = Path("data/pendigits")
 SHA256 = "a66225d68d7d68591e62944df1ad33b3f5aa608e2df2505844b41f5568a80da4"  # uncompressed
 # The UCI archive holds the file compressed with Unix `compress` (pendigits-orig.tra.Z).
 URLS = (
@@ -59,7 +58,7 @@ class PenDigit:
 
 def default_path() -> Path:
     """`PENDIGITS_DIR`/pendigits-orig.tra if that variable is set, else data/pendigits/..."""
-    return Path(os.environ.get("PENDIGITS_DIR") or DEFAULT_DIR) / FILE_NAME
+    return settings.pendigits_dir() / FILE_NAME
 
 
 def load(path: str | Path) -> list[PenDigit]:

@@ -448,17 +448,6 @@ def test_resolve_conninfo_reads_the_environment(env, owner, expected):
     assert conninfo_to_dict(db.resolve_conninfo(env, owner=owner)) == conninfo_to_dict(expected)
 
 
-def test_a_password_comes_from_its_variable_else_from_the_file_its_FILE_variable_names(tmp_path):
-    (tmp_path / "app").write_text("from file\n")  # as `echo ... | docker secret create`
-    (tmp_path / "owner").write_text("owner's")
-    env = {"POSTGRES_HOST": "db", "APP_DB_PASSWORD_FILE": str(tmp_path / "app")}
-    env |= {"POSTGRES_PASSWORD_FILE": str(tmp_path / "owner")}
-    assert conninfo_to_dict(db.resolve_conninfo(env))["password"] == "from file"
-    assert conninfo_to_dict(db.resolve_conninfo(env, owner=True))["password"] == "owner's"
-    env["APP_DB_PASSWORD"] = "variable"
-    assert conninfo_to_dict(db.resolve_conninfo(env))["password"] == "variable"
-
-
 def test_the_replicas_pools_must_fit_in_the_servers_connections(clean_db, monkeypatch, capsys):
     with clean_db.connect() as conn:
         settings = dict(conn.execute("SELECT name, setting FROM pg_settings").fetchall())

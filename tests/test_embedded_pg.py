@@ -84,7 +84,7 @@ def test_the_embedded_default_is_one_server_that_keeps_its_data(embedded_pgdata,
 
 
 def clone_process(clone: Path, code: str, path: Path | None = None) -> str:
-    """Run *code* in a new Python process in *clone* (a copy of db.py and embedded_pg.py) as
+    """Run *code* in a new Python process in *clone* (a copy of db.py and those it imports) as
     `make run` would, pgserver imported from *path* if given; return its stdout."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "POSTGRES_HOST")}
     if path is not None:
@@ -96,6 +96,8 @@ def clone_process(clone: Path, code: str, path: Path | None = None) -> str:
     return result.stdout
 
 
+# What a clone needs to run db.py: it and the modules below it.
+CLONED = ("db.py", "embedded_pg.py", "settings.py")
 STORE_ONE = (
     "import db, embedded_pg\n"
     "db.configure(db.resolve_conninfo())\n"
@@ -120,7 +122,7 @@ def test_the_embedded_server_leaves_a_private_clone_private(tmp_path: Path):
     private.mkdir(mode=0o700)
     clone, site = private / "clone", private / "clone" / ".venv-site"
     clone.mkdir()
-    for name in ("db.py", "embedded_pg.py"):
+    for name in CLONED:
         shutil.copy2(ROOT / name, clone)
     package = Path(importlib.util.find_spec("pgserver").submodule_search_locations[0])
     ignore = shutil.ignore_patterns("include", "__pycache__")
@@ -157,7 +159,7 @@ def test_as_root_the_data_of_data_postgres_moves_to_the_server_users_folder(pg_b
     # world-readable), its server often still running: the next start stops and moves it.
     clone = Path(tempfile.mkdtemp(prefix="clone-", dir=pg_base_dir))
     clone.chmod(0o755)
-    for name in ("db.py", "embedded_pg.py"):
+    for name in CLONED:
         shutil.copy2(ROOT / name, clone)
     old = clone / "data" / "postgres"
     old_store = STORE_ONE.replace("resolve_conninfo()", f"resolve_conninfo(pgdata={str(old)!r})")
