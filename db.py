@@ -1,10 +1,10 @@
 """PostgreSQL storage of the feedback: one ``predictions`` row per confirmed or corrected digit,
 and in ``drawings`` the drawing behind it (``Drawing``), stored in the same transaction.
 
-Where the database is comes from the environment (see ``resolve_conninfo``). The schema is this
-module's alone: ``python db.py migrate``, run with the owner's credentials, creates or upgrades
-the tables and the app's role, which may only read and insert answers and insert their
-drawings (``APP_ROLE``).
+Where the database is comes from the environment (see ``resolve_conninfo``). The tables are
+schema.py's: ``python db.py migrate``, run with the owner's credentials, creates or upgrades
+them and the app's role, which may only read and insert answers and insert their drawings
+(``APP_ROLE``).
 
 Errors every public function may raise, besides ValueError for invalid arguments:
 
@@ -22,28 +22,28 @@ import base64
 import contextlib
 import json
 import logging
-import math
-import numbers
-import struct
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 import embedded_pg
+import schema
 import settings
+
+# Defined in schema.py, used as db.<name> by the app, drawings.py and the tests.
+from schema import MAX_POINTS, MAX_STROKE_POINTS, MAX_STROKES, Drawing, DrawingTooLarge  # noqa: F401
 from settings import APP_ROLE  # the app's login: see migrate() for what it may do
 
 logger = logging.getLogger("db")
@@ -55,100 +55,6 @@ FAIL_FAST_S = 0.5  # while the server is known down, how long a call waits for a
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 4
 _WAIT_SLICE_S = 0.25  # a waiting call checks this often whether the server went down meanwhile
-
-# Limits of a stored drawing (see Drawing and the README, "The drawings"). A digit on the 280x280
-# canvas is 1-4 strokes of 20-150 points (one point per pointer event); a slow, shaky 0 drawn for
-# 5 s at 120 Hz, 600. These leave room for any honest drawing and bound a row to ~250 kB.
-MAX_STROKES = 100  # strokes per drawing
-MAX_STROKE_POINTS = 2_000  # points per stroke
-MAX_POINTS = 10_000  # points per drawing, all strokes together
-MIN_CANVAS_SIZE, MAX_CANVAS_SIZE = 28, 2_000  # side of the square canvas, px
-IMAGE_BYTES = 28 * 28  # the model's input, uint8
-
-
-def _none_in(column: str, path: str, vars: bool = False) -> str:
-    """SQL: true when the strict jsonpath *path* finds nothing in *column*. Structural errors (a
-    stroke that is not an array, ...) count as found: the CHECK fails instead of erroring out.
-    With *vars*: the path may end in a filter comparing @ to $size (the canvas_size)."""
-    if vars:
-        path += " || @ < -$size || @ > 2 * $size)"
-    variables = "jsonb_build_object('size', canvas_size)" if vars else "'{}'"
-    return f"NOT coalesce(jsonb_path_exists({column}, 'strict {path}', {variables}, true), true)"
-
-
-# Serialises schema creation between processes: concurrent CREATE TABLE IF NOT EXISTS can fail.
-_SCHEMA_LOCK_KEY = 0x4D4E495354  # "MNIST"
-
-_SCHEMA_SQL = (
-    """
-    CREATE TABLE IF NOT EXISTS predictions (
-        id bigserial PRIMARY KEY,
-        created_at timestamptz NOT NULL DEFAULT now(),
-        predicted_digit smallint NOT NULL
-            CONSTRAINT predictions_predicted_digit_check CHECK (predicted_digit BETWEEN 0 AND 9),
-        true_label smallint NOT NULL
-            CONSTRAINT predictions_true_label_check CHECK (true_label BETWEEN 0 AND 9),
-        confidence real NOT NULL
-            CONSTRAINT predictions_confidence_check CHECK (confidence >= 0 AND confidence <= 1),
-        submission_id uuid UNIQUE,
-        model text CONSTRAINT predictions_model_check CHECK (char_length(model) BETWEEN 1 AND 100)
-    )
-    """,
-    # Tables created before submission_id existed.
-    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS submission_id uuid UNIQUE",
-    # Tables created before the model column existed: their rows keep a NULL model.
-    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS model text"
-    " CONSTRAINT predictions_model_check CHECK (char_length(model) BETWEEN 1 AND 100)",
-    "CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at DESC)",
-    # Model versions (versions.py): every trained model's weights, by the SHA-256 of its file.
-    """
-    CREATE TABLE IF NOT EXISTS model_versions (
-        sha256 text PRIMARY KEY
-            CONSTRAINT model_versions_sha256_check CHECK (sha256 ~ '^[0-9a-f]{64}$'),
-        created_at timestamptz NOT NULL DEFAULT now(),
-        weights bytea NOT NULL,
-        info jsonb NOT NULL DEFAULT '{}'
-    )
-    """,
-    # Which version is live: the newest row (versions.py).
-    """
-    CREATE TABLE IF NOT EXISTS model_promotions (
-        id bigserial PRIMARY KEY,
-        sha256 text NOT NULL REFERENCES model_versions (sha256),
-        promoted_at timestamptz NOT NULL DEFAULT now(),
-        action text NOT NULL CONSTRAINT model_promotions_action_check
-            CHECK (action IN ('initial', 'promote', 'rollback')),
-        report jsonb NOT NULL DEFAULT '{}'
-    )
-    """,
-    # The drawing behind an answer (see Drawing), stored with it in one transaction. Answers
-    # stored before this table existed, or with STORE_DRAWINGS off, have none. The CHECKs are
-    # the last line of defence behind Drawing's own checks, for writers other than this module.
-    f"""
-    CREATE TABLE IF NOT EXISTS drawings (
-        prediction_id bigint PRIMARY KEY REFERENCES predictions (id) ON DELETE CASCADE,
-        strokes jsonb NOT NULL CONSTRAINT drawings_strokes_check CHECK (
-            coalesce(jsonb_path_query_first(strokes, 'strict $.size()', '{{}}', true)::int, 0)
-                BETWEEN 1 AND {MAX_STROKES}
-            AND {_none_in("strokes", '$[*] ? (@.type() != "array" || @.size() < 1)')}
-            AND {_none_in("strokes", f"$[*] ? (@.size() > {MAX_STROKE_POINTS})")}
-            AND jsonb_array_length(jsonb_path_query_array(strokes, 'strict $[*][*]', '{{}}', true))
-                <= {MAX_POINTS}
-        ),
-        canvas_size smallint NOT NULL CONSTRAINT drawings_canvas_size_check
-            CHECK (canvas_size BETWEEN {MIN_CANVAS_SIZE} AND {MAX_CANVAS_SIZE}),
-        brush_width real NOT NULL CONSTRAINT drawings_brush_width_check
-            CHECK (brush_width > 0 AND brush_width <= canvas_size / 2),
-        image bytea NOT NULL CONSTRAINT drawings_image_check
-            CHECK (octet_length(image) = {IMAGE_BYTES}),
-        -- Every point [x, y], numbers within a canvas size of the canvas.
-        CONSTRAINT drawings_points_check CHECK (
-            {_none_in("strokes", '$[*][*] ? (@.type() != "array" || @.size() != 2)')}
-            AND {_none_in("strokes", '$[*][*][*] ? (@.type() != "number"', vars=True)}
-        )
-    )
-    """,
-)
 
 # Connection failures that mean the server is gone, not that one query failed: no SQLSTATE
 # (a client-side failure), class 08 (connection exception), 57P01-57P03 (shutdown, crash,
@@ -221,13 +127,7 @@ def _start_embedded(pgdata: Path | None) -> str:
         ) from exc
 
 
-# --- the schema and the app's role ----------------------------------------------------------
-
-
-def _create_schema(conn: psycopg.Connection) -> None:
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-    for statement in _SCHEMA_SQL:
-        conn.execute(statement)
+# --- the tables (schema.py) and the app's role, as the owner --------------------------------
 
 
 def migrate(
@@ -240,33 +140,10 @@ def migrate(
     Idempotent; safe to run at once from several processes."""
     try:
         with psycopg.connect(owner_conninfo, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-            _create_schema(conn)
+            schema.create(conn)
             if app_role is None or app_role == conn.info.user:
                 return
-            role = sql.Identifier(app_role)
-            if not conn.execute(
-                "SELECT 1 FROM pg_roles WHERE rolname = %s", (app_role,)
-            ).fetchone():
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
-            if app_password:
-                # Utility statements take no parameters: quoted client-side.
-                conn.execute(
-                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(role, sql.Literal(app_password))
-                )
-            database = sql.Identifier(conn.info.dbname)
-            for grant in (
-                "GRANT CONNECT ON DATABASE {database} TO {role}",
-                # Only the owner creates tables (PostgreSQL 15+ does this by default).
-                "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
-                "GRANT USAGE ON SCHEMA public TO {role}",
-                "GRANT SELECT, INSERT ON predictions TO {role}",
-                "GRANT USAGE ON SEQUENCE predictions_id_seq TO {role}",
-                # The live model's version and weights (versions.py): read only.
-                "GRANT SELECT ON model_versions, model_promotions TO {role}",
-                # Drawings: written with each answer, never read back by the app.
-                "GRANT INSERT ON drawings TO {role}",
-            ):
-                conn.execute(sql.SQL(grant).format(database=database, role=role))
+            schema.grant_app_role(conn, app_role, app_password)
     except psycopg.OperationalError as exc:
         raise _unavailable(exc) from exc
     logger.info(
@@ -290,7 +167,7 @@ def init_db() -> None:
         if row is not None and not row[0]:
             return  # migrated by its owner
         try:
-            _create_schema(conn)
+            schema.create(conn)
         except errors.InsufficientPrivilege as exc:
             raise RuntimeError(
                 f"the predictions table is missing and {conn.info.user} may not create it: run"
@@ -517,97 +394,7 @@ def _connection() -> Iterator[psycopg.Connection]:
         pool.putconn(conn)
 
 
-# --- rows -----------------------------------------------------------------------------------
-
-
-def _check_digit(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int from 0 to 9, got {value!r}")
-    if not 0 <= value <= 9:
-        raise ValueError(f"{name} must be from 0 to 9, got {value!r}")
-    return int(value)
-
-
-def _check_confidence(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"confidence must be a number from 0 to 1, got {value!r}")
-    result = float(value)
-    if not (math.isfinite(result) and 0.0 <= result <= 1.0):
-        raise ValueError(f"confidence must be from 0 to 1, got {value!r}")
-    # The column is a 4-byte real: round here, or PostgreSQL rejects values below its range
-    # (e.g. 1e-46) as an underflow instead of storing them as 0.
-    return struct.unpack("f", struct.pack("f", result))[0]
-
-
-MODEL_NAME_MAX = 100  # characters in predictions.model
-
-
-class DrawingTooLarge(ValueError):
-    """A drawing over the documented size limits (MAX_STROKES, MAX_STROKE_POINTS, MAX_POINTS)."""
-
-
-@dataclass(frozen=True)
-class Drawing:
-    """The drawing behind one answer, as the ``drawings`` table keeps it.
-
-    - *strokes*: one list of ``[x, y]`` points per stroke, in drawing order, in canvas pixels
-      (origin top left, y down): the pointer positions the canvas sampled, through which it
-      drew its curves (``drawings.from_canvas``, ``drawings.render``).
-    - *canvas_size*: the side of the square canvas, px; *brush_width*: the stroke width, px.
-    - *image*: the 28x28 image the model read, uint8 row-major (0 background, 255 ink).
-
-    Checked when made: DrawingTooLarge over the size limits, ValueError for anything else
-    invalid, before the database is touched.
-    """
-
-    strokes: list[list[list[float]]]
-    canvas_size: int
-    brush_width: float
-    image: bytes
-
-    def __post_init__(self) -> None:
-        size = self.canvas_size
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-            raise ValueError(f"canvas_size must be an int, got {size!r}")
-        if not MIN_CANVAS_SIZE <= size <= MAX_CANVAS_SIZE:
-            raise ValueError(f"canvas_size must be {MIN_CANVAS_SIZE} to {MAX_CANVAS_SIZE} px")
-        brush = self.brush_width
-        if isinstance(brush, bool) or not isinstance(brush, numbers.Real):
-            raise ValueError(f"brush_width must be a number, got {brush!r}")
-        if not (math.isfinite(brush) and 0 < brush <= size / 2):
-            raise ValueError(f"brush_width must be above 0 and at most {size / 2} px")
-        if not isinstance(self.image, bytes) or len(self.image) != IMAGE_BYTES:
-            raise ValueError(f"image must be {IMAGE_BYTES} bytes (28x28 uint8)")
-        strokes = self.strokes
-        if not isinstance(strokes, list) or not strokes:
-            raise ValueError("strokes must be a non-empty list of strokes")
-        # Sizes first: an oversized drawing is refused before its points are looked at.
-        if len(strokes) > MAX_STROKES:
-            raise DrawingTooLarge(f"{len(strokes)} strokes (at most {MAX_STROKES})")
-        if not all(isinstance(stroke, list) and stroke for stroke in strokes):
-            raise ValueError("each stroke must be a non-empty list of points")
-        longest = max(len(stroke) for stroke in strokes)
-        if longest > MAX_STROKE_POINTS:
-            raise DrawingTooLarge(f"a stroke of {longest} points (at most {MAX_STROKE_POINTS})")
-        total = sum(len(stroke) for stroke in strokes)
-        if total > MAX_POINTS:
-            raise DrawingTooLarge(f"{total} points (at most {MAX_POINTS})")
-        low, high = -size, 2 * size
-        for stroke in strokes:
-            for point in stroke:
-                if not (
-                    isinstance(point, list)
-                    and len(point) == 2
-                    and all(
-                        isinstance(v, numbers.Real)
-                        and not isinstance(v, bool)
-                        and low <= v <= high  # False for NaN
-                        for v in point
-                    )
-                ):
-                    raise ValueError(
-                        f"each point must be [x, y], numbers from {low} to {high}: {point!r}"
-                    )
+# --- rows ---------------------------------------------------------------------------------
 
 
 def log_prediction(
@@ -629,12 +416,14 @@ def log_prediction(
         raise ValueError(f"drawing must be a db.Drawing or None, got {type(drawing).__name__}")
     if submission_id is not None and not isinstance(submission_id, uuid.UUID):
         raise ValueError(f"submission_id must be a uuid.UUID or None, got {submission_id!r}")
-    if model is not None and not (isinstance(model, str) and 1 <= len(model) <= MODEL_NAME_MAX):
-        raise ValueError(f"model must be a str of 1 to {MODEL_NAME_MAX} characters or None")
+    if model is not None and not (
+        isinstance(model, str) and 1 <= len(model) <= schema.MODEL_NAME_MAX
+    ):
+        raise ValueError(f"model must be a str of 1 to {schema.MODEL_NAME_MAX} characters or None")
     params = (
-        _check_digit("predicted_digit", predicted_digit),
-        _check_digit("true_label", true_label),
-        _check_confidence(confidence),
+        schema.check_digit("predicted_digit", predicted_digit),
+        schema.check_digit("true_label", true_label),
+        schema.check_confidence(confidence),
         submission_id,
         model,
     )
