@@ -9,8 +9,9 @@ them and the app's role, which may only read and insert answers and insert their
 Errors every public function may raise, besides ValueError for invalid arguments:
 
 - ``DatabaseUnavailable``: the server cannot be reached (stopped, unreachable, refusing the
-  connection). While it is known to be down, calls fail within ``FAIL_FAST_S``; the first call
-  after it is back goes through. psycopg_pool reconnects by itself; nothing restarts the process.
+  connection). While it is known to be down (db_health.py), calls fail within ``FAIL_FAST_S``;
+  the first call after it is back goes through. psycopg_pool reconnects by itself; nothing
+  restarts the process.
 - ``DatabaseBusy`` (a DatabaseUnavailable): the server is there but did not answer in time (every
   pooled connection in use for ``BUSY_WAIT_S``, a query over ``STATEMENT_TIMEOUT_S``, a
   deadlock). Nothing was stored; retrying later is safe.
@@ -38,9 +39,11 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+import db_health
 import embedded_pg
 import schema
 import settings
+from db_health import DatabaseBusy, DatabaseUnavailable
 
 # Defined in schema.py, used as db.<name> by the app, drawings.py and the tests.
 from schema import MAX_POINTS, MAX_STROKE_POINTS, MAX_STROKES, Drawing, DrawingTooLarge  # noqa: F401
@@ -51,24 +54,9 @@ logger = logging.getLogger("db")
 CONNECT_TIMEOUT_S = 3  # one connection attempt (psycopg's minimum is 2 s)
 STATEMENT_TIMEOUT_S = 5  # one query, lock waits included (e.g. during a restore)
 BUSY_WAIT_S = 10  # how long a call waits for a free pooled connection on a healthy server
-FAIL_FAST_S = 0.5  # while the server is known down, how long a call waits for a new attempt
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 4
 _WAIT_SLICE_S = 0.25  # a waiting call checks this often whether the server went down meanwhile
-
-# Connection failures that mean the server is gone, not that one query failed: no SQLSTATE
-# (a client-side failure), class 08 (connection exception), 57P01-57P03 (shutdown, crash,
-# starting up).
-_SERVER_GONE_STATES = ("57P01", "57P02", "57P03")
-
-
-class DatabaseUnavailable(RuntimeError):
-    """The database cannot be reached: stopped, unreachable, or refusing the connection."""
-
-
-class DatabaseBusy(DatabaseUnavailable):
-    """The database is reachable but did not answer in time; nothing was stored: retry later."""
-
 
 # --- where the database is ------------------------------------------------------------------
 
@@ -145,7 +133,7 @@ def migrate(
                 return
             schema.grant_app_role(conn, app_role, app_password)
     except psycopg.OperationalError as exc:
-        raise _unavailable(exc) from exc
+        raise db_health.unavailable(exc) from exc
     logger.info(
         "migrated the schema; %s may read and insert predictions, insert drawings, read versions",
         app_role,
@@ -206,76 +194,7 @@ def check_connection_budget(conn: psycopg.Connection | None = None) -> int:
     return limit
 
 
-# --- the pool, and what its connection attempts say about the server ------------------------
-
-
-class _Health:
-    """Whether the server is known to be down, from the latest connection attempt of the pool
-    or of a probe; shared by every thread. While it is down, one probe at a time tries to
-    connect; calls wait at most FAIL_FAST_S for it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.down: str | None = None  # why, while the server is known down
-        self.probe: threading.Thread | None = None
-        self.probed = threading.Event()
-
-    def connected(self) -> None:
-        if self.down is not None:
-            with self.lock:
-                if self.down is not None:
-                    logger.info("database reachable again")
-                self.down = None
-
-    def failed(self, exc: BaseException) -> None:
-        reason = _reason(exc)
-        with self.lock:
-            if self.down is None:
-                logger.warning("database unreachable: %s", reason)
-            self.down = reason
-
-    def ensure_up(self, conninfo: str, kwargs: dict[str, Any]) -> None:
-        """Return at once if the server is not known down; else wait up to FAIL_FAST_S for a
-        probe (started if none runs) and raise DatabaseUnavailable unless it connects."""
-        if self.down is None:
-            return
-        with self.lock:
-            if self.probe is None or not self.probe.is_alive():
-                self.probed = threading.Event()
-                self.probe = threading.Thread(
-                    target=self._probe, args=(conninfo, kwargs, self.probed), daemon=True
-                )
-                self.probe.start()
-            probed = self.probed
-        probed.wait(FAIL_FAST_S)
-        if (reason := self.down) is not None:
-            raise DatabaseUnavailable(f"database unreachable: {reason}")
-
-    def _probe(self, conninfo: str, kwargs: dict[str, Any], done: threading.Event) -> None:
-        try:
-            _TrackedConnection.connect(conninfo, **kwargs).close()
-        except Exception:  # recorded by _TrackedConnection
-            pass
-        finally:
-            done.set()
-
-
-_health = _Health()
-
-
-class _TrackedConnection(psycopg.Connection):
-    """A connection that tells ``_health`` whether connecting worked (the pool's attempts
-    happen in its background workers, where nobody else would see them fail)."""
-
-    @classmethod
-    def connect(cls, conninfo: str = "", **kwargs: Any) -> _TrackedConnection:  # type: ignore[override]
-        try:
-            conn = super().connect(conninfo, **kwargs)
-        except psycopg.OperationalError as exc:
-            _health.failed(exc)
-            raise
-        _health.connected()
-        return conn
+# --- the pool (what its connection attempts say about the server: db_health.py) ------------
 
 
 _lock = threading.Lock()  # guards _pool and _conninfo only: never held while connecting
@@ -297,7 +216,7 @@ def close_pool() -> None:
         pool, _pool = _pool, None
     if pool is not None:
         pool.close(timeout=1.0)
-    _health.connected()  # forget what the old pool saw
+    db_health.health.connected()  # forget what the old pool saw
 
 
 def _connect_kwargs() -> dict[str, Any]:
@@ -324,7 +243,7 @@ def get_pool() -> ConnectionPool:
             _pool = ConnectionPool(
                 conninfo,
                 kwargs=_connect_kwargs(),
-                connection_class=_TrackedConnection,
+                connection_class=db_health.TrackedConnection,
                 min_size=POOL_MIN_SIZE,
                 max_size=POOL_MAX_SIZE,
                 open=False,
@@ -338,19 +257,6 @@ def get_pool() -> ConnectionPool:
         return _pool
 
 
-def _reason(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _unavailable(exc: BaseException) -> DatabaseUnavailable:
-    return DatabaseUnavailable(f"database unreachable: {_reason(exc)}")
-
-
-def _server_gone(exc: psycopg.OperationalError, conn: psycopg.Connection) -> bool:
-    state = exc.sqlstate
-    return conn.broken or state is None or state.startswith("08") or state in _SERVER_GONE_STATES
-
-
 def _getconn(pool: ConnectionPool) -> psycopg.Connection:
     """A pooled connection; waits up to BUSY_WAIT_S while the server is up and busy, but stops
     as soon as a connection attempt fails (the server went down)."""
@@ -361,8 +267,8 @@ def _getconn(pool: ConnectionPool) -> psycopg.Connection:
         except PoolTimeout:
             pass
         except PoolClosed as exc:  # closed by configure() in another thread
-            raise _unavailable(exc) from exc
-        if (reason := _health.down) is not None:
+            raise db_health.unavailable(exc) from exc
+        if (reason := db_health.health.down) is not None:
             raise DatabaseUnavailable(f"database unreachable: {reason}")
         if time.monotonic() >= deadline:
             raise DatabaseBusy(
@@ -375,21 +281,22 @@ def _getconn(pool: ConnectionPool) -> psycopg.Connection:
 def _connection() -> Iterator[psycopg.Connection]:
     """A pooled connection in a transaction; failures become DatabaseUnavailable/DatabaseBusy."""
     pool = get_pool()
-    _health.ensure_up(pool.conninfo, _connect_kwargs())
+    db_health.health.ensure_up(pool.conninfo, _connect_kwargs())
     conn = _getconn(pool)
     try:
         with conn:  # commits, or rolls back on an error (as pool.connection() does)
             yield conn
     except (errors.QueryCanceled, errors.LockNotAvailable) as exc:
         raise DatabaseBusy(
-            f"database busy: a query took longer than {STATEMENT_TIMEOUT_S} s ({_reason(exc)})"
+            f"database busy: a query took longer than {STATEMENT_TIMEOUT_S} s"
+            f" ({db_health.reason(exc)})"
         ) from exc
     except errors.TransactionRollback as exc:  # deadlock, serialization failure
-        raise DatabaseBusy(f"database busy: {_reason(exc)}") from exc
+        raise DatabaseBusy(f"database busy: {db_health.reason(exc)}") from exc
     except psycopg.OperationalError as exc:
-        if _server_gone(exc, conn):
-            _health.failed(exc)
-        raise _unavailable(exc) from exc
+        if db_health.server_gone(exc, conn):
+            db_health.health.failed(exc)
+        raise db_health.unavailable(exc) from exc
     finally:
         pool.putconn(conn)
 
@@ -603,7 +510,7 @@ def export_drawings(conninfo: str, out: IO[str]) -> int:
     try:
         conn = psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.OperationalError as exc:
-        raise _unavailable(exc) from exc
+        raise db_health.unavailable(exc) from exc
     with (
         conn,
         conn.cursor("export_drawings", row_factory=dict_row) as cur,  # server-side: streamed

@@ -97,7 +97,7 @@ def clone_process(clone: Path, code: str, path: Path | None = None) -> str:
 
 
 # What a clone needs to run db.py: it and the modules below it.
-CLONED = ("db.py", "embedded_pg.py", "schema.py", "settings.py")
+CLONED = ("db.py", "db_health.py", "embedded_pg.py", "schema.py", "settings.py")
 STORE_ONE = (
     "import db, embedded_pg\n"
     "db.configure(db.resolve_conninfo())\n"
