@@ -17,12 +17,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import streamlit as st
 import torch
 from conftest import ROOT
 from PIL import Image, ImageDraw
-from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 import db
@@ -124,6 +124,8 @@ def history_app() -> AppTest:
 def draw(at: AppTest, png: bytes, drawn: bool = True) -> AppTest:
     """What the canvas sends when someone draws (drawn=False: after its clear button): the PNG
     and, for a drawing_png, its strokes as paths."""
+    # AppTest has no element for a custom component (it reads as an UnknownElement, which
+    # cannot be set): its value is set in session_state under its key, as the browser sends it.
     objects = [fabric_path(stroke) for stroke in strokes_of(png)] if drawn else []
     data_url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     value = {"drawing": {"raw": {"objects": objects}, "data": data_url}, "backgroundFit": None}
@@ -174,13 +176,15 @@ def shown_predictions(at: AppTest) -> list[str]:
 
 def shown_bars(at: AppTest) -> list[str]:
     """The probabilities' bar charts on the page (st.html elements; the page's CSS is another)."""
-    return [html.value for html in at.get("html") if 'aria-label="Probabilities' in html.value]
+    return [html.value for html in at.html if 'aria-label="Probabilities' in html.value]
 
 
 def chart_data(chart):
-    """The data of a Vega-Lite chart (one data set), as a pandas DataFrame."""
+    """The data of a Vega-Lite chart (one data set), as a pandas DataFrame. AppTest has no chart
+    element: a chart reads as an UnknownElement, whose value is None; its data sets are in the
+    element's message only, as Arrow IPC streams (read with pyarrow's public reader)."""
     (dataset,) = chart.proto.datasets
-    return convert_arrow_bytes_to_pandas_df(dataset.data.data)
+    return pa.ipc.open_stream(dataset.data.data).read_pandas()
 
 
 def expected_prediction(model_path: Path, png: bytes, strokes: bool = True) -> model.Prediction:
@@ -264,8 +268,8 @@ def test_a_drawing_shows_prediction_confidence_probabilities_and_model_view(draw
     assert percents == pytest.approx(expected.probabilities, abs=0.0005)
     heights = [float(height) / ui.draw.BAR_MAX_PX for _, _, height in shown]
     assert heights == pytest.approx(expected.probabilities, abs=0.001)
-    (image,) = draw_app.get("image")
-    assert image.proto.imgs[0].url.endswith(".png")  # lossless, so the pixels stay crisp
+    [(url,)] = [image.value for image in draw_app.image]
+    assert url.endswith(".png")  # lossless, so the pixels stay crisp
     assert not button(draw_app, ui.session.CORRECT_BUTTON).disabled
     assert not label_input(draw_app).disabled
 
