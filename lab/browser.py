@@ -431,7 +431,7 @@ class AppPage(contextlib.AbstractContextManager):
         return [text.strip() for text in self.page.get_by_test_id("stAlert").all_inner_texts()]
 
     def button(self, key: str) -> Locator:
-        """The feedback button *key* (app.CORRECT_BUTTON, ...) of the drawing on screen."""
+        """The feedback button *key* (ui.session.CORRECT_BUTTON, ...) of the drawing on screen."""
         return self.page.locator(f'[class*="st-key-{key}-"] button')
 
     def true_label_input(self) -> Locator:

@@ -31,7 +31,8 @@ from lab.bench.common import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "screenshots"
-ANSWERS = 120  # History draws its accuracy line from 2 groups of app.ANSWERS_PER_POINT (50) on
+# History draws its accuracy line from 2 groups of ui.history.ANSWERS_PER_POINT (50) on
+ANSWERS = 120
 FIRST_ANSWER_AT = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 BETWEEN_ANSWERS = timedelta(minutes=37)  # 120 answers over 3 days: the per-day view has points
 # What a model confuses a digit with, when it is wrong (digits people write alike).

@@ -1,4 +1,4 @@
-"""The Streamlit app (app.py) in Streamlit's AppTest, against real PostgreSQL.
+"""The Streamlit app (app.py and its pages, ui/) in Streamlit's AppTest, against real PostgreSQL.
 
 A drawing reaches the app as a browser sends it: the canvas component's value (a PNG data URL)
 set in session_state under the canvas key, then a rerun.
@@ -17,18 +17,21 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import streamlit as st
 import torch
 from conftest import ROOT
 from PIL import Image, ImageDraw
-from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
-import app
 import db
 import feedback
 import model
+import ui.analysis
+import ui.draw
+import ui.history
+import ui.session
 import utils
 from lab.browser import fabric_path
 from lab.postgres import PostgresProcess
@@ -110,8 +113,10 @@ def draw_app(clean_db: PostgresProcess) -> AppTest:
 
 
 def history_app() -> AppTest:
-    """The History page alone (AppTest switches only to pages that are files)."""
-    at = AppTest.from_string("import app\napp.history_page()", default_timeout=30).run()
+    """The app opened, then its History page (as a person gets there: from the Draw page; AppTest
+    finds a page registered by st.navigation after the first run)."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=30).run()
+    at.switch_page("ui/history.py").run()
     assert not at.exception
     return at
 
@@ -119,10 +124,12 @@ def history_app() -> AppTest:
 def draw(at: AppTest, png: bytes, drawn: bool = True) -> AppTest:
     """What the canvas sends when someone draws (drawn=False: after its clear button): the PNG
     and, for a drawing_png, its strokes as paths."""
+    # AppTest has no element for a custom component (it reads as an UnknownElement, which
+    # cannot be set): its value is set in session_state under its key, as the browser sends it.
     objects = [fabric_path(stroke) for stroke in strokes_of(png)] if drawn else []
     data_url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     value = {"drawing": {"raw": {"objects": objects}, "data": data_url}, "backgroundFit": None}
-    at.session_state[f"canvas-{at.session_state[app.CANVAS_GENERATION]}"] = value
+    at.session_state[f"canvas-{at.session_state[ui.session.CANVAS_GENERATION]}"] = value
     at.run()
     assert not at.exception
     return at
@@ -134,9 +141,10 @@ def strokes_of(png: bytes) -> list[list[tuple[int, int]]]:
 
 
 def widget_key(at: AppTest, name: str) -> str:
-    """The key of a feedback widget for the drawing on screen (app.feedback_key)."""
-    analysis = at.session_state[app.ANALYSIS] if app.ANALYSIS in at.session_state else None  # noqa: SIM401 (no .get)
-    return app.feedback_key(name, analysis)
+    """The key of a feedback widget for the drawing on screen (ui.session.feedback_key)."""
+    key = ui.session.ANALYSIS
+    analysis = at.session_state[key] if key in at.session_state else None  # noqa: SIM401 (no .get)
+    return ui.session.feedback_key(name, analysis)
 
 
 def button(at: AppTest, name: str):
@@ -144,7 +152,7 @@ def button(at: AppTest, name: str):
 
 
 def label_input(at: AppTest):
-    return at.text_input(key=widget_key(at, app.TRUE_LABEL_INPUT))
+    return at.text_input(key=widget_key(at, ui.session.TRUE_LABEL_INPUT))
 
 
 def click(at: AppTest, name: str) -> AppTest:
@@ -155,7 +163,7 @@ def click(at: AppTest, name: str) -> AppTest:
 
 def submit_label(at: AppTest, text: str) -> AppTest:
     label_input(at).set_value(text)
-    return click(at, app.SUBMIT_CORRECTION_BUTTON)
+    return click(at, ui.session.SUBMIT_CORRECTION_BUTTON)
 
 
 def values(elements) -> list[str]:
@@ -168,13 +176,15 @@ def shown_predictions(at: AppTest) -> list[str]:
 
 def shown_bars(at: AppTest) -> list[str]:
     """The probabilities' bar charts on the page (st.html elements; the page's CSS is another)."""
-    return [html.value for html in at.get("html") if 'aria-label="Probabilities' in html.value]
+    return [html.value for html in at.html if 'aria-label="Probabilities' in html.value]
 
 
 def chart_data(chart):
-    """The data of a Vega-Lite chart (one data set), as a pandas DataFrame."""
+    """The data of a Vega-Lite chart (one data set), as a pandas DataFrame. AppTest has no chart
+    element: a chart reads as an UnknownElement, whose value is None; its data sets are in the
+    element's message only, as Arrow IPC streams (read with pyarrow's public reader)."""
     (dataset,) = chart.proto.datasets
-    return convert_arrow_bytes_to_pandas_df(dataset.data.data)
+    return pa.ipc.open_stream(dataset.data.data).read_pandas()
 
 
 def expected_prediction(model_path: Path, png: bytes, strokes: bool = True) -> model.Prediction:
@@ -194,31 +204,31 @@ def stored_rows(server: PostgresProcess) -> list[tuple]:
 
 
 def assert_nothing_reset(at: AppTest, label: str) -> None:
-    assert at.session_state[app.CANVAS_GENERATION] == 0
+    assert at.session_state[ui.session.CANVAS_GENERATION] == 0
     assert label_input(at).value == label
     assert len(shown_predictions(at)) == 1
 
 
 def assert_reset(at: AppTest) -> None:
-    assert at.session_state[app.CANVAS_GENERATION] == 1
+    assert at.session_state[ui.session.CANVAS_GENERATION] == 1
     assert label_input(at).value == ""
     assert shown_predictions(at) == []
-    assert app.NOTHING_DRAWN in values(at.info)
-    assert app.PENDING_SUBMISSION not in at.session_state
-    assert button(at, app.CORRECT_BUTTON).disabled
+    assert ui.draw.NOTHING_DRAWN in values(at.info)
+    assert ui.session.PENDING_SUBMISSION not in at.session_state
+    assert button(at, ui.session.CORRECT_BUTTON).disabled
 
 
 def assert_no_feedback(at: AppTest) -> None:
     assert shown_predictions(at) == [] and shown_bars(at) == []
-    assert button(at, app.CORRECT_BUTTON).disabled and label_input(at).disabled
-    assert button(at, app.SUBMIT_CORRECTION_BUTTON).disabled
+    assert button(at, ui.session.CORRECT_BUTTON).disabled and label_input(at).disabled
+    assert button(at, ui.session.SUBMIT_CORRECTION_BUTTON).disabled
 
 
 # --- draw page: prediction --------------------------------------------------------------------
 
 
 def test_without_a_readable_digit_the_app_gives_a_hint_and_no_feedback(draw_app):
-    assert values(draw_app.info) == [app.NOTHING_DRAWN]
+    assert values(draw_app.info) == [ui.draw.NOTHING_DRAWN]
     assert_no_feedback(draw_app)
     unreadable = "could not be read"
     for png, hint in [
@@ -227,8 +237,10 @@ def test_without_a_readable_digit_the_app_gives_a_hint_and_no_feedback(draw_app)
         (b"not a png", unreadable),
         (digit_png(7)[:100], unreadable),  # truncated
         (png_header(20_000, 20_000), unreadable),  # over Pillow's decompression-bomb limit
-        (drawing_png(STROKES[7], size=app.MAX_DRAWING_SIDE + 1), unreadable),  # far too large
-        (b"\0" * app.MAX_DRAWING_URL_CHARS, app.DRAWING_TOO_LARGE),  # refused before decoding
+        # far too large
+        (drawing_png(STROKES[7], size=ui.analysis.MAX_DRAWING_SIDE + 1), unreadable),
+        # refused before decoding
+        (b"\0" * ui.session.MAX_DRAWING_URL_CHARS, ui.session.DRAWING_TOO_LARGE),
     ]:
         draw(draw_app, png)
         assert [text for text in values(draw_app.info) if hint in text], hint
@@ -237,7 +249,7 @@ def test_without_a_readable_digit_the_app_gives_a_hint_and_no_feedback(draw_app)
     draw(draw_app, digit_png(7))
     assert len(shown_predictions(draw_app)) == 1
     draw(draw_app, drawing_png([]), drawn=False)  # the canvas's clear button
-    assert values(draw_app.info) == [app.NOTHING_DRAWN]
+    assert values(draw_app.info) == [ui.draw.NOTHING_DRAWN]
     assert_no_feedback(draw_app)
 
 
@@ -254,11 +266,11 @@ def test_a_drawing_shows_prediction_confidence_probabilities_and_model_view(draw
     assert [int(digit) for digit, _, _ in shown] == list(range(10))
     percents = [float(percent) / 100 for _, percent, _ in shown]
     assert percents == pytest.approx(expected.probabilities, abs=0.0005)
-    heights = [float(height) / app.BAR_MAX_PX for _, _, height in shown]
+    heights = [float(height) / ui.draw.BAR_MAX_PX for _, _, height in shown]
     assert heights == pytest.approx(expected.probabilities, abs=0.001)
-    (image,) = draw_app.get("image")
-    assert image.proto.imgs[0].url.endswith(".png")  # lossless, so the pixels stay crisp
-    assert not button(draw_app, app.CORRECT_BUTTON).disabled
+    [(url,)] = [image.value for image in draw_app.image]
+    assert url.endswith(".png")  # lossless, so the pixels stay crisp
+    assert not button(draw_app, ui.session.CORRECT_BUTTON).disabled
     assert not label_input(draw_app).disabled
 
 
@@ -271,16 +283,17 @@ def test_the_strokes_are_read_with_the_image_and_unreadable_strokes_leave_the_im
     both, alone = (expected_prediction(model_file, png, strokes) for strokes in (True, False))
     assert both.probabilities != pytest.approx(alone.probabilities, abs=1e-4)
     draw(draw_app, png)
-    shown = draw_app.session_state[app.ANALYSIS].prediction
+    shown = draw_app.session_state[ui.session.ANALYSIS].prediction
     assert shown.probabilities == pytest.approx(both.probabilities, abs=1e-6)
 
     png = digit_png(7)
     with caplog.at_level(logging.WARNING, logger="app"):
         value = {"drawing": {"raw": {"objects": [{"type": "Path", "path": [["Z", "?"]]}]}}}
         value["drawing"]["data"] = "data:image/png;base64," + base64.b64encode(png).decode()
-        draw_app.session_state[f"canvas-{draw_app.session_state[app.CANVAS_GENERATION]}"] = value
+        canvas = f"canvas-{draw_app.session_state[ui.session.CANVAS_GENERATION]}"
+        draw_app.session_state[canvas] = value  # as draw() sends a drawing
         draw_app.run()
-    analysis = draw_app.session_state[app.ANALYSIS]
+    analysis = draw_app.session_state[ui.session.ANALYSIS]
     alone = expected_prediction(model_file, png, strokes=False)
     assert analysis.prediction.probabilities == pytest.approx(alone.probabilities, abs=1e-6)
     assert shown_predictions(draw_app) == [f"Prediction: {alone.digit}"]
@@ -290,8 +303,8 @@ def test_the_strokes_are_read_with_the_image_and_unreadable_strokes_leave_the_im
 def test_model_view_is_the_28x28_input_upscaled_with_nearest_neighbour():
     pixels = np.zeros((28, 28), dtype=np.uint8)
     pixels[3, 5] = 200
-    view = np.asarray(Image.open(io.BytesIO(app.model_view_png(pixels))))
-    assert view.shape == (app.MODEL_VIEW_SIZE, app.MODEL_VIEW_SIZE)
+    view = np.asarray(Image.open(io.BytesIO(ui.analysis.model_view_png(pixels))))
+    assert view.shape == (ui.analysis.MODEL_VIEW_SIZE, ui.analysis.MODEL_VIEW_SIZE)
     assert set(np.unique(view)) == {0, 200}  # no blur
     assert (view[15:20, 25:30] == 200).all() and view[15:20, 24].max() == 0
 
@@ -353,7 +366,7 @@ def test_correct_stores_the_predicted_digit_with_the_model_confidence(
     png = digit_png(7)
     expected = expected_prediction(model_file, png)
 
-    click(draw(draw_app, png), app.CORRECT_BUTTON)
+    click(draw(draw_app, png), ui.session.CORRECT_BUTTON)
 
     [(predicted, true_label, confidence, _)] = stored_rows(clean_db)
     assert (predicted, true_label) == (expected.digit, expected.digit)
@@ -404,9 +417,9 @@ def test_an_answer_records_the_model_that_made_the_prediction(
         return f"model.pth@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
     first = name_of_the_file()
-    click(draw(draw_app, digit_png(7)), app.CORRECT_BUTTON)
+    click(draw(draw_app, digit_png(7)), ui.session.CORRECT_BUTTON)
     save_untrained_model(path, seed=1)  # retrained while the app runs
-    click(draw(draw_app, digit_png(1)), app.CORRECT_BUTTON)
+    click(draw(draw_app, digit_png(1)), ui.session.CORRECT_BUTTON)
 
     with clean_db.connect() as conn:
         names = [row[0] for row in conn.execute("SELECT model FROM predictions ORDER BY id")]
@@ -425,18 +438,18 @@ def stored_drawings(server: PostgresProcess) -> list[tuple]:
 def test_an_answer_keeps_the_drawing_that_was_shown(draw_app, clean_db, model_file):
     """The strokes as the canvas sent them, the canvas and brush sizes, and the 28x28 image
     shown as "What the model sees"; the page says that drawings are kept."""
-    assert app.DRAWINGS_KEPT in values(draw_app.caption)
+    assert ui.draw.DRAWINGS_KEPT in values(draw_app.caption)
     png = digit_png(7)
     draw(draw_app, png)
-    shown = draw_app.session_state[app.ANALYSIS]
+    shown = draw_app.session_state[ui.session.ANALYSIS]
     view = np.asarray(Image.open(io.BytesIO(shown.model_view_png)))
-    click(draw_app, app.CORRECT_BUTTON)
+    click(draw_app, ui.session.CORRECT_BUTTON)
 
     [(submission_id, strokes, canvas_size, brush_width, image)] = stored_drawings(clean_db)
     assert [row[3] for row in stored_rows(clean_db)] == [submission_id]
     assert strokes == [[list(point) for point in stroke] for stroke in STROKES[7]]
     assert (canvas_size, brush_width) == (utils.CANVAS_SIZE, utils.BRUSH_WIDTH)
-    step = app.MODEL_VIEW_SIZE // utils.FRAME_SIZE  # the view is the image, 5x larger
+    step = ui.analysis.MODEL_VIEW_SIZE // utils.FRAME_SIZE  # the view is the image, 5x larger
     assert image == view[::step, ::step].tobytes() == shown.model_pixels
     image_read = utils.to_pixels(utils.preprocess(np.asarray(Image.open(io.BytesIO(png)))))
     assert image == image_read.tobytes()
@@ -445,8 +458,8 @@ def test_an_answer_keeps_the_drawing_that_was_shown(draw_app, clean_db, model_fi
 def test_store_drawings_false_stores_the_answer_without_its_drawing(clean_db, monkeypatch):
     monkeypatch.setenv("STORE_DRAWINGS", "false")
     at = start_app()
-    assert app.DRAWINGS_KEPT not in values(at.caption)
-    click(draw(at, digit_png(7)), app.CORRECT_BUTTON)
+    assert ui.draw.DRAWINGS_KEPT not in values(at.caption)
+    click(draw(at, digit_png(7)), ui.session.CORRECT_BUTTON)
     assert values(at.success) and len(stored_rows(clean_db)) == 1
     assert stored_drawings(clean_db) == []
 
@@ -473,12 +486,12 @@ def test_a_drawing_too_large_to_keep_is_refused_and_nothing_is_stored(
     db.MAX_STROKES, when the canvas's paths are read): a clear message, no row, nothing reset;
     with a drawing of fewer points, the answer is stored."""
     draw(draw_app, drawing_png(strokes()))
-    click(draw_app, app.CORRECT_BUTTON)
+    click(draw_app, ui.session.CORRECT_BUTTON)
     [error] = values(draw_app.error)
     assert error.startswith("Not saved: this drawing is too large to keep " + reason)
     assert stored_rows(clean_db) == [] and stored_drawings(clean_db) == []
     assert_nothing_reset(draw_app, label="")
-    click(draw(draw_app, digit_png(1)), app.CORRECT_BUTTON)
+    click(draw(draw_app, digit_png(1)), ui.session.CORRECT_BUTTON)
     assert len(stored_rows(clean_db)) == len(stored_drawings(clean_db)) == 1
 
 
@@ -486,19 +499,19 @@ def test_database_down_keeps_the_drawing_and_label_and_the_retry_stores_once(fre
     fresh_pg_server.stop()
     db.configure(fresh_pg_server.url)
     at = start_app()
-    assert values(at.warning) == [app.DATABASE_DOWN_BANNER]
+    assert values(at.warning) == [ui.draw.DATABASE_DOWN_BANNER]
     draw(at, digit_png(7))  # predictions work without a database
     assert len(shown_predictions(at)) == 1
 
     submit_label(at, "3")
-    assert values(at.error) == [app.FEEDBACK_NOT_SAVED]
+    assert values(at.error) == [ui.session.FEEDBACK_NOT_SAVED]
     assert_nothing_reset(at, label="3")
-    pending = at.session_state[app.PENDING_SUBMISSION].submission_id
-    click(at, app.SUBMIT_CORRECTION_BUTTON)  # still down
-    assert values(at.error) == [app.FEEDBACK_NOT_SAVED]
+    pending = at.session_state[ui.session.PENDING_SUBMISSION].submission_id
+    click(at, ui.session.SUBMIT_CORRECTION_BUTTON)  # still down
+    assert values(at.error) == [ui.session.FEEDBACK_NOT_SAVED]
 
     fresh_pg_server.start()  # empty: the table does not exist yet
-    click(at, app.SUBMIT_CORRECTION_BUTTON)
+    click(at, ui.session.SUBMIT_CORRECTION_BUTTON)
     assert values(at.success)[0].startswith("Saved: you drew a 3 ")
     assert at.error == [] and at.warning == []
     # The id of the first attempt: had it reached the database, this would be the same row.
@@ -513,25 +526,25 @@ def test_a_busy_database_keeps_the_answer_and_says_busy_not_down(clean_db, monke
     with clean_db.connect() as locker:  # e.g. a restore holding the table
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
-        click(at, app.CORRECT_BUTTON)
+        click(at, ui.session.CORRECT_BUTTON)
         history = history_app()
         locker.execute("ROLLBACK")
-    assert values(at.error) == [app.FEEDBACK_BUSY]
-    assert values(history.error) == [app.HISTORY_BUSY]
+    assert values(at.error) == [ui.session.FEEDBACK_BUSY]
+    assert values(history.error) == [ui.history.HISTORY_BUSY]
     assert at.warning == []  # no "database unreachable" banner
     assert_nothing_reset(at, label="")
-    click(at, app.CORRECT_BUTTON)
+    click(at, ui.session.CORRECT_BUTTON)
     assert values(at.success) and len(stored_rows(clean_db)) == 1
 
 
 def test_a_malformed_database_url_never_crashes_the_app():
     db.configure("not a connection string")
     at = start_app()
-    assert values(at.warning) == [app.DATABASE_DOWN_BANNER]
-    click(draw(at, digit_png(7)), app.CORRECT_BUTTON)
-    assert values(at.error) == [app.FEEDBACK_FAILED]
+    assert values(at.warning) == [ui.draw.DATABASE_DOWN_BANNER]
+    click(draw(at, digit_png(7)), ui.session.CORRECT_BUTTON)
+    assert values(at.error) == [ui.session.FEEDBACK_FAILED]
     assert_nothing_reset(at, label="")
-    assert values(history_app().error) == [app.HISTORY_FAILED]
+    assert values(history_app().error) == [ui.history.HISTORY_FAILED]
 
 
 def test_more_replicas_than_the_databases_connections_allow_store_nothing_and_say_why(
@@ -542,8 +555,8 @@ def test_more_replicas_than_the_databases_connections_allow_store_nothing_and_sa
     at = start_app()
     assert "1000 app replicas (APP_REPLICAS)" in caplog.text
     assert "but PostgreSQL allows only" in caplog.text
-    click(draw(at, digit_png(7)), app.CORRECT_BUTTON)
-    assert values(at.error) == [app.FEEDBACK_FAILED]
+    click(draw(at, digit_png(7)), ui.session.CORRECT_BUTTON)
+    assert values(at.error) == [ui.session.FEEDBACK_FAILED]
     assert stored_rows(clean_db) == []
 
 
@@ -566,7 +579,7 @@ def test_history_lists_every_row_newest_first(clean_db):
     assert list(frame["predicted"]) == [1, 3, 7]
     assert list(frame["true label"]) == [1, 8, 7]
     assert list(frame["confidence"]) == pytest.approx([25.0, 50.0, 98.6], rel=1e-6)
-    assert list(frame["model"]) == [app.UNRECORDED_MODEL, "a@1", "a@1"]
+    assert list(frame["model"]) == [ui.history.UNRECORDED_MODEL, "a@1", "a@1"]
     assert frame["time"].is_monotonic_decreasing
     metrics = {metric.label: metric.value for metric in at.metric}
     assert metrics == {"Answers stored": "3", "Model accuracy": "66.7%"}
@@ -574,7 +587,7 @@ def test_history_lists_every_row_newest_first(clean_db):
     [matrix] = at.get("vega_lite_chart")
     assert chart_data(matrix).values.tolist() == [[1, 1, 1], [7, 7, 1], [8, 3, 1]]
     assert "The line appears with more than 50 answers." in values(at.caption)
-    assert app.DRAWINGS_EXPORT in values(at.caption)  # drawings: the owner's export
+    assert ui.history.DRAWINGS_EXPORT in values(at.caption)  # drawings: the owner's export
 
 
 def test_history_filters_by_model(clean_db):
@@ -583,7 +596,7 @@ def test_history_filters_by_model(clean_db):
     at = history_app()
     assert {metric.label: metric.value for metric in at.metric}["Model accuracy"] == "75.0%"
 
-    at.selectbox(key=app.MODEL_FILTER).select("b@2").run()
+    at.selectbox(key=ui.history.MODEL_FILTER).select("b@2").run()
 
     assert {metric.label: metric.value for metric in at.metric} == {
         "Answers stored": "2",
@@ -608,19 +621,19 @@ def test_history_draws_accuracy_per_day_or_per_50_answers(clean_db):
         [50, 50, 45],
         [100, 50, 45],
     ]
-    at.radio(key=app.TIME_SCALE).set_value(app.PER_DAY).run()
+    at.radio(key=ui.history.TIME_SCALE).set_value(ui.history.PER_DAY).run()
     [_, per_day] = at.get("vega_lite_chart")
     assert chart_data(per_day)[["answers", "correct"]].values.tolist() == [[60, 54], [40, 36]]
 
 
 def test_history_without_rows_says_so(clean_db):
     at = history_app()
-    assert values(at.info) == [app.NO_HISTORY]
+    assert values(at.info) == [ui.history.NO_HISTORY]
     assert at.dataframe == []
 
 
 def test_history_with_the_database_down_says_so():
     db.configure(NO_DATABASE_URL)
     at = history_app()
-    assert values(at.error) == [app.HISTORY_UNAVAILABLE]
+    assert values(at.error) == [ui.history.HISTORY_UNAVAILABLE]
     assert at.dataframe == []

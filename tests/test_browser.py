@@ -25,11 +25,13 @@ from conftest import aligned_difference, own_server
 from mnist_files import PEN_SUBSET
 from PIL import Image
 
-import app as app_module
 import db
 import drawings
 import model
 import pendigits
+import ui.analysis
+import ui.draw
+import ui.session
 import utils
 from lab import browser
 from lab.browser import AppPage, AppProcess
@@ -117,7 +119,7 @@ def assert_blank_for_the_next_drawing(page: AppPage) -> None:
     assert page.ink_pixels() == 0, "the canvas was not cleared"
     assert page.prediction() is None
     assert page.true_label_input().input_value() == ""
-    assert page.button(app_module.CORRECT_BUTTON).is_disabled()
+    assert page.button(ui.session.CORRECT_BUTTON).is_disabled()
 
 
 def test_drawings_are_predicted_stored_as_shown_and_the_canvas_starts_afresh(
@@ -166,7 +168,7 @@ def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
     assert page.prediction() == shown
     page.snap("new-drawing-not-shown-yet")
     clicked = page.mark()
-    page.button(app_module.CORRECT_BUTTON).click()
+    page.button(ui.session.CORRECT_BUTTON).click()
     gate.wait_for_finished_runs(page.page, 2)
     gate.release()
     page.wait_until_idle(clicked)
@@ -216,7 +218,7 @@ def model_view_shown(page: AppPage, app_url: str) -> np.ndarray:
     """The 28x28 image under "What the model sees", as the page shows it (5x larger)."""
     src = page.page.get_by_test_id("stImage").locator("img").get_attribute("src")
     png = page.page.request.get(urljoin(app_url + "/", src)).body()
-    step = app_module.MODEL_VIEW_SIZE // utils.FRAME_SIZE
+    step = ui.analysis.MODEL_VIEW_SIZE // utils.FRAME_SIZE
     return np.asarray(Image.open(io.BytesIO(png)).convert("L"))[::step, ::step]
 
 
@@ -236,7 +238,7 @@ def test_a_mouse_drawing_is_stored_with_its_strokes_and_the_image_shown(
     strokes, each point on the path the mouse took, with the 28x28 image the page showed; the
     strokes draw back into that image (drawings.model_image: same digit, near the same pixels)."""
     page = open_session()
-    assert page.page.get_by_text(app_module.DRAWINGS_KEPT).is_visible()
+    assert page.page.get_by_text(ui.draw.DRAWINGS_KEPT).is_visible()
     baseline = last_id(module_db)
     shown = draw_and_read(page, 7)
     view = model_view_shown(page, shared_app.url)
@@ -244,7 +246,7 @@ def test_a_mouse_drawing_is_stored_with_its_strokes_and_the_image_shown(
     assert saved_message(7, shown) in page.alerts()
 
     [(strokes, canvas_size, brush_width, image)] = drawings_after(module_db, baseline)
-    assert (canvas_size, brush_width) == (app_module.CANVAS_SIZE, app_module.BRUSH_WIDTH)
+    assert (canvas_size, brush_width) == (utils.CANVAS_SIZE, utils.BRUSH_WIDTH)
     assert len(strokes) == len(browser.DIGIT_STROKES[7])
     for stroke, moved in zip(strokes, browser.DIGIT_STROKES[7], strict=True):
         assert len(stroke) >= 10  # a point per mouse move, every 4 px at most
@@ -316,7 +318,7 @@ def test_on_a_phone_a_finger_draws_and_the_guess_and_answers_fit_one_screen(
     page.snap("drew-7")
     assert shown.digit == 7
 
-    correct = page.button(app_module.CORRECT_BUTTON)
+    correct = page.button(ui.session.CORRECT_BUTTON)
     canvas, *_, correct_box, label_box, submit_box = [
         assert_in_view(locator, viewport)
         for locator in [
@@ -325,10 +327,10 @@ def test_on_a_phone_a_finger_draws_and_the_guess_and_answers_fit_one_screen(
             page.page.locator("strong", has_text="Confidence:"),
             correct,
             page.true_label_input(),
-            page.button(app_module.SUBMIT_CORRECTION_BUTTON),
+            page.button(ui.session.SUBMIT_CORRECTION_BUTTON),
         ]
     ]
-    assert (canvas["width"], canvas["height"]) == (app_module.CANVAS_SIZE,) * 2
+    assert (canvas["width"], canvas["height"]) == (utils.CANVAS_SIZE,) * 2
     # A finger on the canvas draws: a strip beside it is left to scroll the page with.
     assert viewport["width"] - (canvas["x"] + canvas["width"]) >= 48
     assert correct_box["x"] + correct_box["width"] <= label_box["x"]  # one row, in order
@@ -372,10 +374,10 @@ def test_sessions_drawing_and_answering_at_once_each_store_what_they_showed(
         for index, page in enumerate(pages):
             label = shown[index].digit if (index + n) % 2 else (index + n) % 10
             if (index + n) % 2:
-                button = page.button(app_module.CORRECT_BUTTON)
+                button = page.button(ui.session.CORRECT_BUTTON)
             else:
                 page.type_true_label(str(label))
-                button = page.button(app_module.SUBMIT_CORRECTION_BUTTON)
+                button = page.button(ui.session.SUBMIT_CORRECTION_BUTTON)
             expected.append((shown[index], label))
             clicked.append(page.mark())
             button.click()
@@ -419,13 +421,13 @@ def test_a_hung_database_shows_the_save_then_not_saved_and_the_retry_stores_once
     page.type_true_label("1")
     proxy.hang()
     try:
-        page.page.evaluate(_WATCH_SAVING, app_module.SAVING)
+        page.page.evaluate(_WATCH_SAVING, ui.session.SAVING)
         page.submit_correction()
         page.snap("database-hung")
         assert page.page.evaluate("() => window.__savingShown"), "no sign of the save"
         alerts = page.alerts()
-        assert app_module.FEEDBACK_NOT_SAVED in alerts and app_module.SAVING not in alerts, alerts
-        assert app_module.DATABASE_DOWN_BANNER in alerts, alerts
+        assert ui.session.FEEDBACK_NOT_SAVED in alerts and ui.session.SAVING not in alerts, alerts
+        assert ui.draw.DATABASE_DOWN_BANNER in alerts, alerts
         assert page.prediction() == shown
         assert page.true_label_input().input_value() == "1"
         assert page.ink_pixels() > 1000, "the drawing vanished from the canvas"
@@ -434,7 +436,7 @@ def test_a_hung_database_shows_the_save_then_not_saved_and_the_retry_stores_once
     page.submit_correction()
     page.snap("database-back")
     assert saved_message(1, shown) in page.alerts()
-    assert app_module.FEEDBACK_NOT_SAVED not in page.alerts()
+    assert ui.session.FEEDBACK_NOT_SAVED not in page.alerts()
     assert_blank_for_the_next_drawing(page)
     rows = rows_after(module_db, baseline)
     assert len(rows) == 1 and is_shown(rows[0], shown, 1), rows

@@ -236,10 +236,10 @@ def memory_run(cycles: int, database_url: str) -> list[float]:
     from streamlit import config
     from streamlit.testing.v1 import AppTest
 
-    import app
     import utils
     from lab.bench.common import ROOT
     from lab.browser import ONE_STROKE, fabric_path
+    from ui.session import ANALYSIS, CANVAS_GENERATION, CORRECT_BUTTON, feedback_key
 
     config.set_option("runner.postScriptGC", False)
     os.environ["DATABASE_URL"] = database_url
@@ -254,13 +254,13 @@ def memory_run(cycles: int, database_url: str) -> list[float]:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     process, rss = psutil.Process(), []
     for n in range(cycles):
-        key = f"canvas-{at.session_state[app.CANVAS_GENERATION]}"
+        key = f"canvas-{at.session_state[CANVAS_GENERATION]}"
         objects = [fabric_path(stroke) for stroke in ONE_STROKE[(1, 7)[n % 2]]]
         at.session_state[key] = {"drawing": {"raw": {"objects": objects}, "data": pngs[n % 2]}}
         at.run()
-        analysis = at.session_state[app.ANALYSIS]
-        at.button(key=app.feedback_key(app.CORRECT_BUTTON, analysis)).click().run()
-        assert not at.exception and at.session_state[app.CANVAS_GENERATION] == n + 1, at.exception
+        analysis = at.session_state[ANALYSIS]
+        at.button(key=feedback_key(CORRECT_BUTTON, analysis)).click().run()
+        assert not at.exception and at.session_state[CANVAS_GENERATION] == n + 1, at.exception
         rss.append(process.memory_info().rss / 2**20)
     return rss
 

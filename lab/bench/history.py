@@ -41,16 +41,16 @@ def fill(server, rows: int = ROWS) -> None:
 
 def query_seconds() -> float:
     """The queries the History page makes for all models, run once in this process."""
-    import app
     import db
+    import ui.history
 
     start = time.perf_counter()
     db.models_answering()
     db.digit_accuracy()
     db.confusion_counts()
     db.most_confused()
-    db.accuracy_per_answers(size=app.ANSWERS_PER_POINT)
-    db.recent_predictions(limit=app.HISTORY_LIMIT)
+    db.accuracy_per_answers(size=ui.history.ANSWERS_PER_POINT)
+    db.recent_predictions(limit=ui.history.HISTORY_LIMIT)
     return time.perf_counter() - start
 
 

@@ -59,7 +59,7 @@ def run() -> list[Row]:
     import model
     import utils
 
-    torch.set_num_threads(1)  # as the app does (app.load_classifier)
+    torch.set_num_threads(1)  # as the app does (ui.serving.load_classifier)
     path = model.model_path()
     load_ms = []
     for _ in range(21):
@@ -67,13 +67,13 @@ def run() -> list[Row]:
         classifier = model.load_model(path)
         load_ms.append((time.perf_counter() - start) * 1000)
     start = time.perf_counter()
-    served = model.Compiled(classifier)  # what the app serves (app.warm_up)
+    served = model.Compiled(classifier)  # what the app serves (ui.serving.warm_up)
     compile_ms = (time.perf_counter() - start) * 1000
 
     drawings = pen_drawings(50)
 
     def read(image, objects) -> tuple[float, float, float]:
-        """One drawing as app.analyse reads it: ms of image, of strokes, of predict."""
+        """One drawing as ui.analysis.analyse reads it: ms of image, of strokes, of predict."""
         start = time.perf_counter()
         batch = utils.preprocess(image)
         middle = time.perf_counter()
