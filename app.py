@@ -30,8 +30,9 @@ import db
 import drawings
 import feedback
 import model
+import registry.live
+import registry.store
 import utils
-import versions
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 if TYPE_CHECKING:
@@ -161,10 +162,10 @@ def stored_model_name(path: str, file_version: tuple[int, int] | None) -> str:
 
 
 @st.cache_resource(show_spinner=False)
-def live_model() -> versions.LiveModel:
-    """The registry's live version, followed within ~10 s of a promotion (versions.py); the
+def live_model() -> registry.live.LiveModel:
+    """The registry's live version, followed within ~10 s of a promotion (registry/live.py); the
     model file while the registry is empty."""
-    return versions.LiveModel(file_classifier, prepare=warm_up)
+    return registry.live.LiveModel(file_classifier, prepare=warm_up)
 
 
 def current_classifier() -> tuple[model.Compiled, str]:
@@ -792,7 +793,7 @@ def show_history() -> list[dict]:
 def show_versions(models: list[dict]) -> None:
     """The model versions that were live: when, their figures at promotion, and the answers
     they gave (*models*: db.models_answering's rows)."""
-    rows = versions.history_rows(versions.history(models))
+    rows = registry.store.history_rows(registry.store.history(models))
     if not rows:
         return
     st.subheader("Model versions", anchor=False)
