@@ -668,7 +668,7 @@ def candidate_path(args: argparse.Namespace) -> Path:
 def promote(args: argparse.Namespace, trained: Trained) -> int:
     """Hand the candidate to versions.promote with the sets to compare it on; the exit code."""
     try:
-        import versions  # only here: training without --promote needs no registry
+        import registry.promotion  # only here: training without --promote needs no registry
     except ImportError as exc:
         raise SetupError(f"--promote needs versions.py, the model registry ({exc})") from exc
 
@@ -685,7 +685,7 @@ def promote(args: argparse.Namespace, trained: Trained) -> int:
     held_pen = held_pen or sources.pen_held_out(args) or sources.Images.empty()
 
     def eval_set(images: sources.Images, primary: bool = False):
-        return versions.EvalSet(
+        return registry.promotion.EvalSet(
             utils.normalize(images.images)[:, None],
             images.labels,
             primary,
@@ -697,7 +697,7 @@ def promote(args: argparse.Namespace, trained: Trained) -> int:
         "MNIST test": eval_set(data.test),
         "held-out pen writers": eval_set(held_pen),
     }
-    result = versions.promote(
+    result = registry.promotion.promote(
         trained.path,
         trained.info,
         eval_sets,
@@ -711,7 +711,7 @@ def promote(args: argparse.Namespace, trained: Trained) -> int:
             str(result.live_sha256)[:12],
             trained.path,
         )
-        return versions.EXIT_REFUSED
+        return registry.promotion.EXIT_REFUSED
     atomic_write_text(json.dumps(trained.info, indent=2) + "\n", args.out.with_suffix(".json"))
     log.info("promoted %s: now live, and in %s", str(result.candidate_sha256)[:12], args.out)
     return 0

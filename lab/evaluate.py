@@ -503,7 +503,7 @@ def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None
 
 def simulate_people(args: argparse.Namespace) -> None:
     """The feedback loop with simulated people (see the module's docstring)."""
-    import versions
+    import registry.promotion
     from lab import people  # needs PostgreSQL's binaries (pgserver): only here
 
     shipped_path = model_lib.model_path() if args.model is None else Path(args.model)
@@ -569,7 +569,7 @@ def simulate_people(args: argparse.Namespace) -> None:
             text=True,
         )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if result.returncode not in (0, versions.EXIT_REFUSED):
+        if result.returncode not in (0, registry.promotion.EXIT_REFUSED):
             raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}")
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         promoted = result.returncode == 0

@@ -9,6 +9,7 @@
 - ``pg_template`` (session): a stopped data directory to copy a ``PostgresProcess`` from.
 - ``chromium`` (session): one headless Chromium (fails, never skips, if it is missing).
 - The ``db`` module's pool and configuration are reset after every test.
+- The registry's tests' fixtures are tests/registry_fixtures.py's (``pytest_plugins``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from lab import browser
 from lab.postgres import PostgresProcess, initdb
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytest_plugins = ["registry_fixtures"]
 
 # Tests never need the full pen digits file: train.py runs started by any test read the
 # committed subset unless PENDIGITS_DIR says otherwise (as MNIST tests pass the MNIST subset).

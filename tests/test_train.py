@@ -427,11 +427,11 @@ def test_feedback_from_an_unreachable_database_is_a_clear_error_with_exit_code_2
 def test_promote_through_the_cli_one_promoted_then_one_refused_that_changes_nothing(
     fresh_pg_server, tmp_path
 ):
-    """train.py --promote with the real versions.py and PostgreSQL (the rule itself is
-    tests/test_versions.py's). The live model starts as untrained weights in --out: a candidate
+    """train.py --promote with the real registry and PostgreSQL (tests/test_registry_promotion.py
+    tests the rule itself). The live model starts as untrained weights in --out: a candidate
     fine-tuned from the shipped model beats it (exit 0); then one trained from scratch on 100
     images loses to that one (exit EXIT_REFUSED) and leaves --out and model.json as they were."""
-    import versions
+    from registry import promotion, store
 
     answers = answered(fresh_pg_server, 30)
     held = [a for a in answers if train.sources.is_held_out(*submission(fresh_pg_server, a))]
@@ -456,15 +456,15 @@ def test_promote_through_the_cli_one_promoted_then_one_refused_that_changes_noth
     info = json.loads(out.with_suffix(".json").read_text())
     assert info == json.loads(candidate.with_suffix(".json").read_text()) and info["init"]
     with fresh_pg_server.connect() as conn:
-        assert versions.live_sha(conn) == versions.sha256_of(out.read_bytes())
+        assert store.live_sha(conn) == store.sha256_of(out.read_bytes())
 
     live_bytes, live_json = out.read_bytes(), out.with_suffix(".json").read_bytes()
     refused = run(command, env)
-    assert refused.returncode == versions.EXIT_REFUSED, refused.stdout + refused.stderr
+    assert refused.returncode == promotion.EXIT_REFUSED, refused.stdout + refused.stderr
     assert "REFUSED" in refused.stdout and "not promoted" in refused.stdout
     assert out.read_bytes() == live_bytes and out.with_suffix(".json").read_bytes() == live_json
     with fresh_pg_server.connect() as conn:
-        assert versions.live_sha(conn) == versions.sha256_of(live_bytes)
+        assert store.live_sha(conn) == store.sha256_of(live_bytes)
 
 
 def submission(server, answer: people.Answer) -> tuple[object, int]:

@@ -14,8 +14,9 @@ import streamlit as st
 
 import feedback
 import model
+import settings
 from ui.analysis import MODEL_VIEW_SIZE, Analysis
-from ui.serving import current_classifier, database_status, store_drawings
+from ui.serving import current_classifier, database_status
 from ui.session import (
     CORRECT_BUTTON,
     SAVED_MESSAGE,
@@ -75,7 +76,7 @@ def drawing_area() -> None:
     # Room for the canvas toolbar, which floats above it on hover: the notice that drawings are
     # kept, if they are (there, it costs no height a phone needs for the feedback row), else a
     # space. The same on every run: an element changing above the canvas would re-create it.
-    if store_drawings():
+    if settings.store_drawings():
         st.container(key="drawings_notice").caption(DRAWINGS_KEPT)
     else:
         st.space("small")

@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 import db
-import versions
+import registry.store
 from ui.serving import database_status
 
 logger = logging.getLogger("app")
@@ -126,7 +126,7 @@ def show_history() -> list[dict]:
 def show_versions(models: list[dict]) -> None:
     """The model versions that were live: when, their figures at promotion, and the answers
     they gave (*models*: db.models_answering's rows)."""
-    rows = versions.history_rows(versions.history(models))
+    rows = registry.store.history_rows(registry.store.history(models))
     if not rows:
         return
     st.subheader("Model versions", anchor=False)

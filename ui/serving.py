@@ -7,10 +7,8 @@ objects over every run of every session.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,9 @@ from psycopg.conninfo import conninfo_to_dict
 import db
 import feedback
 import model
+import registry.live
+import settings
 import utils
-import versions
 
 logger = logging.getLogger("app")
 
@@ -46,7 +45,7 @@ def warm_up(classifier: model.DigitCNN) -> model.Compiled:
     (`model.Compiled`, ~1.4 ms less per drawing) and run once."""
     # One small image at a time: more threads only add synchronisation, which costs up to
     # ~150 ms per prediction when the CPU is shared (measured on 2 cores). APP_THREADS: more.
-    torch.set_num_threads(app_threads())
+    torch.set_num_threads(settings.app_threads())
     classifier = model.Compiled(classifier)
     # The first forward pass is ~200 ms slower than the next ones: pay it here, not on a drawing.
     for _ in range(2):  # TorchScript settles its graph on its first runs
@@ -58,15 +57,6 @@ def warm_up(classifier: model.DigitCNN) -> model.Compiled:
     return classifier
 
 
-def app_threads() -> int:
-    """Torch threads for predictions: APP_THREADS (default 1)."""
-    value = os.environ.get("APP_THREADS", "").strip() or "1"
-    if not value.isdigit() or int(value) < 1:
-        logger.warning("APP_THREADS=%r is not a positive integer: using 1 thread", value)
-        return 1
-    return int(value)
-
-
 @st.cache_resource(show_spinner=False, max_entries=2)
 def stored_model_name(path: str, file_version: tuple[int, int] | None) -> str:
     """How stored answers name the model: its file name and the start of its SHA-256."""
@@ -75,10 +65,10 @@ def stored_model_name(path: str, file_version: tuple[int, int] | None) -> str:
 
 
 @st.cache_resource(show_spinner=False)
-def live_model() -> versions.LiveModel:
-    """The registry's live version, followed within ~10 s of a promotion (versions.py); the
+def live_model() -> registry.live.LiveModel:
+    """The registry's live version, followed within ~10 s of a promotion (registry/live.py); the
     model file while the registry is empty."""
-    return versions.LiveModel(file_classifier, prepare=warm_up)
+    return registry.live.LiveModel(file_classifier, prepare=warm_up)
 
 
 def current_classifier() -> tuple[model.Compiled, str]:
@@ -139,22 +129,6 @@ def database_location() -> str:
     user, dbname = params.get("user", ""), params.get("dbname", "")
     host = params.get("host") or params.get("hostaddr") or "localhost"
     return f"{user}@{host}:{params.get('port') or 5432}/{dbname}"
-
-
-def store_drawings() -> bool:
-    """Whether each answer's drawing is kept: STORE_DRAWINGS (default on; false/0/no/off)."""
-    return _store_drawings(os.environ.get("STORE_DRAWINGS", ""))
-
-
-@functools.cache  # read on every run: an unknown value is logged once
-def _store_drawings(value: str) -> bool:
-    value = value.strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    logger.warning("STORE_DRAWINGS=%r is not true or false: drawings are kept", value)
-    return True
 
 
 def store(

@@ -19,8 +19,9 @@ import db
 import drawings
 import feedback
 import model
+import settings
 from ui.analysis import Analysis, analyse, drawing_digest
-from ui.serving import store, store_drawings
+from ui.serving import store
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ def drawing_to_keep(analysis: Analysis) -> db.Drawing | None:
     """The drawing of the answer, as shown (the strokes travel with the analysis of the drawing
     on screen), or None with STORE_DRAWINGS off; raises why its strokes could not be read.
     Checked here, once per save, never per rerun."""
-    if not store_drawings():
+    if not settings.store_drawings():
         return None
     if analysis.strokes_error is not None:
         raise analysis.strokes_error

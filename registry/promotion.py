@@ -1,0 +1,300 @@
+"""The promotion rule: a candidate becomes the live version only if it is better.
+
+``promote()`` (``train.py --promote``) registers the candidate as a version (registry/store.py),
+compares it with the live model on the same evaluation sets, prints the table and makes it live
+only by ``refusals()``'s rule (README, "Versions and promotion").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import model as model_lib
+from registry.store import (
+    _PROMOTION_LOCK_KEY,
+    _connect,
+    _percent,
+    _record,
+    ensure_live,
+    live_sha,
+    load_weights,
+    register,
+    weights_of,
+    write_model_files,
+)
+
+log = logging.getLogger("versions")  # the registry's logger (registry/store.py)
+
+EXIT_REFUSED = 3  # train.py --promote: the candidate was refused; nothing changed
+PRIMARY = "held-out feedback"  # the set a candidate must be better on (EvalSet.paired_primary)
+# The rule (README, "Versions and promotion"): one-sided exact sign tests on the drawings that
+# exactly one of the two models reads right.
+GUARD_ALPHA = 0.05  # a set's overall loss this unlikely under "equally good" refuses
+PER_DIGIT_ALPHA = 0.005  # a digit's loss on a set, likewise (0.05 over 10 digits: Bonferroni)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    images: torch.Tensor  # (N, 1, 28, 28) float, normalised as utils.normalize does
+    labels: torch.Tensor  # (N,) int64
+    paired_primary: bool = False  # the held-out feedback: the candidate must be better on it
+    # Their paths (N, 5, points) as utils.trajectory gives them, read by a model that has a
+    # trajectory model as the app reads them; None: the images alone.
+    trajectories: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two models on the same images: how many each reads right, and how many only one does."""
+
+    count: int
+    live: int
+    candidate: int
+    only_live: int
+    only_candidate: int
+
+    @classmethod
+    def of(cls, live_right: torch.Tensor, candidate_right: torch.Tensor) -> Paired:
+        return cls(
+            count=len(live_right),
+            live=int(live_right.sum()),
+            candidate=int(candidate_right.sum()),
+            only_live=int((live_right & ~candidate_right).sum()),
+            only_candidate=int((candidate_right & ~live_right).sum()),
+        )
+
+    def p_worse(self) -> float:
+        """One-sided sign test: the chance of this many live-only reads (or more) among the
+        discordant drawings if both models were equally good."""
+        return sign_test(self.only_live, self.only_live + self.only_candidate)
+
+    def p_better(self) -> float:
+        return sign_test(self.only_candidate, self.only_live + self.only_candidate)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class SetComparison:
+    name: str
+    primary: bool
+    overall: Paired
+    by_digit: dict[int, Paired] = field(default_factory=dict)
+    live_loss: float | None = None  # mean cross-entropy of the true labels
+    candidate_loss: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "primary": self.primary,
+            **self.overall.as_dict(),
+            "live_loss": self.live_loss,
+            "candidate_loss": self.candidate_loss,
+            "by_digit": {str(d): paired.as_dict() for d, paired in self.by_digit.items()},
+        }
+
+
+def sign_test(successes: int, trials: int) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, 1/2), exactly (1.0 without trials)."""
+    if trials <= 0 or successes <= 0:
+        return 1.0
+    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
+
+
+def log_probabilities(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    batch: int = 1000,
+    trajectories: torch.Tensor | None = None,
+):
+    """What `net` makes of each image (with its path, where given and `net` reads paths)."""
+    net.eval()
+    out = []
+    reads_paths = trajectories is not None and getattr(net, "trajectory", None) is not None
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            inputs = [images[start : start + batch].float()]
+            if reads_paths:
+                inputs.append(trajectories[start : start + batch])
+            out.append(torch.log_softmax(net(*inputs), dim=1))
+    return torch.cat(out) if out else torch.empty((0, 10))
+
+
+def compare(
+    live: torch.nn.Module, candidate: torch.nn.Module, eval_sets: Mapping[str, EvalSet]
+) -> list[SetComparison]:
+    results = []
+    for name, eval_set in eval_sets.items():
+        labels = eval_set.labels.long()
+        live_out = log_probabilities(live, eval_set.images, trajectories=eval_set.trajectories)
+        candidate_out = log_probabilities(
+            candidate, eval_set.images, trajectories=eval_set.trajectories
+        )
+        live_right = live_out.argmax(1) == labels
+        candidate_right = candidate_out.argmax(1) == labels
+        by_digit = {
+            digit: Paired.of(live_right[labels == digit], candidate_right[labels == digit])
+            for digit in sorted(set(labels.tolist()))
+        }
+        losses = [
+            float(torch.nn.functional.nll_loss(out, labels)) if len(labels) else None
+            for out in (live_out, candidate_out)
+        ]
+        overall = Paired.of(live_right, candidate_right)
+        results.append(SetComparison(name, eval_set.paired_primary, overall, by_digit, *losses))
+    return results
+
+
+def refusals(comparisons: list[SetComparison]) -> list[str]:
+    """The rule; why the candidate may not be promoted (empty: promote it).
+
+    1. On the held-out feedback (people's drawings never trained on), more drawings only the
+       candidate reads right than drawings only the live model reads right; or as many, and a
+       lower mean loss (cross-entropy of the true labels: surer of the right answers).
+    2. On every set, overall: not worse beyond the noise, i.e. not more live-only than
+       candidate-only drawings with a one-sided sign test p < GUARD_ALPHA.
+    3. On every set, each digit: likewise with p < PER_DIGIT_ALPHA.
+    """
+    reasons = []
+    primary = [c for c in comparisons if c.primary]
+    if not primary or primary[0].overall.count == 0:
+        reasons.append(f"no {PRIMARY} to judge the candidate by")
+    else:
+        paired, first = primary[0].overall, primary[0]
+        surer = (
+            first.live_loss is not None
+            and first.candidate_loss is not None
+            and first.candidate_loss < first.live_loss
+        )
+        if paired.only_candidate < paired.only_live or (
+            paired.only_candidate == paired.only_live and not surer
+        ):
+            reasons.append(
+                f"not better on {first.name}: {paired.only_candidate} drawings only the"
+                f" candidate reads right, {paired.only_live} only the live model"
+                + (
+                    f"; mean loss {_loss(first.candidate_loss)} against {_loss(first.live_loss)}"
+                    if paired.only_candidate == paired.only_live
+                    else ""
+                )
+            )
+    for comparison in comparisons:
+        paired = comparison.overall
+        if not comparison.primary and (p := paired.p_worse()) < GUARD_ALPHA:
+            reasons.append(
+                f"worse on {comparison.name}: {paired.only_live} only the live model reads"
+                f" right, {paired.only_candidate} only the candidate (p={p:.2g})"
+            )
+        for digit, paired in comparison.by_digit.items():
+            if (p := paired.p_worse()) < PER_DIGIT_ALPHA:
+                reasons.append(
+                    f"worse on the {digit}s of {comparison.name}: {paired.only_live} only"
+                    f" the live model reads right, {paired.only_candidate} only the"
+                    f" candidate (p={p:.2g})"
+                )
+    return reasons
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def comparison_table(
+    comparisons: list[SetComparison], live: str, candidate: str, reasons: list[str]
+) -> str:
+    lines = [
+        f"candidate {candidate[:12]} against the live model {live[:12]}",
+        f"{'set':<22}{'images':>8}{'live':>9}{'cand.':>9}{'only live':>11}{'only cand.':>12}"
+        f"{'p worse':>9}{'p better':>10}{'loss live':>11}{'loss cand.':>11}",
+    ]
+    for c in comparisons:
+        paired = c.overall
+        lines.append(
+            f"{c.name:<22}{paired.count:>8}{_percent(paired.live, paired.count):>9}"
+            f"{_percent(paired.candidate, paired.count):>9}{paired.only_live:>11}"
+            f"{paired.only_candidate:>12}{paired.p_worse():>9.3g}{paired.p_better():>10.3g}"
+            f"{_loss(c.live_loss):>11}{_loss(c.candidate_loss):>11}"
+        )
+    lines.append("per digit, accuracy live -> candidate (only live / only candidate):")
+    for c in comparisons:
+        lines.append(f"  {c.name}")
+        for digit, paired in c.by_digit.items():
+            lines.append(
+                f"    {digit}: {_percent(paired.live, paired.count):>8} ->"
+                f" {_percent(paired.candidate, paired.count):>8}  of {paired.count:>5}"
+                f"  ({paired.only_live} / {paired.only_candidate})"
+            )
+    if reasons:
+        lines.append("REFUSED: " + "; ".join(reasons) + ". Nothing changed.")
+    else:
+        lines.append(f"PROMOTED: {candidate[:12]} is the live model.")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    promoted: bool
+    table: str
+    candidate_sha256: str
+    live_sha256: str  # the live model the candidate was compared with
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.promoted else EXIT_REFUSED
+
+
+def promote(
+    candidate_path: Path,
+    info: dict,
+    eval_sets: dict[str, EvalSet],
+    *,
+    conninfo: str | None = None,
+    out: Path | None = None,
+    initial: Path | None = None,
+) -> PromotionResult:
+    """Register the candidate's weights as a version, compare it with the live model on
+    *eval_sets*, print the table, and make it live (and write it with model.json to *out*,
+    default models/model.pth) only by the rule of ``refusals``. A refusal changes nothing but
+    the registry's list of versions. With an empty registry, *initial* (default: *out*) is made
+    the first live version. Raises ModelLoadError for unreadable weights, VersionError,
+    db.DatabaseUnavailable."""
+    out = Path(out) if out is not None else model_lib.DEFAULT_MODEL_PATH
+    weights = Path(candidate_path).read_bytes()
+    candidate = load_weights(weights, str(candidate_path))
+    with _connect(conninfo) as conn:
+        live = ensure_live(conn, Path(initial) if initial is not None else out)
+        candidate_sha = register(conn, weights, info)
+        live_weights, _ = weights_of(conn, live)
+        comparisons = compare(load_weights(live_weights, f"version {live}"), candidate, eval_sets)
+        reasons = refusals(comparisons)
+        if candidate_sha == live:
+            reasons = ["the candidate is the live model already"]
+        report = {
+            "compared_with": live,
+            "sets": [c.as_dict() for c in comparisons],  # a list: jsonb would reorder keys
+            "refused": reasons,
+        }
+        if not reasons:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PROMOTION_LOCK_KEY,))
+                if (now_live := live_sha(conn)) != live:
+                    reasons = [f"the live model changed to {now_live[:12]} meanwhile: run again"]
+                else:
+                    _record(conn, candidate_sha, "promote", report)
+    table = comparison_table(comparisons, live, candidate_sha, reasons)
+    print(table, flush=True)
+    if reasons:
+        log.warning("candidate %s refused: %s", candidate_sha[:12], "; ".join(reasons))
+    else:
+        write_model_files(weights, {**info, "sha256": candidate_sha}, out)
+        log.info("candidate %s promoted; weights written to %s", candidate_sha[:12], out)
+    return PromotionResult(not reasons, table, candidate_sha, live, tuple(reasons))
