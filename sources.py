@@ -1,4 +1,4 @@
-"""The training data, from three sources behind one interface: `load` gives train.py, for each
+"""The training data, from three sources behind one interface: `load_data` gives train.py, for each
 source, its training images and labels and the part kept out of training to measure on.
 
 - mnist: MNIST's 60,000 scanned training digits (its 10,000 test digits: `mnist_test`).
@@ -36,11 +36,12 @@ from mnist import DatasetError
 log = logging.getLogger("sources")
 
 NAMES = ("mnist", "pen", "feedback")
-HELD_OUT_BUCKETS = 5  # 1 in 5 submissions is held out (CONTRACT20.md, section B)
+HELD_OUT_BUCKETS = 5  # 1 in 5 submissions is held out, chosen by submission id (`is_held_out`)
 
-# The answered drawings (CONTRACT20.md, section A). Only the owner may read `drawings` (the app's
-# role may only insert), so training connects with db.resolve_conninfo(owner=True). A resumed
-# run reads the rows its first attempt read (`until`), not the ones stored since.
+# The answered drawings: each answer (`predictions`) with the drawing it answers (`drawings`).
+# Only the owner may read `drawings` (the app's role may only insert), so training connects with
+# db.resolve_conninfo(owner=True). A resumed run reads the rows its first attempt read (`until`),
+# not the ones stored since.
 FEEDBACK_QUERY = """
 SELECT p.id, p.submission_id, p.true_label, p.predicted_digit, p.created_at,
        d.strokes, d.canvas_size, d.brush_width, d.image
@@ -313,7 +314,7 @@ def cached_renderings(
 def is_held_out(submission_id: object, prediction_id: int) -> bool:
     """Whether an answer is kept out of training, forever: 1 in 5 submissions, by the SHA-256 of
     its submission id (of its row id when it has none), so every run splits the same way and one
-    submission is never on both sides (CONTRACT20.md, section B)."""
+    submission is never on both sides."""
     key = str(submission_id) if submission_id is not None else str(prediction_id)
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS == 0
 

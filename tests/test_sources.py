@@ -28,7 +28,7 @@ def answered(fresh_pg_server):
     return fresh_pg_server, digits, answers
 
 
-def test_the_split_is_the_contracts_hash_of_the_submission_id_and_stable():
+def test_the_split_is_the_sha256_of_the_submission_id_and_stable():
     ids = [uuid.UUID(int=n) for n in range(2000)]
     held = [sources.is_held_out(i, prediction_id=n) for n, i in enumerate(ids)]
     expected = [int(hashlib.sha256(str(i).encode()).hexdigest(), 16) % 5 == 0 for i in ids]
