@@ -35,3 +35,9 @@ def test_expected_calibration_error_of_a_hand_made_case():
     assert report["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
     assert "ece" not in metrics.accuracy_report([1, 2], [1, 3])
 
+
+def test_calibration_error_is_the_gap_between_confidence_and_accuracy():
+    sure = [0.9] * 10  # 90% sure every time
+    right = [True] * 9 + [False]  # and right 9 times in 10: calibrated
+    assert metrics.expected_calibration_error(sure, right) == pytest.approx(0, abs=1e-6)
+    assert metrics.expected_calibration_error(sure, [True] * 10) == pytest.approx(0.1)
