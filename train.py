@@ -106,7 +106,7 @@ def train(config: TrainConfig, stop: StopFlag) -> Trained:
     device = select_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    # --init's members: the checkpoints' settings name them.
+    # The members (--init's, all fine-tuned; else --members or MEMBERS): the checkpoints name them.
     members = len(load_init(config).members) if config.init else config.members or MEMBERS
     config = replace(config, members=members)
     torch.manual_seed(config.seed)
