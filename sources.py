@@ -1,4 +1,4 @@
-"""The training data, from three sources behind one interface: `load` gives train.py, for each
+"""The training data, from three sources behind one interface: `load_data` gives train.py, for each
 source, its training images and labels and the part kept out of training to measure on.
 
 - mnist: MNIST's 60,000 scanned training digits (its 10,000 test digits: `mnist_test`).
@@ -32,15 +32,17 @@ import pendigits
 import utils
 from files import atomic_file
 from mnist import DatasetError
+from training.config import TrainConfig
 
 log = logging.getLogger("sources")
 
 NAMES = ("mnist", "pen", "feedback")
-HELD_OUT_BUCKETS = 5  # 1 in 5 submissions is held out (CONTRACT20.md, section B)
+HELD_OUT_BUCKETS = 5  # 1 in 5 submissions is held out, chosen by submission id (`is_held_out`)
 
-# The answered drawings (CONTRACT20.md, section A). Only the owner may read `drawings` (the app's
-# role may only insert), so training connects with db.resolve_conninfo(owner=True). A resumed
-# run reads the rows its first attempt read (`until`), not the ones stored since.
+# The answered drawings: each answer (`predictions`) with the drawing it answers (`drawings`).
+# Only the owner may read `drawings` (the app's role may only insert), so training connects with
+# db.resolve_conninfo(owner=True). A resumed run reads the rows its first attempt read (`until`),
+# not the ones stored since.
 FEEDBACK_QUERY = """
 SELECT p.id, p.submission_id, p.true_label, p.predicted_digit, p.created_at,
        d.strokes, d.canvas_size, d.brush_width, d.image
@@ -125,21 +127,21 @@ class Data:
         return next((source.until for source in self.sources if source.until), None)
 
 
-def load_data(args, feedback_until: int | None = None) -> Data:
-    """The sources `args.sources` names, in that order (see train.py's flags), and MNIST's test
+def load_data(config: TrainConfig, feedback_until: int | None = None) -> Data:
+    """The sources `config.sources` names, in that order (see train.py's flags), and MNIST's test
     set; the feedback up to row `feedback_until` if given (a resumed run's)."""
     loaders = {"mnist": load_mnist, "pen": load_pen}
     found = [
-        load_feedback(args, feedback_until) if name == "feedback" else loaders[name](args)
-        for name in args.sources
+        load_feedback(config, feedback_until) if name == "feedback" else loaders[name](config)
+        for name in config.sources
     ]
-    data = Data(found, per_epoch(found, args.epoch_size), mnist_test(args))
+    data = Data(found, per_epoch(found, config.epoch_size), mnist_test(config))
     log.info(
         "data: %d images per epoch (%s), %d MNIST test images from %s",
         sum(data.per_epoch),
         ", ".join(f"{n} {s.name}" for s, n in zip(found, data.per_epoch, strict=True)),
         len(data.test),
-        args.data_dir,
+        config.data_dir,
     )
     return data
 
@@ -191,39 +193,39 @@ def epoch_order(
 # --- MNIST -------------------------------------------------------------------------------------
 
 
-def _mnist_split(args, split: str) -> Images:
-    if args.download:
-        mnist.download(args.data_dir)
-    images, labels = mnist.load_split(args.data_dir, split)
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+def _mnist_split(config: TrainConfig, split: str) -> Images:
+    if config.download:
+        mnist.download(config.data_dir)
+    images, labels = mnist.load_split(config.data_dir, split)
+    if config.limit:
+        images, labels = images[: config.limit], labels[: config.limit]
     return Images(images, labels)
 
 
-def load_mnist(args) -> Source:
-    return Source("mnist", _mnist_split(args, "train"), share=None)
+def load_mnist(config: TrainConfig) -> Source:
+    return Source("mnist", _mnist_split(config, "train"), share=None)
 
 
-def mnist_test(args) -> Images:
+def mnist_test(config: TrainConfig) -> Images:
     """MNIST's test set, raw (MNIST's own framing)."""
-    return _mnist_split(args, "test")
+    return _mnist_split(config, "test")
 
 
 # --- pen digits --------------------------------------------------------------------------------
 
 
-def load_pen(args) -> Source:
-    if args.download:
-        pendigits.download(args.pen_file)
+def load_pen(config: TrainConfig) -> Source:
+    if config.download:
+        pendigits.download(config.pen_file)
     trained, held_out = pendigits.split_writers(
-        pendigits.load(args.pen_file), args.held_out_writers
+        pendigits.load(config.pen_file), config.held_out_writers
     )
-    if args.limit:
-        trained, held_out = trained[: args.limit], held_out[: args.limit]
+    if config.limit:
+        trained, held_out = trained[: config.limit], held_out[: config.limit]
     if not trained:
-        raise DatasetError(f"{args.pen_file}: no digits left once writers are held out")
+        raise DatasetError(f"{config.pen_file}: no digits left once writers are held out")
     renderings = cached_renderings(
-        args.checkpoint_dir, trained, args.pen_views, args.seed, True, _strokes(args)
+        config.checkpoint_dir, trained, config.pen_views, config.seed, True, _strokes(config)
     )
     log.info(
         "pen digits: %d of %d writers for training (%d renderings), %d digits of writers %s "
@@ -232,38 +234,42 @@ def load_pen(args) -> Source:
         len({digit.writer for digit in trained}),
         len(renderings),
         len(held_out),
-        ",".join(map(str, args.held_out_writers)) or "none",
+        ",".join(map(str, config.held_out_writers)) or "none",
     )
     return Source(
         "pen",
         renderings,
-        share=args.pen_share,
-        held_out=pen_held_out(args, held_out),
+        share=config.pen_share,
+        held_out=pen_held_out(config, held_out),
         strokes=trained,
     )
 
 
-def pen_held_out(args, digits: Sequence[pendigits.PenDigit] | None = None) -> HeldOut | None:
+def pen_held_out(
+    config: TrainConfig, digits: Sequence[pendigits.PenDigit] | None = None
+) -> HeldOut | None:
     """The held-out writers' digits, each drawn once with the app's brush (no variation)."""
     if digits is None:
-        _, digits = pendigits.split_writers(pendigits.load(args.pen_file), args.held_out_writers)
-        digits = digits[: args.limit] if args.limit else digits
+        _, digits = pendigits.split_writers(
+            pendigits.load(config.pen_file), config.held_out_writers
+        )
+        digits = digits[: config.limit] if config.limit else digits
     if not digits:
         return None
-    drawn = cached_renderings(args.checkpoint_dir, digits, 1, args.seed, False)
+    drawn = cached_renderings(config.checkpoint_dir, digits, 1, config.seed, False)
     return HeldOut(
         drawn.images,
         drawn.labels,
         key="pen_held_out",
-        title=f"pen digits, writers not trained on ({','.join(map(str, args.held_out_writers))})",
-        about={"writers": list(args.held_out_writers)},
+        title=f"pen digits, writers not trained on ({','.join(map(str, config.held_out_writers))})",
+        about={"writers": list(config.held_out_writers)},
         trajectories=trajectories([digit.strokes for digit in digits], y_up=True),
     )
 
 
-def _strokes(args) -> pendigits.StrokeVariation | None:
+def _strokes(config: TrainConfig) -> pendigits.StrokeVariation | None:
     """The stroke-level variation of the training renderings: `--stroke-variation`'s odds."""
-    return pendigits.STROKE_VARIATION if getattr(args, "stroke_variation", False) else None
+    return pendigits.STROKE_VARIATION if config.stroke_variation else None
 
 
 def cached_renderings(
@@ -313,7 +319,7 @@ def cached_renderings(
 def is_held_out(submission_id: object, prediction_id: int) -> bool:
     """Whether an answer is kept out of training, forever: 1 in 5 submissions, by the SHA-256 of
     its submission id (of its row id when it has none), so every run splits the same way and one
-    submission is never on both sides (CONTRACT20.md, section B)."""
+    submission is never on both sides."""
     key = str(submission_id) if submission_id is not None else str(prediction_id)
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS == 0
 
@@ -381,10 +387,10 @@ def read_feedback(conninfo: str, until: int | None = None) -> list[Drawing]:
     return drawings
 
 
-def load_feedback(args, until: int | None = None) -> Source:
+def load_feedback(config: TrainConfig, until: int | None = None) -> Source:
     drawings = read_feedback(db.resolve_conninfo(owner=True), until)
-    if args.limit:
-        drawings = drawings[: args.limit]
+    if config.limit:
+        drawings = drawings[: config.limit]
     trained = [d for d in drawings if not d.held_out]
     if not trained:
         raise FeedbackError(
@@ -393,12 +399,12 @@ def load_feedback(args, until: int | None = None) -> Source:
             f"train without --sources feedback"
         )
     renderings = cached_renderings(
-        args.checkpoint_dir,
+        config.checkpoint_dir,
         [d.as_pen_digit() for d in trained],
-        args.feedback_views,
-        args.seed,
+        config.feedback_views,
+        config.seed,
         True,
-        _strokes(args),
+        _strokes(config),
     )
     held_out = feedback_held_out(drawings)
     log.info(
@@ -411,7 +417,7 @@ def load_feedback(args, until: int | None = None) -> Source:
     return Source(
         "feedback",
         renderings,
-        share=args.feedback_share,
+        share=config.feedback_share,
         held_out=held_out if len(held_out) else None,
         until=max(d.id for d in drawings),
         strokes=[d.as_pen_digit() for d in trained],

@@ -6,8 +6,9 @@
 `--report` reads the held-out pen writers (`pen_held_out.writers` of the model's model.json, as
 `lab.evaluate` does) drawn as train.py measured them, and prints for each member and for the
 ensemble (the mean of the members' probabilities, what `model.predict` answers) the accuracy,
-the errors and the expected calibration error (ECE: 15 equal bins of confidence; the mean gap
-between confidence and accuracy, weighted by the bin's share of the digits).
+the errors and the expected calibration error (`training.metrics.expected_calibration_error`:
+15 equal bins of confidence; the mean gap between confidence and accuracy, weighted by the bin's
+share of the digits).
 
 `--join` writes one weights file with the members of every file given, in order (members trained
 in separate runs, on other machines, or a single network from before the ensemble): each member
@@ -26,23 +27,7 @@ import torch
 import model as model_lib
 import pendigits
 import utils
-
-ECE_BINS = 15
-
-
-def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
-    """ECE of (N, 10) probabilities against their labels, over ECE_BINS equal confidence bins."""
-    confidence, predicted = probabilities.max(dim=1)
-    right = (predicted == labels).float()
-    bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)
-    gap = 0.0
-    for b in range(ECE_BINS):
-        chosen = bins == b
-        if chosen.any():
-            gap += float(
-                chosen.float().mean() * (right[chosen].mean() - confidence[chosen].mean()).abs()
-            )
-    return gap
+from training.metrics import expected_calibration_error
 
 
 def join(paths: list[Path]) -> dict:
@@ -76,11 +61,12 @@ def report(path: Path, pen_file: Path) -> list[str]:
         *((f"member {i}", p) for i, p in enumerate(members)),
         ("ensemble", ensemble),
     ]:
-        wrong = int((probabilities.argmax(1) != labels).sum())
+        confidence, predicted = probabilities.max(1)
+        wrong = int((predicted != labels).sum())
+        ece = expected_calibration_error(confidence.tolist(), (predicted == labels).tolist())
         lines.append(
             f"  {name:>9}: {1 - wrong / len(labels):.2%} of {len(labels)} ({wrong} wrong), "
-            f"ECE {expected_calibration_error(probabilities, labels):.2%}, "
-            f"mean confidence {float(probabilities.max(1).values.mean()):.2%}"
+            f"ECE {ece:.2%}, mean confidence {float(confidence.mean()):.2%}"
         )
     return lines
 

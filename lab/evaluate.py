@@ -68,8 +68,9 @@ import mnist
 import model as model_lib
 import pendigits
 import sources
-import train
 import utils
+from training import metrics
+from training.checkpoints import atomic_write_text
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 MOUSE_STEP_PX = 3.0  # how far apart a mouse's samples of a stroke are, at most
@@ -354,13 +355,13 @@ def _pen_trajectory(
 
 def accuracy(predicted: Sequence[int | None], labels: Sequence[int]) -> float:
     """Fraction right; an image seen as empty counts as wrong."""
-    return train.accuracy_report(predicted, list(labels))["accuracy"]
+    return metrics.accuracy_report(predicted, list(labels))["accuracy"]
 
 
 def calibration_error(found: Sequence[model_lib.Prediction | None], labels: Sequence[int]) -> float:
     """Expected calibration error (15 bins) of what the app showed: an image seen as empty
     shows no confidence (0) and counts as wrong."""
-    return train.expected_calibration_error(
+    return metrics.expected_calibration_error(
         [p.confidence if p else 0.0 for p in found],
         [p is not None and p.digit == label for p, label in zip(found, labels, strict=True)],
     )
@@ -389,7 +390,7 @@ def evaluate(
     """MNIST test accuracy, drawn-digit accuracy (overall and per style), pen-digit accuracy and
     writing-styles accuracy, all through `utils.preprocess`."""
     started = time.perf_counter()
-    test_found = train.predictions(net, (image.numpy() for image in test_images))
+    test_found = metrics.predictions(net, (image.numpy() for image in test_images))
     test_accuracy = accuracy([p and p.digit for p in test_found], test_labels.tolist())
     drawn_labels, drawn_styles, drawn_found = _predict_drawings(
         net, drawn_digits(test_images, test_labels, count=drawn_count, seed=seed)
@@ -450,7 +451,7 @@ def _predict_drawings(
             styles.append(drawn.style)
             yield drawn.image, drawn.strokes
 
-    found = train.read_drawings(net, read())
+    found = metrics.read_drawings(net, read())
     return labels, styles, found
 
 
@@ -468,7 +469,7 @@ def pen_writers_report(
 
     def report(trajectories: torch.Tensor | None) -> dict:
         found = model_lib.predict_batch(net, images, trajectories)
-        return train.accuracy_report(
+        return metrics.accuracy_report(
             [p.digit for p in found], labels.tolist(), [p.confidence for p in found]
         )
 
@@ -675,7 +676,7 @@ def main() -> None:
         info.update({"evaluate": {"seed": args.seed, "drawn_count": args.drawn, **lab}})
         if writers and "pen_held_out" in info:  # a model.json from before train.py wrote it
             info["pen_held_out"]["ece"] = pen["ece"]
-        train.atomic_write_text(json.dumps(info, indent=2) + "\n", info_path)
+        atomic_write_text(json.dumps(info, indent=2) + "\n", info_path)
         print(f"figures written to {info_path}")
 
 

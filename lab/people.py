@@ -89,7 +89,8 @@ def answer_all(
 ) -> list[Answer]:
     """Each digit drawn on the canvas and answered with its true label, under a submission id
     of its own that is a function of the digit, `seed` and its place (`submission_id`): the same
-    answers are held out (CONTRACT20 B) in every run of a measurement."""
+    answers are held out (1 in 5 submissions, chosen by submission id: `sources.is_held_out`) in
+    every run of a measurement."""
     db.configure(conninfo)
     try:
         return [

@@ -4,7 +4,7 @@ digits better than the CNN alone? The measurement behind shipping it (README, Tr
 Not product code; it uses the product's pieces: the path as the app reads a drawing
 (`utils.trajectory_features`: each stroke through the canvas's curves, centred and scaled,
 64 points along the ink with x, y, step and pen lift), `model.TrajectoryNet`, and train.py's
-training of it (`train.train_trajectory_epoch`: each epoch every digit written anew by
+training of it (`training.loops.train_trajectory_epoch`: each epoch every digit written anew by
 `pendigits.vary_strokes` and placed anew by `pendigits.on_canvas`).
 
 Protocol: trained on the pen writers that are neither held out (`pendigits.HELD_OUT_WRITERS`)
@@ -41,8 +41,16 @@ from torch import nn
 import model as model_lib
 import pendigits
 import sources
-import train
 import utils
+from training.config import TrainConfig
+from training.loops import (
+    TRAJECTORY_BATCH,
+    TRAJECTORY_LR,
+    Progress,
+    StopFlag,
+    train_trajectory_epoch,
+)
+from training.metrics import accuracy_report
 
 VAL_WRITERS = (5, 11, 17, 23)
 
@@ -62,19 +70,20 @@ def train_model(digits, args, log=print) -> tuple[model_lib.TrajectoryNet, float
     torch.manual_seed(args.seed)
     net = model_lib.TrajectoryNet()
     labels = torch.tensor([d.label for d in digits])
-    optimizer = torch.optim.AdamW(net.parameters(), lr=train.TRAJECTORY_LR, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=TRAJECTORY_LR, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=train.TRAJECTORY_LR,
+        max_lr=TRAJECTORY_LR,
         epochs=args.epochs,
-        steps_per_epoch=math.ceil(len(digits) / train.TRAJECTORY_BATCH),
+        steps_per_epoch=math.ceil(len(digits) / TRAJECTORY_BATCH),
     )
-    run = argparse.Namespace(epochs=0, trajectory_epochs=args.epochs, seed=args.seed, log_every=1e9)
-    never = argparse.Namespace(check=lambda: None)
+    # The trajectory model's epochs count after the image CNN's (here 1, not trained).
+    run = TrainConfig(epochs=1, trajectory_epochs=args.epochs, seed=args.seed, log_every=1e9)
+    never = StopFlag()  # not installed: never stops
     started = time.process_time()
     for epoch in range(args.epochs):
-        progress = train.Progress(epoch, 0)
-        train.train_trajectory_epoch(
+        progress = Progress(run.epochs + epoch, 0)
+        train_trajectory_epoch(
             net, digits, labels, optimizer, schedule, "cpu", run, progress, never
         )
         if epoch % 10 == 9 or epoch == args.epochs - 1:
@@ -114,7 +123,7 @@ def _normalise(p: np.ndarray) -> np.ndarray:
 def measure(p: np.ndarray, labels: np.ndarray) -> dict:
     predicted = p.argmax(axis=1)
     confidence = p.max(axis=1)
-    report = train.accuracy_report(predicted.tolist(), labels.tolist(), confidence.tolist())
+    report = accuracy_report(predicted.tolist(), labels.tolist(), confidence.tolist())
     nll = float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean())
     return {**report, "errors": int((predicted != labels).sum()), "nll": nll}
 

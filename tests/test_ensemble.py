@@ -1,4 +1,5 @@
-"""lab/ensemble.py: joining model files into one ensemble, and its calibration error."""
+"""lab/ensemble.py: joining model files into one ensemble (the calibration error it reports is
+training.metrics': tests/test_training_metrics.py)."""
 
 import pytest
 import torch
@@ -22,10 +23,3 @@ def test_joined_files_answer_the_mean_of_every_members_probabilities(tmp_path):
     predicted = model.predict_batch(joined, batch)
     for prediction, row in zip(predicted, expected, strict=True):
         assert prediction.probabilities == pytest.approx(row.tolist(), abs=1e-6)
-
-
-def test_calibration_error_is_the_gap_between_confidence_and_accuracy():
-    sure = torch.tensor([[0.9, 0.1]] * 10)  # 90% sure every time
-    labels = torch.tensor([0] * 9 + [1])  # and right 9 times in 10: calibrated
-    assert ensemble.expected_calibration_error(sure, labels) == pytest.approx(0, abs=1e-6)
-    assert ensemble.expected_calibration_error(sure, torch.tensor([0] * 10)) == pytest.approx(0.1)

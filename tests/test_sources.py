@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import sources
 import utils
 from lab import free_port, people
 from model import DigitCNN
+from training.config import TrainConfig
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def answered(fresh_pg_server):
     return fresh_pg_server, digits, answers
 
 
-def test_the_split_is_the_contracts_hash_of_the_submission_id_and_stable():
+def test_the_split_is_the_sha256_of_the_submission_id_and_stable():
     ids = [uuid.UUID(int=n) for n in range(2000)]
     held = [sources.is_held_out(i, prediction_id=n) for n, i in enumerate(ids)]
     expected = [int(hashlib.sha256(str(i).encode()).hexdigest(), 16) % 5 == 0 for i in ids]
@@ -115,10 +115,10 @@ def test_each_source_gives_an_epoch_its_share_and_feedback_is_a_share_of_the_who
 def test_no_drawing_to_train_on_is_a_clear_error(answered, tmp_path, monkeypatch):
     server, _, _ = answered
     monkeypatch.setenv("DATABASE_URL", server.url)
-    args = SimpleNamespace(
+    config = TrainConfig(
         limit=None, checkpoint_dir=tmp_path, feedback_views=2, seed=1, feedback_share=0.1
     )
-    found = sources.load_feedback(args)
+    found = sources.load_feedback(config)
     assert found.held_out is not None and len(found.train) == 2 * (40 - len(found.held_out))
     # The model of the strokes learns from the strokes of the drawings trained on (as a tablet
     # records them, y up) and is measured on the held-out ones' paths, as the app reads them.
@@ -134,4 +134,4 @@ def test_no_drawing_to_train_on_is_a_clear_error(answered, tmp_path, monkeypatch
     with server.connect() as conn:
         conn.execute("DELETE FROM predictions")
     with pytest.raises(sources.FeedbackError, match="0 answered drawings and none to train on"):
-        sources.load_feedback(args)
+        sources.load_feedback(config)

@@ -15,17 +15,18 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from mnist_files import PEN_SUBSET, SUBSET
-from torch.utils.data import DataLoader, TensorDataset
 
+import pendigits
+import sources
 import train
 from lab import free_port, people
 from model import DigitCNN, load_model
+from training.checkpoints import checkpoint_name, list_checkpoints, load_newest_checkpoint
+from training.config import FINE_TUNE, SCRATCH, SetupError, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -81,7 +82,7 @@ def answered(server, count: int, seed: int = 0) -> list[people.Answer]:
     """*count* pen digits of the subset answered in the app's database on *server* (its tables
     created if missing), as people's drawings."""
     people.create_schema(server.url)
-    digits = train.pendigits.load(PEN_SUBSET)[seed : seed + count]
+    digits = pendigits.load(PEN_SUBSET)[seed : seed + count]
     return people.answer_all(server.url, digits, DigitCNN().eval(), "model.pth@0123456789ab")
 
 
@@ -92,12 +93,12 @@ def epochs_done(text: str, cnn_epochs: int = 3) -> list[int]:
 
 
 def checkpoints(directory: Path) -> list[str]:
-    return [path.name for path in train.list_checkpoints(directory)]
+    return [path.name for path in list_checkpoints(directory)]
 
 
 def newest_loadable(directory: Path) -> int:
     """Every checkpoint in *directory* loads (weights only): the newest one's epoch (0: none)."""
-    states = [torch.load(p, weights_only=True) for p in train.list_checkpoints(directory)]
+    states = [torch.load(p, weights_only=True) for p in list_checkpoints(directory)]
     assert all(state["step"] == 0 for state in states), "SIGKILL leaves no mid-epoch checkpoint"
     return max((state["epoch"] for state in states), default=0)
 
@@ -121,7 +122,7 @@ def test_a_run_learns_and_writes_the_model_its_report_and_the_newest_checkpoints
     assert report["test_accuracy"] > 0.5  # 600 digits, 3 short epochs: 0.72; untrained: 0.1
     # Writers 3 and 8 of the subset are held out: 80 digits never trained on, 80 trained on.
     pen = report["pen_held_out"]
-    assert pen["writers"] == list(train.pendigits.HELD_OUT_WRITERS) and pen["count"] == 80
+    assert pen["writers"] == list(pendigits.HELD_OUT_WRITERS) and pen["count"] == 80
     assert 0.3 < pen["accuracy"] <= 1 and set(pen["by_digit"]) == {str(d) for d in range(10)}
     # Measured as the app reads a drawing (its image and its strokes), and the image alone.
     assert 0.3 < pen["image_alone"]["accuracy"] <= 1 and "ece" in pen["image_alone"]
@@ -129,7 +130,7 @@ def test_a_run_learns_and_writes_the_model_its_report_and_the_newest_checkpoints
     assert "utils.trajectory" in report["measured_through"]
     assert report["training_images"] == {"mnist": LIMIT, "pen": 80 * 4}
     assert report["parameters"] == sum(p.numel() for p in net.parameters())
-    assert checkpoints(directory / "ckpt") == [train.checkpoint_name(e, 0) for e in (5, 4)]
+    assert checkpoints(directory / "ckpt") == [checkpoint_name(e, 0) for e in (5, 4)]
     assert not list(directory.rglob("*.tmp"))
 
 
@@ -223,67 +224,22 @@ def test_sigterm_saves_a_loadable_checkpoint_mid_epoch_and_resumes_there(tmp_pat
     load_model(tmp_path / "out" / "model.pth")
 
 
-def test_a_trajectory_epoch_stopped_mid_way_resumes_to_the_same_weights():
-    """SIGTERM in the trajectory model's epochs: the checkpoint holds the step reached, and
-    the resumed epoch (its inputs drawn again from the seed) trains exactly as one never
-    stopped."""
-    digits = train.pendigits.load(PEN_SUBSET)[:150]
-    labels = torch.tensor([digit.label for digit in digits])
-    args = SimpleNamespace(epochs=3, trajectory_epochs=2, seed=1, log_every=60)
-
-    def fresh():
-        torch.manual_seed(0)
-        net = DigitCNN(trajectory=True)
-        optimizer = torch.optim.AdamW(net.trajectory.parameters(), lr=train.TRAJECTORY_LR)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.003, total_steps=10)
-        return net, optimizer, schedule
-
-    def epoch(net, optimizer, schedule, progress, stop):
-        train.train_trajectory_epoch(
-            net.trajectory, digits, labels, optimizer, schedule, "cpu", args, progress, stop
-        )
-
-    whole = fresh()
-    epoch(*whole, train.Progress(3, 0), SimpleNamespace(check=lambda: None))
-
-    stopped, progress, steps = fresh(), train.Progress(3, 0), []
-
-    def stop_after_one():
-        steps.append(progress.step)
-        if progress.step == 1:
-            raise train.StopRequested("SIGTERM")
-
-    with pytest.raises(train.StopRequested):
-        epoch(*stopped, progress, SimpleNamespace(check=stop_after_one))
-    assert progress.step == 1  # what the checkpoint records
-    state = {name: part.state_dict() for name, part in zip("nos", stopped, strict=True)}
-    rng = torch.get_rng_state()
-    resumed = fresh()
-    for name, part in zip("nos", resumed, strict=True):
-        part.load_state_dict(state[name])
-    torch.set_rng_state(rng)
-    epoch(*resumed, progress, SimpleNamespace(check=lambda: None))
-    assert progress.step == 3  # 150 digits, 64 a step
-    for name, tensor in whole[0].state_dict().items():
-        assert torch.equal(tensor, resumed[0].state_dict()[name]), name
-
-
 def test_corrupt_checkpoints_are_skipped_with_a_warning(trained, tmp_path, caplog):
     ckpt = shutil.copytree(trained[0] / "ckpt", tmp_path / "ckpt")
-    settings = torch.load(ckpt / train.checkpoint_name(5, 0), weights_only=True)["settings"]
-    newest = ckpt / train.checkpoint_name(5, 0)
+    settings = torch.load(ckpt / checkpoint_name(5, 0), weights_only=True)["settings"]
+    newest = ckpt / checkpoint_name(5, 0)
     newest.write_bytes(newest.read_bytes()[:1000])
-    assert train.load_newest_checkpoint(ckpt, settings)["epoch"] == 4
+    assert load_newest_checkpoint(ckpt, settings)["epoch"] == 4
     assert f"skipping corrupt checkpoint {newest.name}" in caplog.text
-    (ckpt / train.checkpoint_name(4, 0)).write_bytes(b"garbage")
-    assert train.load_newest_checkpoint(ckpt, settings) is None  # a fresh start
+    (ckpt / checkpoint_name(4, 0)).write_bytes(b"garbage")
+    assert load_newest_checkpoint(ckpt, settings) is None  # a fresh start
 
 
 def test_a_resume_with_other_sources_is_refused(trained):
     ckpt = trained[0] / "ckpt"
-    settings = torch.load(ckpt / train.checkpoint_name(5, 0), weights_only=True)["settings"]
-    with pytest.raises(train.SetupError, match=r"trained on mnist\+pen; this run asks for mnist"):
-        train.load_newest_checkpoint(ckpt, {**settings, "sources": ["mnist"]})
+    settings = torch.load(ckpt / checkpoint_name(5, 0), weights_only=True)["settings"]
+    with pytest.raises(SetupError, match=r"trained on mnist\+pen; this run asks for mnist"):
+        load_newest_checkpoint(ckpt, {**settings, "sources": ["mnist"]})
 
 
 def test_checkpoints_of_a_run_with_other_settings_are_refused_unless_fresh(trained, tmp_path):
@@ -360,61 +316,6 @@ def test_bad_flags_are_rejected_with_exit_code_2(flags, capsys):
     assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cuda", [True, False])
-def test_auto_takes_cuda_when_there_is_one_and_cuda_without_one_is_refused(cuda, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert train.select_device("auto").type == ("cuda" if cuda else "cpu")
-    if cuda:
-        assert train.select_device("cuda:1") == torch.device("cuda:1")
-    else:
-        with pytest.raises(train.SetupError, match="CUDA is not available"):
-            train.select_device("cuda")
-
-
-def test_an_interrupted_atomic_save_leaves_the_old_file_and_nothing_else(tmp_path, monkeypatch):
-    target = tmp_path / "x.pt"
-    train.atomic_save({"a": torch.zeros(3)}, target)
-
-    def save_half(obj, handle):
-        handle.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", save_half)
-    with pytest.raises(OSError, match="disk full"):
-        train.atomic_save({"a": torch.ones(3)}, target)
-    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.zeros(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
-
-
-def test_an_empty_drawing_counts_as_wrong():
-    blank = np.full((280, 280, 4), (0, 0, 0, 255), dtype=np.uint8)  # opaque black, no ink
-    assert train.predicted_digits(DigitCNN().eval(), [blank]) == [None]
-    report = train.accuracy_report([1, 2, None, 4], [1, 2, 3, 5])
-    assert report["accuracy"] == 0.5 and report["by_digit"] == {"1": 1, "2": 1, "3": 0, "5": 0}
-    assert report["confusions"] == {"3 read as nothing": 1, "5 read as 4": 1}
-
-
-def test_expected_calibration_error_of_a_hand_made_case():
-    # 15 bins, (0, 1/15], (1/15, 2/15], ...: 0.95 in the last (4 images, 3 right: |0.75 - 0.95|),
-    # 0.55 in the 9th (2 images, 1 right: |0.5 - 0.55|), weighted by their shares.
-    confidences, right = [0.95] * 4 + [0.55] * 2, [True, True, True, False, True, False]
-    assert train.expected_calibration_error(confidences, right) == pytest.approx(
-        4 / 6 * 0.2 + 2 / 6 * 0.05
-    )
-    # 0.65 and 0.68 fall on either side of 10/15 (one bin of ten would hold both: 0.165).
-    assert train.expected_calibration_error([0.65, 0.68], [True, False]) == pytest.approx(
-        0.5 * 0.35 + 0.5 * 0.68
-    )
-    # A bin holds its upper edge: 10/15 in (9/15, 10/15], 0.7 in the next.
-    assert train.expected_calibration_error([10 / 15, 0.7], [True, False]) == pytest.approx(
-        0.5 * (1 - 10 / 15) + 0.5 * 0.7
-    )
-    assert train.expected_calibration_error([1.0, 0.5, 0.5], [True, True, False]) == 0
-    report = train.accuracy_report([1, 2], [1, 3], confidences=[0.9, 0.6])
-    assert report["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
-    assert "ece" not in train.accuracy_report([1, 2], [1, 3])
-
-
 def test_feedback_from_an_unreachable_database_is_a_clear_error_with_exit_code_2(tmp_path):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     command = train_command(tmp_path, "--sources", "mnist,pen,feedback")
@@ -434,7 +335,7 @@ def test_promote_through_the_cli_one_promoted_then_one_refused_that_changes_noth
     from registry import promotion, store
 
     answers = answered(fresh_pg_server, 30)
-    held = [a for a in answers if train.sources.is_held_out(*submission(fresh_pg_server, a))]
+    held = [a for a in answers if sources.is_held_out(*submission(fresh_pg_server, a))]
     out = tmp_path / "out" / "model.pth"
     out.parent.mkdir()
     torch.manual_seed(0)
@@ -477,31 +378,12 @@ def submission(server, answer: people.Answer) -> tuple[object, int]:
 
 def test_init_switches_to_the_fine_tune_defaults_and_a_flag_given_overrides_them():
     scratch, fine = train.parse_args([]), train.parse_args(["--init", "models/model.pth"])
-    assert {name: getattr(scratch, name) for name in train.SCRATCH} == train.SCRATCH
-    assert {name: getattr(fine, name) for name in train.FINE_TUNE} == train.FINE_TUNE
+    assert {name: getattr(scratch, name) for name in SCRATCH} == SCRATCH
+    assert {name: getattr(fine, name) for name in FINE_TUNE} == FINE_TUNE
     assert fine.freeze_bn and not scratch.freeze_bn
     given = train.parse_args(["--init", "m.pth", "--lr", "0.01", "--no-freeze-bn"])
-    assert given.lr == 0.01 and given.epochs == train.FINE_TUNE["epochs"] and not given.freeze_bn
+    assert given.lr == 0.01 and given.epochs == FINE_TUNE["epochs"] and not given.freeze_bn
 
 
-@pytest.mark.parametrize("freeze", [True, False])
-def test_a_fine_tune_keeps_the_live_models_batchnorm_statistics(freeze):
-    net = load_model(ROOT / "models" / "model.pth")
-    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
-    weights = [p.detach().clone() for p in net.parameters()]
-    args = train.parse_args(
-        ["--init", "m.pth", "--log-every", "0"] + ([] if freeze else ["--no-freeze-bn"])
-    )
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (64,), generator=generator)
-    loader = DataLoader(TensorDataset(images, labels, torch.zeros(64, dtype=torch.bool)), 32)
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=2)
-    stop = SimpleNamespace(check=lambda: None)
-    train.train_one_epoch(
-        net, loader, optimizer, scheduler, "cpu", args, train.Progress(0, 0), 2, stop
-    )
-    after = {k: v for k, v in net.state_dict().items() if "running" in k}
-    assert all(torch.equal(stats[k], after[k]) for k in stats) == freeze
-    assert not all(torch.equal(w, p) for w, p in zip(weights, net.parameters(), strict=True))
+def test_the_command_lines_defaults_are_a_train_configs():
+    assert train.parse_args([]) == TrainConfig()

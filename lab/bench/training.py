@@ -113,10 +113,10 @@ def run_train(data: Path, pen_file: Path, *extra: str, timeout: float = 1800) ->
 
 
 def train_defaults() -> tuple[int, int]:
-    """train.py's default epochs and batch size, read from its own argument parser."""
-    import train
+    """train.py's default epochs and batch size: TrainConfig's (a run from scratch)."""
+    from training.config import TrainConfig
 
-    defaults = train.parse_args([])
+    defaults = TrainConfig()
     return defaults.epochs, defaults.batch_size
 
 
