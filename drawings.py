@@ -6,7 +6,7 @@ The canvas (streamlit-drawable-canvas, fabric.js 7) records a stroke as a ``Path
 ``["M", p0]``, then ``["Q", p(i), midpoint(p(i), p(i+1))]`` for each sampled point but the last,
 then ``["L", pn]`` (M and L are nudged by brush/1000 px). ``from_canvas`` keeps those sampled
 points (the Q control points and the L end), in canvas pixels: nothing is lost, and
-``utils.canvas_path`` draws the same curves through them again, as ``render`` does.
+``utils.canvas_path`` draws the same curves through them again, as ``utils.draw_strokes`` does.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 import db
 import utils
@@ -169,27 +168,9 @@ def _path_centre(path: list[Any]) -> tuple[float, float]:
     return (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
 
 
-def render(strokes: Sequence[Sequence[Sequence[float]]], canvas_size: int, brush_width: float):
-    """The canvas of a stored drawing, drawn again: white on black, canvas_size x canvas_size
-    uint8, each stroke along the canvas's own curves (``utils.canvas_path``) with a round
-    brush, where it was drawn."""
-    canvas = Image.new("L", (canvas_size, canvas_size))
-    pen = ImageDraw.Draw(canvas)
-    radius = brush_width / 2
-    for stroke in strokes:
-        line = utils.canvas_path(np.asarray(stroke, dtype=np.float64))
-        # As pendigits.render: vertices a third of the brush apart, each stamped with the brush.
-        path = utils.resample(line, spacing=max(1.0, brush_width / 3))
-        if len(path) > 1:
-            pen.line([tuple(point) for point in path], fill=255, width=round(brush_width))
-        for x, y in path:
-            pen.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
-    return np.asarray(canvas)
-
-
 def model_image(drawing: db.Drawing) -> np.ndarray:
     """The 28x28 uint8 image the model would read from the drawing's strokes, drawn again."""
-    canvas = render(drawing.strokes, drawing.canvas_size, drawing.brush_width)
+    canvas = utils.draw_strokes(drawing.strokes, drawing.brush_width, drawing.canvas_size)
     return utils.to_pixels(utils.preprocess(canvas))
 
 

@@ -2,10 +2,11 @@
 draws them.
 
 The file is the UCI "Pen-Based Recognition of Handwritten Digits" training set (dataset 81,
-E. Alpaydin and F. Alimoglu, CC BY 4.0): 7,494 digits by 30 writers, as trajectories of x, y
+E. Alpaydin and F. Alimoglu, CC BY 4.0): 7,494 digits by 30 writers, as strokes: the x, y
 points between pen-down and pen-up, sampled every 100 ms on a tablet. That is what the app's
-canvas records, so `render` draws them with the canvas's round brush on a 280x280 canvas, and
-`render_for_training` takes each rendering through `utils.preprocess`, as the app would.
+canvas records, so `place_and_draw` draws them with the canvas's round brush on a 280x280
+canvas, and `render_for_training` takes each rendering through `utils.preprocess`, as the app
+would.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import settings
 import utils
@@ -42,7 +42,7 @@ URLS = (
 # Writers whose digits are kept out of training by default, to measure the model on handwriting
 # it has never seen: 6 of the 30, spread over the ids.
 HELD_OUT_WRITERS = (3, 8, 14, 19, 25, 30)
-# Bump when `render` changes: cached renderings of another version are drawn again.
+# Bump when `place_and_draw` changes: cached renderings of another version are drawn again.
 RENDERING = 3
 
 _SEGMENT = re.compile(r'^\.SEGMENT\s+DIGIT\s+[\d-]+\s+\S+\s+"(.*)"\s*$')
@@ -158,13 +158,13 @@ def split_writers(
 # --- drawing ------------------------------------------------------------------------------------
 
 
-def render(
+def place_and_draw(
     strokes: Sequence[np.ndarray], rng: np.random.Generator, vary: bool = True
 ) -> np.ndarray:
-    """Draw a digit's strokes as the app's canvas would: white on black, 280x280 uint8, a round
-    brush (round caps and joins) along the canvas's own curves (`utils.canvas_path`), anywhere
-    on the canvas where the digit fits whole (`on_canvas`, then `draw`)."""
-    return draw(*on_canvas(strokes, rng, vary=vary))
+    """A digit's strokes placed on the app's canvas (`on_canvas`: anywhere the digit fits whole)
+    and drawn as the canvas would draw them (`utils.draw_strokes`: white on black, 280x280 uint8,
+    a round brush along the canvas's own curves)."""
+    return utils.draw_strokes(*on_canvas(strokes, rng, vary=vary))
 
 
 def on_canvas(
@@ -201,22 +201,6 @@ def on_canvas(
     room = size - extent * scale
     offset = brush / 2 + 3 + rng.uniform(0, 1, 2) * np.maximum(room, 0) - low * scale
     return [line * scale + offset for line in lines], float(brush)
-
-
-def draw(lines: Sequence[np.ndarray], brush: float) -> np.ndarray:
-    """Strokes in canvas pixels drawn as the canvas draws them: white on black, 280x280 uint8."""
-    canvas = Image.new("L", (utils.CANVAS_SIZE, utils.CANVAS_SIZE))
-    pen = ImageDraw.Draw(canvas)
-    radius = brush / 2
-    for line in lines:
-        # Vertices at least a third of the brush apart, each stamped with the round brush: round
-        # caps and joins, and none of the spikes a wide line gets from many tiny segments.
-        path = utils.resample(utils.canvas_path(line), spacing=max(1.0, brush / 3))
-        if len(path) > 1:
-            pen.line([tuple(point) for point in path], fill=255, width=round(brush))
-        for x, y in path:
-            pen.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
-    return np.asarray(canvas)
 
 
 # --- stroke-level variation -----------------------------------------------------------------
@@ -383,7 +367,7 @@ def render_for_training(
                 lines = vary_strokes(
                     lines, digit.label, np.random.default_rng((seed, i, view, 1)), strokes
                 )
-            model_input = utils.preprocess(render(lines, rng, vary=vary))
+            model_input = utils.preprocess(place_and_draw(lines, rng, vary=vary))
             images[i * views + view] = torch.from_numpy(utils.to_pixels(model_input))
             labels[i * views + view] = digit.label
     return images, labels

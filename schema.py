@@ -181,7 +181,7 @@ class Drawing:
 
     - *strokes*: one list of ``[x, y]`` points per stroke, in drawing order, in canvas pixels
       (origin top left, y down): the pointer positions the canvas sampled, through which it
-      drew its curves (``drawings.from_canvas``, ``drawings.render``).
+      drew its curves (``drawings.from_canvas``, ``utils.draw_strokes``).
     - *canvas_size*: the side of the square canvas, px; *brush_width*: the stroke width, px.
     - *image*: the 28x28 image the model read, uint8 row-major (0 background, 255 ink).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -230,6 +230,25 @@ def canvas_path(points: np.ndarray, steps: int = 4) -> np.ndarray:
     return np.concatenate(
         [points[:1], mids[:1], curves.transpose(1, 0, 2).reshape(-1, 2), points[-1:]]
     )
+
+
+def draw_strokes(strokes, brush_width: float, canvas_size: int = CANVAS_SIZE) -> np.ndarray:
+    """Strokes in canvas pixels (x to the right, y down) drawn as the canvas draws them: white on
+    black, canvas_size x canvas_size uint8, each stroke along the canvas's own curves
+    (`canvas_path`) with a round brush `brush_width` px wide, where it was drawn."""
+    canvas = Image.new("L", (canvas_size, canvas_size))
+    pen = ImageDraw.Draw(canvas)
+    radius = brush_width / 2
+    for stroke in strokes:
+        line = canvas_path(np.asarray(stroke, dtype=np.float64))
+        # Vertices at least a third of the brush apart, each stamped with the round brush: round
+        # caps and joins, and none of the spikes a wide line gets from many tiny segments.
+        vertices = resample(line, spacing=max(1.0, brush_width / 3))
+        if len(vertices) > 1:
+            pen.line([tuple(point) for point in vertices], fill=255, width=round(brush_width))
+        for x, y in vertices:
+            pen.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
+    return np.asarray(canvas)
 
 
 def resample(

@@ -60,7 +60,7 @@ def store_answer(
     """One drawing answered as in the app: the model's prediction on the drawn canvas and its
     strokes, the person's true label, stored with the drawing in one transaction by the app's
     own call (`db.log_prediction(..., drawing=...)`), to the database `db` is configured to."""
-    model_input = utils.preprocess(pendigits.draw(strokes, brush))
+    model_input = utils.preprocess(utils.draw_strokes(strokes, brush))
     prediction = model_lib.predict(net, model_input, utils.trajectory(strokes))
     image = utils.to_pixels(model_input)
     # Canvas pixels (origin top left, y down), rounded as drawings.from_canvas rounds the app's.

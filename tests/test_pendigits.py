@@ -73,7 +73,7 @@ def test_rendering_stays_inside_the_canvas_and_repeats_for_a_seed():
     # A digit far wider than tall, and one that is a single point: the extremes of the fit.
     strokes = [np.array([[0, 0], [5000, 10]]), np.array([[2500, 5]])]
     for seed in range(30):
-        image = pendigits.render(strokes, np.random.default_rng(seed))
+        image = pendigits.place_and_draw(strokes, np.random.default_rng(seed))
         assert image.shape == (utils.CANVAS_SIZE, utils.CANVAS_SIZE)
         edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
         assert image.max() == 255 and edges.max() == 0, f"seed {seed}: ink cut at the edge"
@@ -113,7 +113,8 @@ ONLY = {
 
 
 def _drawn(strokes, seed: int, vary: bool = False) -> np.ndarray:
-    return pendigits.render(strokes, np.random.default_rng(seed), vary=vary).astype(np.int64)
+    image = pendigits.place_and_draw(strokes, np.random.default_rng(seed), vary=vary)
+    return image.astype(np.int64)
 
 
 def _inside(image: np.ndarray) -> bool:

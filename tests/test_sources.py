@@ -62,7 +62,7 @@ def test_a_drawing_is_drawn_for_training_as_it_was_on_the_canvas(answered):
     the pen digits' drawing (tablet y up) they keep their orientation, only scaled and moved."""
     server, _, _ = answered
     for drawing in sources.read_feedback(server.url)[:10]:
-        canvas = pendigits.draw(drawing.strokes, utils.BRUSH_WIDTH)
+        canvas = utils.draw_strokes(drawing.strokes, utils.BRUSH_WIDTH)
         assert np.array_equal(utils.to_pixels(utils.preprocess(canvas)), drawing.image)
         lines, _ = pendigits.on_canvas(drawing.as_pen_digit().strokes, rng(), vary=False)
         before, after = np.concatenate(drawing.strokes), np.concatenate(lines)

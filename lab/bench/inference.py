@@ -47,7 +47,7 @@ def pen_drawings(count: int, seed: int = 0) -> list[tuple[np.ndarray, list[dict]
     found = []
     for i in rng.choice(len(digits), size=count, replace=count > len(digits)):
         lines, brush = pendigits.on_canvas(digits[i].strokes, rng, vary=False)
-        ink = pendigits.draw(lines, brush)
+        ink = utils.draw_strokes(lines, brush)
         image = np.dstack([ink, ink, ink, np.full_like(ink, 255)])
         sampled = [utils.resample(utils.canvas_path(line), spacing=4.0) for line in lines]
         found.append((image, [fabric_path([tuple(p) for p in line]) for line in sampled]))
@@ -55,7 +55,7 @@ def pen_drawings(count: int, seed: int = 0) -> list[tuple[np.ndarray, list[dict]
 
 
 def run() -> list[Row]:
-    import drawings as canvas_json
+    import drawings
     import model
     import utils
 
@@ -70,26 +70,26 @@ def run() -> list[Row]:
     served = model.Compiled(classifier)  # what the app serves (ui.serving.warm_up)
     compile_ms = (time.perf_counter() - start) * 1000
 
-    drawings = pen_drawings(50)
+    samples = pen_drawings(50)
 
     def read(image, objects) -> tuple[float, float, float]:
         """One drawing as ui.analysis.analyse reads it: ms of image, of strokes, of predict."""
         start = time.perf_counter()
         batch = utils.preprocess(image)
         middle = time.perf_counter()
-        path = utils.trajectory(canvas_json.canvas_strokes(objects))
+        trajectory = utils.trajectory(drawings.canvas_strokes(objects))
         strokes = time.perf_counter()
-        model.predict(served, batch, path)
+        model.predict(served, batch, trajectory)
         end = time.perf_counter()
         return (middle - start) * 1000, (strokes - middle) * 1000, (end - strokes) * 1000
 
-    for image, objects in drawings[:WARMUP]:
+    for image, objects in samples[:WARMUP]:
         read(image, objects)
     # Three blocks of RUNS: another process waking up skews one block, rarely all three. The
     # block with the median p50 is reported.
     blocks = []
     for _ in range(3):
-        parts = [read(*drawings[n % len(drawings)]) for n in range(RUNS)]
+        parts = [read(*samples[n % len(samples)]) for n in range(RUNS)]
         total = [sum(part) for part in parts]
         blocks.append((percentile(total, 50), total, *zip(*parts, strict=True)))
     blocks.sort(key=lambda block: block[0])
@@ -119,8 +119,8 @@ def run() -> list[Row]:
         Row(SECTION, "of which the strokes (JSON to utils.trajectory), p50",
             percentile(stroke, 50), "ms"),
         Row(SECTION, "of which predict, p50", percentile(pred, 50), "ms",
-            note="both models where the file holds a trajectory model; model.Compiled, as the "
-            "app serves it"),
+            note="both models where the file holds the model of the strokes; model.Compiled, as "
+            "the app serves it"),
         Row(SECTION, f"predict_batch throughput ({BATCH} images)", images_per_s, "images/s",
             note="1 thread, inputs already preprocessed; median of 20 batches"),
         Row(SECTION, "load_model, median of 20", percentile(load_ms[1:], 50), "ms",
