@@ -325,8 +325,9 @@ def is_held_out(submission_id: object, prediction_id: int) -> bool:
 
 
 @dataclass(frozen=True)
-class Drawing:
-    """One answered drawing as the app stored it."""
+class AnsweredDrawing:
+    """One answered drawing as training reads it back: the answer (`predictions`) and the drawing
+    it answers (`drawings`; the row the app stored as a `schema.Drawing`)."""
 
     id: int  # predictions.id
     submission_id: object  # uuid.UUID or None
@@ -347,7 +348,7 @@ class Drawing:
         )
 
 
-def read_feedback(conninfo: str, until: int | None = None) -> list[Drawing]:
+def read_feedback(conninfo: str, until: int | None = None) -> list[AnsweredDrawing]:
     """The answered drawings in the database at `conninfo` (rows up to id `until`), in the order
     they were stored. Raises FeedbackError if the database cannot be read."""
     try:
@@ -380,7 +381,7 @@ def read_feedback(conninfo: str, until: int | None = None) -> list[Drawing]:
             skipped += 1
             continue
         drawings.append(
-            Drawing(row_id, submission_id, label, predicted, lines, pixels.reshape(28, 28))
+            AnsweredDrawing(row_id, submission_id, label, predicted, lines, pixels.reshape(28, 28))
         )
     if skipped:
         log.warning("skipped %d stored drawings that are not lists of [x, y] points", skipped)
@@ -424,7 +425,7 @@ def load_feedback(config: TrainConfig, until: int | None = None) -> Source:
     )
 
 
-def feedback_held_out(drawings: Sequence[Drawing]) -> HeldOut:
+def feedback_held_out(drawings: Sequence[AnsweredDrawing]) -> HeldOut:
     """The held-out drawings as the model read them (their stored 28x28 images)."""
     kept = [d for d in drawings if d.held_out]
     images = torch.from_numpy(np.stack([d.image for d in kept])) if kept else None
