@@ -1,5 +1,5 @@
-"""The digit classifier: the CNN over the image, beside it a model of the pen trajectory, loading
-their weights (one file), and predicting."""
+"""The digit classifier: the CNN over the image, beside it the model of the strokes
+(`TrajectoryNet`), loading their weights (one file), and predicting."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ DEFAULT_MODEL_PATH = settings.DEFAULT_MODEL_PATH  # models/model.pth in the proj
 TRAIN_COMMAND = "python train.py --download"
 MEMBER_KEY = re.compile(r"^members\.(\d+)\.(.+)$")  # members.<index>.<the member's key>
 COUNT_KEY = "member_count"
-TRAJECTORY_PREFIX = "trajectory."  # the trajectory model's keys: trajectory.<its key>
+TRAJECTORY_PREFIX = "trajectory."  # the model of the strokes' keys: trajectory.<its key>
 TRAJECTORY_KEY = "trajectory_points"  # in a file holding one: the points it reads
 MAX_MEMBERS = 16  # more in a file is a corrupt file, not an ensemble to build
 
@@ -28,7 +28,7 @@ MAX_MEMBERS = 16  # more in a file is a corrupt file, not an ensemble to build
 class ConvNet(nn.Module):
     """One member: a small, fast CNN for 28x28 digits, three conv blocks (24, 48, 96 channels,
     61k parameters), each halving the resolution; wider than it was (16, 32, 64) since it learns
-    pen handwriting beside MNIST (README, Training). Its output: logits."""
+    pen handwriting beside MNIST (docs/training.md). Its output: logits."""
 
     def __init__(self, dropout: float = 0.3) -> None:
         super().__init__()
@@ -48,12 +48,13 @@ class ConvNet(nn.Module):
 
 
 class TrajectoryNet(nn.Module):
-    """The second model: a small 1D CNN over the drawing's path, as `utils.trajectory` gives it
-    ((N, 5, points): x, y, step, pen lift along the ink), 148k parameters. Its output: logits.
+    """The model of the strokes: a small 1D CNN over a drawing's trajectory, as
+    `utils.trajectory` gives it ((N, 5, points): x, y, step, pen lift along the ink), 148k
+    parameters. Its output: logits.
 
     It reads what the image cannot show: where each stroke starts and which way it goes. Beside
     the image CNN it corrects digits whose image is ambiguous (an 8 written as two loops and a
-    4 closed at the top look like their neighbours; their paths do not): README, Training."""
+    4 closed at the top look like their neighbours; their strokes do not): docs/training.md."""
 
     def __init__(self, width: int = 64, dropout: float = 0.3) -> None:
         super().__init__()
@@ -93,15 +94,16 @@ class DigitCNN(nn.Module):
     output are those of the averaged probabilities; with one member it returns the member's
     logits, exactly the single network of before.
 
-    With `trajectory`, it holds a `TrajectoryNet` too. Given a drawing's path beside its
-    image, the answer is the normalised product of the two models' probabilities (each
-    calibrated on its own; together they are as calibrated: README, Training); given the image
-    alone (a drawing whose strokes are unknown), the CNN's answer.
+    With `trajectory`, it holds the model of the strokes (`TrajectoryNet`) too. Given a
+    drawing's trajectory beside its image, the answer is the normalised product of the two
+    models' probabilities (each calibrated on its own; together they are as calibrated:
+    docs/training.md); given the image alone (a drawing whose strokes are unknown), the CNN's
+    answer.
 
     Weights: a state_dict with keys ``members.<i>.<layer>`` and ``member_count``, the number of
-    members it holds (`load_weights` checks each is there), and with a trajectory model its keys
-    ``trajectory.<layer>`` and ``trajectory_points``, the points it reads. A file of the single
-    network from before the ensemble (keys ``features.*``, ``classifier.*``) loads as one
+    members it holds (`load_weights` checks each is there), and with the model of the strokes
+    its keys ``trajectory.<layer>`` and ``trajectory_points``, the points it reads. A file of the
+    single network from before the ensemble (keys ``features.*``, ``classifier.*``) loads as one
     member. Trains in a few minutes per member on two CPU cores; predicts one digit in under a
     millisecond per member.
     """
@@ -118,8 +120,8 @@ class DigitCNN(nn.Module):
             self.add_trajectory(dropout)
 
     def add_trajectory(self, dropout: float = 0.3) -> None:
-        """Give the model a trajectory model, newly initialised. Its random start leaves the
-        random numbers that follow (the CNN's training) as they would be without it."""
+        """Give the classifier the model of the strokes, newly initialised. Its random start
+        leaves the random numbers that follow (the CNN's training) as they would be without it."""
         with torch.random.fork_rng(devices=[]):
             self.trajectory = TrajectoryNet(dropout=dropout)
         self.register_buffer(TRAJECTORY_KEY, torch.tensor(utils.TRAJECTORY_POINTS))
@@ -130,7 +132,8 @@ class DigitCNN(nn.Module):
 
     def forward(self, x: torch.Tensor, trajectory: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities up to a constant (softmax reads them) of images `x` (N, 1, 28, 28);
-        with their paths `trajectory` (N, 5, points) and a trajectory model, of both."""
+        with their trajectories `trajectory` (N, 5, points) and the model of the strokes, of
+        both."""
         out = self.members[0](x) if len(self.members) == 1 else combine(self.member_logits(x))
         if trajectory is None or self.trajectory is None:
             return out
@@ -168,11 +171,11 @@ def _conv_block(in_channels: int, out_channels: int, kernel_size: int) -> nn.Seq
 
 class Compiled(nn.Module):
     """A DigitCNN made faster for the app's one drawing at a time, same answers (to ~1e-5 in the
-    logits): its usual path (the image and its strokes; the image alone for a model without a
-    model of the strokes) traced into TorchScript, frozen (BatchNorm folded into the
+    logits): its usual call (the image and its trajectory; the image alone for a model without
+    the model of the strokes) traced into TorchScript, frozen (BatchNorm folded into the
     convolutions, weights as constants) and optimised for inference. At one drawing on one
     thread that is ~1.4 ms less per prediction: every op of the ~40 in the pair costs Python
-    and dispatch time, more than its arithmetic (README, Benchmarks). The other path (a drawing
+    and dispatch time, more than its arithmetic (docs/benchmarks.md). The other call (a drawing
     whose strokes cannot be read) runs the model as it is. Compiling takes ~1 s, once per
     model loaded. For predictions only: train the DigitCNN it wraps (`net`)."""
 
@@ -317,32 +320,32 @@ def _first(keys: list[str]) -> str:
 
 
 def _check_trajectory(state_dict: dict, what: str, remedy: str) -> bool:
-    """Whether a state_dict holds a trajectory model (its ``trajectory_points`` says so), after
-    checking that it holds it whole; ModelLoadError naming *what* if not. (`_check_members`
+    """Whether a state_dict holds the model of the strokes (its ``trajectory_points`` says so),
+    after checking that it holds it whole; ModelLoadError naming *what* if not. (`_check_members`
     has checked every value is a finite tensor.)"""
     keys = [key for key in state_dict if key.startswith(TRAJECTORY_PREFIX)]
     points = state_dict.get(TRAJECTORY_KEY)
     if points is None:
         if keys:
             raise ModelLoadError(
-                f"{what} does not match this network's architecture: it holds a trajectory "
-                f"model's weights but no {TRAJECTORY_KEY} (an integer).{remedy}"
+                f"{what} does not match this network's architecture: it holds the weights of a "
+                f"model of the strokes but no {TRAJECTORY_KEY} (an integer).{remedy}"
             )
         return False
     if points.numel() != 1 or points.is_floating_point():
         raise ModelLoadError(f"{what} is corrupt: {TRAJECTORY_KEY} is not an integer.{remedy}")
     if int(points) != utils.TRAJECTORY_POINTS:
         raise ModelLoadError(
-            f"{what} does not match this network's architecture: its trajectory model reads "
+            f"{what} does not match this network's architecture: its model of the strokes reads "
             f"{int(points)} points, this app gives it {utils.TRAJECTORY_POINTS}.{remedy}"
         )
     with torch.random.fork_rng(devices=[]):
         expected = TrajectoryNet().state_dict().keys()
     _check_whole(
         state_dict, TRAJECTORY_PREFIX, expected, what, remedy,
-        "it says it holds a trajectory model (the model of the strokes), and its weights are "
+        "it says it holds the model of the strokes (trajectory_points), and its weights are "
         "missing",
-        "its trajectory model",
+        "its model of the strokes",
     )  # fmt: skip
     unexpected = [key for key in keys if key.removeprefix(TRAJECTORY_PREFIX) not in expected]
     if unexpected:
@@ -357,7 +360,7 @@ def predict(
     model: nn.Module, batch: torch.Tensor, trajectory: torch.Tensor | None = None
 ) -> Prediction:
     """Predict the one digit in a (1, 1, 28, 28) batch, as `utils.preprocess` returns it, with
-    its path as `utils.trajectory` returns it, if known (None: the image alone)."""
+    its trajectory as `utils.trajectory` returns it, if known (None: the image alone)."""
     if batch.shape[0] != 1:
         raise ValueError(f"predict takes one image; use predict_batch for {batch.shape[0]}.")
     return predict_batch(model, batch, trajectory)[0]
@@ -366,8 +369,8 @@ def predict(
 def predict_batch(
     model: nn.Module, batch: torch.Tensor, trajectories: torch.Tensor | None = None
 ) -> list[Prediction]:
-    """Predict every image of an (N, 1, 28, 28) batch; with their paths (N, 5, points), from
-    both (a model without a trajectory model reads the images alone)."""
+    """Predict every image of an (N, 1, 28, 28) batch; with their trajectories (N, 5, points),
+    from both (a model without the model of the strokes reads the images alone)."""
     if batch.ndim != 4 or tuple(batch.shape[1:]) != (1, 28, 28):
         raise ValueError(f"Expected a batch of shape (N, 1, 28, 28), got {tuple(batch.shape)}.")
     expected = (len(batch), utils.TRAJECTORY_FEATURES)

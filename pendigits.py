@@ -254,7 +254,7 @@ def vary_strokes(
         at = lifts[int(rng.integers(len(lifts)))]  # this pen lift is joined
         lines[at : at + 2] = [_joined(lines[at], lines[at + 1])]
     if rng.random() < odds.split:
-        lengths = [utils.path_length(line) for line in lines]
+        lengths = [utils.line_length(line) for line in lines]
         at = int(np.argmax(lengths))  # the longest stroke: there is room for a gap
         where = lengths[at] * rng.uniform(0.25, 0.75)
         lines[at : at + 1] = _gap(lines[at], where, span * rng.uniform(0.12, 0.25))
@@ -270,7 +270,7 @@ def _joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     strokes' own, or the canvas's curves would cut the corners off), then `second`."""
     points = np.concatenate([first, second])
     gap = _distance(first[-1], second[0])
-    spacing = max(utils.path_length(points) - gap, 1.0) / max(len(points), 2)
+    spacing = max(utils.line_length(points) - gap, 1.0) / max(len(points), 2)
     steps = int(gap / spacing)
     between = first[-1] + (second[0] - first[-1]) * np.linspace(0, 1, steps + 2)[1:-1, None]
     return np.concatenate([first, between, second])
@@ -294,7 +294,7 @@ def _piece(line: np.ndarray, start: float, end: float) -> np.ndarray:
 def _gap(line: np.ndarray, where: float, gap: float) -> list[np.ndarray]:
     """`line` broken at arc length `where` by a gap `gap` long (the parts at least a quarter
     of the gap long each, or the stroke as it is)."""
-    total = utils.path_length(line)
+    total = utils.line_length(line)
     if not (where - gap / 2 > gap / 4 and total - where - gap / 2 > gap / 4):
         return [line]
     return [_piece(line, 0, where - gap / 2), _piece(line, where + gap / 2, total)]

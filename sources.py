@@ -79,8 +79,8 @@ class HeldOut(Images):
     key: str = ""
     title: str = ""
     about: dict = field(default_factory=dict)  # what it is (writers, drawings), for model.json
-    # Each image's path as the app hands it to the trajectory model (`utils.trajectory`):
-    # (N, 5, points) float32; None where the strokes are not known.
+    # Each image's trajectory: its strokes as the app hands them to the model of the strokes
+    # (`utils.trajectory`), (N, 5, points) float32; None where the strokes are not known.
     trajectories: torch.Tensor | None = None
 
 
@@ -95,7 +95,7 @@ class Source:
     held_out: HeldOut | None = None
     until: int | None = None  # feedback: the newest row read (a resume reads no newer ones)
     # The strokes behind the training images (pen digits, people's drawings: y up, as a
-    # tablet records them), for the trajectory model; none for scanned MNIST.
+    # tablet records them), for the model of the strokes; none for scanned MNIST.
     strokes: list[pendigits.PenDigit] = field(default_factory=list)
 
 
@@ -119,7 +119,7 @@ class Data:
 
     @property
     def strokes(self) -> list[pendigits.PenDigit]:
-        """Every source's training strokes: what the trajectory model learns from."""
+        """Every source's training strokes: what the model of the strokes learns from."""
         return [digit for source in self.sources for digit in source.strokes]
 
     @property
@@ -440,9 +440,9 @@ def feedback_held_out(drawings: Sequence[AnsweredDrawing]) -> HeldOut:
 
 
 def trajectories(strokes: Sequence[Sequence[np.ndarray]], y_up: bool = False) -> torch.Tensor:
-    """Each drawing's path as the app hands it to the trajectory model (`utils.trajectory`),
-    stacked: (N, 5, points). *strokes*: each drawing's strokes, y down as the canvas gives them
-    (`y_up`: as a tablet records them)."""
+    """Each drawing's trajectory, its strokes as the app hands them to the model of the strokes
+    (`utils.trajectory`), stacked: (N, 5, points). *strokes*: each drawing's strokes, y down as
+    the canvas gives them (`y_up`: as a tablet records them)."""
     flip = np.array([1.0, -1.0 if y_up else 1.0])
     return torch.from_numpy(
         np.stack([utils.trajectory_features([s * flip for s in lines]) for lines in strokes])

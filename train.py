@@ -8,8 +8,8 @@ the model of their strokes beside it, checkpointing every epoch so that no crash
                                         # fine-tune the live model on people's drawings too
                                         # (--init: the fine-tune defaults, FINE_TUNE)
 
-First `--epochs` epochs of the image CNN, then `--trajectory-epochs` epochs of the trajectory
-model (model.TrajectoryNet) on the strokes of the pen digits and people's drawings, each epoch
+First `--epochs` epochs of the image CNN, then `--trajectory-epochs` epochs of the model of the
+strokes (model.TrajectoryNet) on the strokes of the pen digits and people's drawings, each epoch
 written and placed anew (`training.loops.trajectory_inputs`). The data comes from `sources.py`.
 The held-out part of each source (pen writers, a fifth of the people's drawings) is never
 trained on; the model's accuracy on it, per digit and with its worst confusions, goes to the log
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(config: TrainConfig, stop: StopFlag) -> Trained:
-    """Build (or resume), the image CNN's epochs, the trajectory model's, the final figures,
-    the model written: a checkpoint after each epoch, and of the step reached if stopped."""
+    """Build (or resume), the image CNN's epochs, those of the model of the strokes, the final
+    figures, the model written: a checkpoint after each epoch, and of the step reached if
+    stopped."""
     started = time.perf_counter()
     device = select_device(config.device)
     if config.threads:
@@ -218,7 +219,7 @@ def train(config: TrainConfig, stop: StopFlag) -> Trained:
         path = checkpoint(progress.epoch, progress.step)
         log.warning(
             "%s received: checkpoint of epoch %d step %d saved to %s (epochs after %d: the "
-            "trajectory model's); run the same command to resume",
+            "model of the strokes'); run the same command to resume",
             stopped,
             progress.epoch + 1,
             progress.step,

@@ -1,5 +1,5 @@
-"""Turn a drawing into what the model reads: the 28x28 image it was trained on, and the path of
-its strokes (`trajectory`).
+"""Turn a drawing into what the model reads: the 28x28 image it was trained on, and its strokes
+as the model of the strokes reads them (`trajectory`).
 
 A canvas drawing is nothing like an MNIST digit until it is normalised the way MNIST was built:
 the ink is cropped to its bounding box, scaled so its longest side is 20 px (keeping the aspect
@@ -31,7 +31,7 @@ MIN_CONTRAST = 40 / 255
 MIN_DIGIT_FRACTION = 0.08
 
 
-# The trajectory model's input: this many points along the ink, each with these features.
+# A trajectory (`trajectory`): this many points along the ink, each with these features.
 TRAJECTORY_POINTS = 64
 TRAJECTORY_FEATURES = 5  # x, y, dx, dy, pen lift
 
@@ -165,13 +165,15 @@ def _border(array: np.ndarray) -> np.ndarray:
 
 
 def trajectory(strokes) -> torch.Tensor:
-    """The trajectory model's input for one drawing, shape (1, TRAJECTORY_FEATURES,
-    TRAJECTORY_POINTS), float32: `trajectory_features` as a batch of one."""
+    """A drawing's trajectory: its strokes as the model of the strokes reads them, shape
+    (1, TRAJECTORY_FEATURES, TRAJECTORY_POINTS), float32 (`trajectory_features` as a batch of
+    one)."""
     return torch.from_numpy(trajectory_features(strokes))[None]
 
 
 def trajectory_features(strokes, points: int = TRAJECTORY_POINTS) -> np.ndarray:
-    """A drawing's strokes as the trajectory model reads them: (5, points) float32.
+    """A drawing's strokes as the model of the strokes reads them, one drawing's trajectory:
+    (5, points) float32.
 
     *strokes*: each stroke the points the canvas sampled between pen down and pen up, (n, 2),
     x to the right and y down, in any unit (canvas pixels; a tablet's y flipped). Each goes
@@ -180,7 +182,7 @@ def trajectory_features(strokes, points: int = TRAJECTORY_POINTS) -> np.ndarray:
     along it, shared between the strokes in proportion to their length (at least one each).
     Each point: x, y, the step from the previous point (at a pen lift, the jump from the last
     stroke's end) and a flag at each stroke's start but the first. How densely the strokes were
-    sampled (a mouse, a finger, a tablet every 100 ms) barely changes it: only the path counts.
+    sampled (a mouse, a finger, a tablet every 100 ms) barely changes it: only the curves count.
 
     Raises EmptyImageError without a point, ImageFormatError for points that are not finite
     (x, y) pairs.
@@ -196,13 +198,13 @@ def trajectory_features(strokes, points: int = TRAJECTORY_POINTS) -> np.ndarray:
     if not np.isfinite(everything).all():
         raise ImageFormatError("Strokes hold points that are not finite numbers.")
     if len(lines) > points:  # more strokes than points: the longest ones
-        lengths = [path_length(line) for line in lines]
+        lengths = [line_length(line) for line in lines]
         keep = sorted(np.argsort(lengths)[::-1][:points])
         lines = [lines[i] for i in keep]
     low, high = everything.min(axis=0), everything.max(axis=0)
     scale = max(float((high - low).max()), 1e-6)
     lines = [(line - (low + high) / 2) / scale for line in lines]
-    lengths = np.array([path_length(line) for line in lines])
+    lengths = np.array([line_length(line) for line in lines])
     total = lengths.sum()
     weights = lengths / total if total > 0 else np.full(len(lines), 1 / len(lines))  # dots
     share = weights * (points - len(lines))
@@ -217,7 +219,7 @@ def trajectory_features(strokes, points: int = TRAJECTORY_POINTS) -> np.ndarray:
 
 
 def canvas_path(points: np.ndarray, steps: int = 4) -> np.ndarray:
-    """The path the canvas's pencil brush (fabric.js) draws through sampled points: a straight
+    """The curve the canvas's pencil brush (fabric.js) draws through sampled points: a straight
     start to the first midpoint, then quadratic curves from midpoint to midpoint with each
     sampled point as control point, then straight to the last point. Pen points sampled every
     100 ms would otherwise be joined by straight lines, with corners no canvas shows."""
@@ -268,5 +270,6 @@ def resample(
     )
 
 
-def path_length(line: np.ndarray) -> float:
+def line_length(line: np.ndarray) -> float:
+    """The length of the polyline `line`."""
     return float(np.hypot(*np.diff(line, axis=0).T).sum()) if len(line) > 1 else 0.0

@@ -2,7 +2,7 @@
 
 ``promote()`` (``train.py --promote``) registers the candidate as a version (registry/store.py),
 compares it with the live model on the same evaluation sets, prints the table and makes it live
-only by ``refusals()``'s rule (README, "Versions and promotion").
+only by ``refusals()``'s rule (docs/promotion.md, "The promotion rule").
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ log = logging.getLogger("versions")  # the registry's logger (registry/store.py)
 
 EXIT_REFUSED = 3  # train.py --promote: the candidate was refused; nothing changed
 PRIMARY = "held-out feedback"  # the set a candidate must be better on (EvalSet.paired_primary)
-# The rule (README, "Versions and promotion"): one-sided exact sign tests on the drawings that
-# exactly one of the two models reads right.
+# The rule (docs/promotion.md, "The promotion rule"): one-sided exact sign tests on the drawings
+# that exactly one of the two models reads right.
 GUARD_ALPHA = 0.05  # a set's overall loss this unlikely under "equally good" refuses
 PER_DIGIT_ALPHA = 0.005  # a digit's loss on a set, likewise (0.05 over 10 digits: Bonferroni)
 
@@ -45,8 +45,8 @@ class EvalSet:
     images: torch.Tensor  # (N, 1, 28, 28) float, normalised as utils.normalize does
     labels: torch.Tensor  # (N,) int64
     paired_primary: bool = False  # the held-out feedback: the candidate must be better on it
-    # Their paths (N, 5, points) as utils.trajectory gives them, read by a model that has a
-    # trajectory model as the app reads them; None: the images alone.
+    # Their trajectories (N, 5, points) as utils.trajectory gives them, read as the app reads
+    # them by a model that has the model of the strokes; None: the images alone.
     trajectories: torch.Tensor | None = None
 
 
@@ -115,14 +115,15 @@ def log_probabilities(
     batch: int = 1000,
     trajectories: torch.Tensor | None = None,
 ):
-    """What `net` makes of each image (with its path, where given and `net` reads paths)."""
+    """What `net` makes of each image (with its trajectory, where given and `net` has the model
+    of the strokes)."""
     net.eval()
     out = []
-    reads_paths = trajectories is not None and getattr(net, "trajectory", None) is not None
+    reads_strokes = trajectories is not None and getattr(net, "trajectory", None) is not None
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             inputs = [images[start : start + batch].float()]
-            if reads_paths:
+            if reads_strokes:
                 inputs.append(trajectories[start : start + batch])
             out.append(torch.log_softmax(net(*inputs), dim=1))
     return torch.cat(out) if out else torch.empty((0, 10))

@@ -206,7 +206,7 @@ def assert_damage_named(tmp_path, intact, damage, message) -> None:
     assert str(path) in str(raised.value)
 
 
-# --- the trajectory model: a second model, over the strokes, in the same file ------------------
+# --- the model of the strokes: a second model, in the same file -----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +217,12 @@ def paired_file(tmp_path_factory):
     return path
 
 
-def _path(seed: int, count: int = 1) -> torch.Tensor:
+def _trajectory(seed: int, count: int = 1) -> torch.Tensor:
     torch.manual_seed(seed)
     return torch.randn(count, utils.TRAJECTORY_FEATURES, utils.TRAJECTORY_POINTS)
 
 
-def test_a_file_with_a_trajectory_model_loads_it_with_weights_only(paired_file, monkeypatch):
+def test_a_file_with_the_model_of_the_strokes_loads_it_with_weights_only(paired_file, monkeypatch):
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
@@ -237,23 +237,23 @@ def test_a_file_with_a_trajectory_model_loads_it_with_weights_only(paired_file, 
 def test_with_strokes_the_answer_is_the_normalised_product_of_both_models(paired_file):
     net = load_model(paired_file)
     torch.manual_seed(5)
-    image, path = torch.randn(1, 1, 28, 28) * 2, _path(6) * 3
+    image, trajectory = torch.randn(1, 1, 28, 28) * 2, _trajectory(6) * 3
     with torch.no_grad():
         cnn = torch.softmax(net(image), 1)[0]  # the image alone: the ensemble's answer
-        strokes = torch.softmax(net.trajectory(path), 1)[0]
+        strokes = torch.softmax(net.trajectory(trajectory), 1)[0]
     product = cnn * strokes / (cnn * strokes).sum()
-    both = predict(net, image, path)
+    both = predict(net, image, trajectory)
     assert both.probabilities == pytest.approx(product.tolist(), abs=1e-6)
     assert both.digit == int(product.argmax()) and both.confidence == max(both.probabilities)
     alone = predict(net, image)  # a drawing whose strokes are unknown: the CNN's answer
     assert alone.probabilities == pytest.approx(cnn.tolist(), abs=1e-6)
-    batch = predict_batch(net, image.repeat(3, 1, 1, 1), torch.cat([path, _path(7, 2)]))
+    batch = predict_batch(net, image.repeat(3, 1, 1, 1), torch.cat([trajectory, _trajectory(7, 2)]))
     assert batch[0].probabilities == pytest.approx(both.probabilities, abs=1e-6)
 
 
-def test_a_model_without_a_trajectory_model_ignores_the_strokes(net):
+def test_a_model_without_the_model_of_the_strokes_ignores_the_strokes(net):
     image = torch.randn(1, 1, 28, 28)
-    assert predict(net, image, _path(8)).probabilities == predict(net, image).probabilities
+    assert predict(net, image, _trajectory(8)).probabilities == predict(net, image).probabilities
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (2, 5, 64), (1, 4, 64)])
@@ -269,14 +269,14 @@ def _without_trajectory(state):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_without_trajectory, r"incomplete: it says it holds a trajectory model .* missing"),
+        (_without_trajectory, r"incomplete: it says it holds the model of the strokes .* missing"),
         (
             lambda s: {k: v for k, v in s.items() if k != "trajectory.head.1.bias"},
-            r"incomplete: its trajectory model lacks head\.1\.bias",
+            r"incomplete: its model of the strokes lacks head\.1\.bias",
         ),
         (
             lambda s: {k: v for k, v in s.items() if k != "trajectory_points"},
-            r"does not match.*trajectory model's weights but no trajectory_points",
+            r"does not match.*weights of a model of the strokes but no trajectory_points",
         ),
         (lambda s: {**s, "trajectory_points": torch.tensor(32)}, r"reads 32 points"),
         (
@@ -291,14 +291,14 @@ def _without_trajectory(state):
     ],
     ids=["missing", "part-missing", "no-points", "other-points", "inf", "wrong-shape", "extra"],
 )
-def test_a_damaged_trajectory_model_is_a_clear_error_naming_the_file(
+def test_a_damaged_model_of_the_strokes_is_a_clear_error_naming_the_file(
     tmp_path, paired_file, damage, message
 ):
     assert_damage_named(tmp_path, paired_file, damage, message)
 
 
-def test_adding_a_trajectory_model_leaves_the_random_numbers_that_follow_alone():
-    """The CNN of `train.py --members 2` trains exactly as before the trajectory model."""
+def test_adding_the_model_of_the_strokes_leaves_the_random_numbers_that_follow_alone():
+    """The CNN of `train.py --members 2` trains exactly as before the model of the strokes."""
     torch.manual_seed(9)
     DigitCNN(members=2)
     without = torch.rand(3)
@@ -308,7 +308,7 @@ def test_adding_a_trajectory_model_leaves_the_random_numbers_that_follow_alone()
 
 
 @pytest.mark.parametrize("trajectory", [True, False])
-def test_the_compiled_model_answers_as_the_model_on_both_paths(trajectory):
+def test_the_compiled_model_answers_as_the_model_with_strokes_and_without(trajectory):
     """model.Compiled (what the app serves): the same probabilities, with strokes and without,
     one drawing or several."""
     torch.manual_seed(10)
@@ -316,8 +316,8 @@ def test_the_compiled_model_answers_as_the_model_on_both_paths(trajectory):
     fast = model.Compiled(net)
     for count in (1, 3):
         images = torch.randn(count, 1, 28, 28) * 2
-        for path in (_path(11, count) * 3, None):
-            expected = predict_batch(net, images, path)
-            for got, want in zip(predict_batch(fast, images, path), expected, strict=True):
+        for trajectories in (_trajectory(11, count) * 3, None):
+            expected = predict_batch(net, images, trajectories)
+            for got, want in zip(predict_batch(fast, images, trajectories), expected, strict=True):
                 assert got.probabilities == pytest.approx(want.probabilities, abs=1e-5)
                 assert got.digit == want.digit

@@ -206,21 +206,21 @@ def test_any_image_gives_the_digit_an_input_or_a_clear_error(make, outcome):
         assert batch.shape == (1, 1, 28, 28) and torch.isfinite(batch).all()
 
 
-# --- utils.trajectory: the strokes as the trajectory model reads them ----------------------------
+# --- utils.trajectory: the strokes as the model of the strokes reads them -------------------------
 
 # A 4 in two strokes (canvas pixels, y down): down and across, then the stem.
 FOUR = [[[60, 40], [45, 140], [150, 140]], [[120, 60], [118, 200]]]
 
 
 def test_trajectory_has_the_models_shape_and_marks_each_pen_lift():
-    path = utils.trajectory(FOUR)
-    assert path.shape == (1, utils.TRAJECTORY_FEATURES, utils.TRAJECTORY_POINTS)
-    assert path.dtype == torch.float32
-    lifts = path[0, 4]
+    trajectory = utils.trajectory(FOUR)
+    assert trajectory.shape == (1, utils.TRAJECTORY_FEATURES, utils.TRAJECTORY_POINTS)
+    assert trajectory.dtype == torch.float32
+    lifts = trajectory[0, 4]
     assert lifts.sum() == 1 and lifts[0] == 0  # one pen lift: where the stem starts
     start = int(lifts.argmax())
     # x, y (scaled by the larger side, centred: within +-1); the stem's start is where it is.
-    x, y = path[0, 0], path[0, 1]
+    x, y = trajectory[0, 0], trajectory[0, 1]
     assert float(x.abs().max()) <= 1.0 + 1e-6 and float(y.abs().max()) <= 1.0 + 1e-6
     assert float(y[start]) < float(y[start - 1])  # the stem starts above the bar's end
 
@@ -230,7 +230,7 @@ def test_trajectory_ignores_where_and_how_large_the_digit_is_drawn():
     assert np.allclose(utils.trajectory_features(moved), utils.trajectory_features(FOUR), atol=1e-5)
 
 
-def test_trajectory_reads_the_path_not_how_densely_it_was_sampled():
+def test_trajectory_reads_the_curves_drawn_not_how_densely_they_were_sampled():
     """A pen sampled every 100 ms (a few points per stroke) and a mouse sampled every few pixels
     along the curve the canvas draws through those points give nearly the same input."""
     sparse = [np.array(s, dtype=float) for s in FOUR]

@@ -3,7 +3,7 @@
 - config: TrainConfig, every setting of a run, and its presets, SCRATCH and FINE_TUNE
 - flags: the command line's flags, each a TrainConfig field
 - checkpoints: one file per place in training, the newest that loads resumed
-- loops: an epoch of the image CNN, an epoch of the trajectory model, and stopping on a signal
+- loops: an epoch of the image CNN, an epoch of the model of the strokes, stopping on a signal
 - build: the device, the network and its optimizers (new, from --init, or resumed)
 - metrics: accuracy and calibration as the app reads digits, after each epoch and at the end
 - model_file: the weights and model.json written

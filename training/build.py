@@ -17,10 +17,10 @@ log = logging.getLogger("train")
 
 
 def build(config: TrainConfig, data: sources.Data, device, state: dict | None):
-    """The network, its optimizer and learning-rate schedule, and the trajectory model's (None
-    without --trajectory-epochs): as the checkpoint `state` left them, or new (the network from
-    --init's weights if given; a trajectory model added if it has none and one is to be
-    trained)."""
+    """The network, its optimizer and learning-rate schedule, and those of the model of the
+    strokes (None without --trajectory-epochs): as the checkpoint `state` left them, or new (the
+    network from --init's weights if given; the model of the strokes added if it has none and
+    one is to be trained)."""
     if config.trajectory_epochs and not data.strokes:
         raise SetupError("--trajectory-epochs: no strokes to learn from (no pen digits)")
     if state:

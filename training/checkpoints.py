@@ -2,7 +2,7 @@
 loads resumed, the oldest pruned.
 
 `checkpoint-e0004-s000120.pt`: 4 epochs complete and 120 steps of the fifth done (the epochs
-after --epochs are the trajectory model's). Each holds the weights, the optimizers' and
+after --epochs are the model of the strokes'). Each holds the weights, the optimizers' and
 schedules' states, the random-number state, where training is, its figures so far and the
 RUN_SETTINGS it was trained with: a run with other settings is refused, not resumed.
 """

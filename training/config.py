@@ -20,16 +20,17 @@ import mnist
 import pendigits
 from model import MAX_MEMBERS
 
-FEEDBACK_SHARE = 0.3  # measured: README, Training (simulated people)
-MEMBERS = 1  # from scratch: the ensemble's size (README, Training: --members)
+FEEDBACK_SHARE = 0.3  # measured: docs/experiments.md, "The fine-tune's defaults"
+MEMBERS = 1  # from scratch: the ensemble's size (--members: docs/training.md, "An ensemble")
 # From scratch: --epochs, --lr, --epoch-size. A fine-tune (--init, the feedback loop's run) has
-# its own defaults, measured with `python -m lab.evaluate --simulate-people` (README, Training);
-# it keeps the live model's BatchNorm statistics (--freeze-bn).
+# its own defaults, measured with `python -m lab.evaluate --simulate-people`
+# (docs/experiments.md, "The fine-tune's defaults"); it keeps the live model's BatchNorm
+# statistics (--freeze-bn).
 SCRATCH = {
     "epochs": 12, "lr": 0.05, "epoch_size": None, "pen_share": 0.4, "feedback_views": 8,
     "distill": 0.0, "trajectory_epochs": 40, "freeze_bn": False,
 }  # fmt: skip
-# A fine-tune keeps --init's trajectory model as it is unless --trajectory-epochs says more.
+# A fine-tune keeps --init's model of the strokes as it is unless --trajectory-epochs says more.
 FINE_TUNE = {
     "epochs": 2, "lr": 0.005, "epoch_size": 20_000, "pen_share": 0.2, "feedback_views": 16,
     "distill": 0.0, "trajectory_epochs": 0, "freeze_bn": True,
@@ -114,8 +115,8 @@ class TrainConfig:
     def from_settings(cls, **given: object) -> TrainConfig:
         """The settings `given` (None: not given, as argparse leaves a flag left out), the
         others from the run's preset (FINE_TUNE with `init`, else SCRATCH) or their defaults.
-        With MNIST alone among the sources there are no strokes to learn from: no trajectory
-        epochs (asking for some is an error)."""
+        With MNIST alone among the sources there are no strokes to learn from: no
+        --trajectory-epochs (asking for some is an error)."""
         given = {name: value for name, value in given.items() if value is not None}
         settings = {**preset(given.get("init")), **given}
         sources = settings.get("sources", cls.sources)

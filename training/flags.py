@@ -73,7 +73,8 @@ def parser(description: str) -> argparse.ArgumentParser:
         default=defaults.stroke_variation,
         help="pen and feedback renderings written another way now and then: strokes in another "
         "order or direction, pen lifts joined or split, tops open, loops closed "
-        "(pendigits.vary_strokes; off: not confirmed by the held-out writers, README)",
+        "(pendigits.vary_strokes; off: not confirmed by the held-out writers, "
+        "docs/experiments.md)",
     )
     parser.add_argument(
         "--held-out-writers",
@@ -104,10 +105,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--trajectory-epochs",
         type=int,
-        help="then passes of the trajectory model (the model of the strokes) over the pen "
+        help="then passes of the model of the strokes (model.TrajectoryNet) over the pen "
         "digits' and people's strokes; 0: none, the image CNN alone (default "
         f"{SCRATCH['trajectory_epochs']} with pen or feedback among --sources; with --init "
-        f"{FINE_TUNE['trajectory_epochs']}: its trajectory model kept as it is)",
+        f"{FINE_TUNE['trajectory_epochs']}: its model of the strokes kept as it is)",
     )
     parser.add_argument("--init", type=Path, help="start from these weights: fine-tune")
     parser.add_argument(

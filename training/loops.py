@@ -1,5 +1,5 @@
-"""The training loops: an epoch of the image CNN (`train_one_epoch`), an epoch of the trajectory
-model (`train_trajectory_epoch`, its inputs written anew each epoch by `trajectory_inputs`).
+"""The training loops: an epoch of the image CNN (`train_one_epoch`), an epoch of the model of the
+strokes (`train_trajectory_epoch`, its inputs written anew each epoch by `trajectory_inputs`).
 
 Both start where `Progress` says (a resumed epoch starts mid-way) and count their steps in it,
 and both stop at a step boundary when `StopFlag` has seen SIGTERM or SIGINT (`StopRequested`):
@@ -26,7 +26,8 @@ from training.config import TrainConfig
 
 log = logging.getLogger("train")
 
-# The trajectory model's training (README, Training: chosen by leave-writers-out CV).
+# The model of the strokes' training, chosen by leave-writers-out cross-validation
+# (docs/experiments.md, "How the model of the strokes was chosen").
 TRAJECTORY_BATCH = 64
 TRAJECTORY_LR = 3e-3
 TRAJECTORY_STREAM = 7  # its random numbers: a stream of their own, beside the renderings'
@@ -146,12 +147,12 @@ def train_one_epoch(
 
 
 def trajectory_inputs(digits: Sequence[pendigits.PenDigit], seed: int, epoch: int) -> torch.Tensor:
-    """The trajectory model's inputs for one epoch, (N, 5, points): each digit's strokes as
-    another person might write them (`pendigits.vary_strokes`: order, direction, pen lifts,
-    open tops, closed loops), placed on the canvas as another person or device might
-    (`pendigits.on_canvas`: slant, rotation, stretch, each stroke a little off, tremor), then
-    read as the app reads a drawing (`utils.trajectory_features`). Digit i of epoch e depends
-    only on (seed, e, i): a resumed epoch is the same."""
+    """The inputs of the model of the strokes for one epoch, trajectories (N, 5, points): each
+    digit's strokes as another person might write them (`pendigits.vary_strokes`: order,
+    direction, pen lifts, open tops, closed loops), placed on the canvas as another person or
+    device might (`pendigits.on_canvas`: slant, rotation, stretch, each stroke a little off,
+    tremor), then read as the app reads a drawing (`utils.trajectory_features`). Digit i of
+    epoch e depends only on (seed, e, i): a resumed epoch is the same."""
     out = np.empty((len(digits), utils.TRAJECTORY_FEATURES, utils.TRAJECTORY_POINTS), np.float32)
     for i, digit in enumerate(digits):
         rng = np.random.default_rng((seed, epoch, i, TRAJECTORY_STREAM))
@@ -173,7 +174,7 @@ def train_trajectory_epoch(
     progress: Progress,
     stop: StopFlag,
 ) -> None:
-    """Train the trajectory model `net` on `digits` from `progress.step` to the end of epoch
+    """Train the model of the strokes `net` on `digits` from `progress.step` to the end of epoch
     `progress.epoch` (counted after the CNN's `config.epochs`), counting steps."""
     epoch = progress.epoch - config.epochs
     inputs = trajectory_inputs(digits, config.seed, epoch)

@@ -3,8 +3,9 @@ with the worst confusions (`accuracy_report`), and the expected calibration erro
 (`expected_calibration_error`), defined here once for train.py and the lab.
 
 During training, after each epoch: the 28x28 images as they are (`epoch_figures`,
-`trajectory_figures`: fast). At the end: MNIST's test set and each held-out part through the
-app's path, `utils.preprocess` and `model.predict_batch` (`final_figures`), for model.json.
+`trajectory_figures`: fast). At the end: MNIST's test set and each held-out part read as the
+app reads a drawing, through `utils.preprocess` and `model.predict_batch` (`final_figures`), for
+model.json.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def read_drawings(
     pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
 
     def flush() -> None:
-        paths = [path for _, _, path in pending]
-        trajectories = torch.cat(paths) if all(p is not None for p in paths) else None
+        known = [trajectory for _, _, trajectory in pending]
+        trajectories = torch.cat(known) if all(t is not None for t in known) else None
         images = torch.cat([image for _, image, _ in pending])
         for (position, _, _), prediction in zip(
             pending, model_lib.predict_batch(net, images, trajectories), strict=True
@@ -118,8 +119,8 @@ def read_drawings(
             model_input = utils.preprocess(image)
         except utils.EmptyImageError:
             continue
-        path = utils.trajectory(strokes) if strokes is not None else None
-        pending.append((len(found) - 1, model_input, path))
+        trajectory = utils.trajectory(strokes) if strokes is not None else None
+        pending.append((len(found) - 1, model_input, trajectory))
         if len(pending) == batch_size:
             flush()
     if pending:
@@ -128,8 +129,8 @@ def read_drawings(
 
 
 def pixels_accuracy(net, images: sources.Images, device) -> float:
-    """Accuracy on 28x28 uint8 images as they are (MNIST's own framing: fast; the app's path is
-    checked at the end)."""
+    """Accuracy on 28x28 uint8 images as they are (MNIST's own framing: fast; read as the app
+    reads them at the end)."""
     net.eval()
     correct = 0
     with torch.inference_mode():
@@ -143,7 +144,7 @@ def pixels_accuracy(net, images: sources.Images, device) -> float:
 
 def epoch_figures(net, data: sources.Data, device, epoch: int) -> dict:
     """Accuracy on MNIST's test set and each held-out part after an epoch (fast: the 28x28
-    images as they are; the app's path is measured at the end)."""
+    images as they are; read as the app reads them at the end)."""
     figures = {"epoch": epoch + 1, "test_accuracy": pixels_accuracy(net, data.test, device)}
     for held in data.held_out:
         figures[f"{held.key}_accuracy"] = pixels_accuracy(net, held, device)
@@ -151,8 +152,8 @@ def epoch_figures(net, data: sources.Data, device, epoch: int) -> dict:
 
 
 def trajectory_figures(net, data: sources.Data, device, epoch: int) -> dict:
-    """After a trajectory epoch, on each held-out part whose strokes are known: the accuracy of
-    the trajectory model alone and of the app's answer (both models)."""
+    """After an epoch of the model of the strokes, on each held-out part whose strokes are known:
+    the accuracy of the model of the strokes alone and of the app's answer (both models)."""
     figures = {"epoch": epoch + 1}
     net.eval()
     for held in data.held_out:
@@ -160,19 +161,19 @@ def trajectory_figures(net, data: sources.Data, device, epoch: int) -> dict:
             continue
         alone, both = [], []
         for start in range(0, len(held), EVAL_BATCH):
-            strokes = held.trajectories[start : start + EVAL_BATCH].to(device)
+            trajectories = held.trajectories[start : start + EVAL_BATCH].to(device)
             images = utils.normalize(held.images[start : start + EVAL_BATCH])[:, None].to(device)
             with torch.inference_mode():
-                alone.append(net.trajectory(strokes).argmax(1).cpu())
+                alone.append(net.trajectory(trajectories).argmax(1).cpu())
                 images = images.contiguous(memory_format=torch.channels_last)
-                both.append(net(images, strokes).argmax(1).cpu())
+                both.append(net(images, trajectories).argmax(1).cpu())
         for name, found in (("strokes_accuracy", alone), ("accuracy", both)):
             figures[f"{held.key}_{name}"] = float((torch.cat(found) == held.labels).float().mean())
     return figures
 
 
 def final_figures(net, data: sources.Data) -> dict:
-    """MNIST's test set through utils.preprocess (the app's path) and each held-out part, per
+    """MNIST's test set through utils.preprocess (as the app reads it) and each held-out part, per
     digit and with its worst confusions, logged and returned for model.json."""
     found = predictions(net, (image.numpy() for image in data.test.images))
     test = accuracy_report(
@@ -189,7 +190,7 @@ def final_figures(net, data: sources.Data) -> dict:
     metrics = {"test_accuracy": test["accuracy"], "test_ece": test["ece"]}
     for held in data.held_out:
         # Held-out images went through utils.preprocess already, their strokes through
-        # utils.trajectory: this is the app's path.
+        # utils.trajectory: this is how the app reads them.
         images = utils.normalize(held.images)[:, None]
         report = held_out_report(net, images, held)
         if held.trajectories is not None and net.trajectory is not None:
@@ -214,8 +215,10 @@ def held_out_report(net, images: torch.Tensor, held: sources.HeldOut, strokes: b
     predicted = []
     for start in range(0, len(images), EVAL_BATCH):  # a whole set at once: hundreds of MB
         part = slice(start, start + EVAL_BATCH)
-        paths = held.trajectories[part] if strokes and held.trajectories is not None else None
-        predicted += model_lib.predict_batch(net, images[part], paths)
+        trajectories = (
+            held.trajectories[part] if strokes and held.trajectories is not None else None
+        )
+        predicted += model_lib.predict_batch(net, images[part], trajectories)
     return accuracy_report(
         [p.digit for p in predicted], held.labels.tolist(), [p.confidence for p in predicted]
     )

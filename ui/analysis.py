@@ -1,5 +1,6 @@
 """What the app makes of one drawing (`Analysis`): the canvas's PNG read as the model's 28x28
-input, its strokes read from the canvas's paths, the prediction, and the image the model saw."""
+input, its strokes read from the canvas's fabric.js paths, the prediction, and the image the model
+saw."""
 
 from __future__ import annotations
 
@@ -61,15 +62,15 @@ def analyse(
         logger.warning("unreadable drawing: %s", exc)
         return Analysis(digest, hint="The drawing could not be read: clear the canvas and retry.")
     strokes, strokes_error = read_strokes(canvas_objects)
-    path = stroke_path(strokes, strokes_error)
+    trajectory = read_trajectory(strokes, strokes_error)
     prepared = time.perf_counter()
-    prediction = model.predict(classifier, batch, path)
+    prediction = model.predict(classifier, batch, trajectory)
     done = time.perf_counter()
     logger.info(
         "predicted %d (%.1f%%%s) in %.1f ms (preprocess %.1f ms, model %.1f ms)",
         prediction.digit,
         prediction.confidence * 100,
-        "" if path is not None else ", from the image alone",
+        "" if trajectory is not None else ", from the image alone",
         (done - start) * 1000,
         (prepared - start) * 1000,
         (done - prepared) * 1000,
@@ -95,8 +96,8 @@ def read_strokes(canvas_objects: list | None) -> tuple[list | None, ValueError |
         return None, exc
 
 
-def stroke_path(strokes: list | None, error: ValueError | None) -> torch.Tensor | None:
-    """The drawing's path for the model of the strokes (`utils.trajectory`); None where the
+def read_trajectory(strokes: list | None, error: ValueError | None) -> torch.Tensor | None:
+    """The drawing's trajectory for the model of the strokes (`utils.trajectory`); None where the
     strokes could not be read (`error` says why): the image alone then decides, as it did
     before the model read strokes."""
     try:
