@@ -7,7 +7,7 @@ canvas, in either polarity, in colour, or on a transparent background. A model t
 on MNIST's own framing fails here; one that works through `utils.preprocess` does not.
 
 A third set, "pen", traces each digit's centre line with a round brush of one width, as a pen
-trajectory drawn on the canvas looks: even strokes, round ends, no pressure. MNIST digits were
+stroke drawn on the canvas looks: even strokes, round ends, no pressure. MNIST digits were
 scanned from paper, so their strokes vary in width; what people draw in the app does not.
 
 The fourth set, "styles", owes nothing to MNIST: hand-made pen templates of the ways people write
@@ -94,8 +94,8 @@ class DrawnDigit:
     image: np.ndarray
     label: int
     style: str
-    # Its strokes as the canvas would sample them (canvas pixels, y down), where a hand's path
-    # is known (writing styles); None: an image (MNIST re-drawn), read by the image CNN alone.
+    # Its strokes as the canvas would sample them (canvas pixels, y down), where a hand's strokes
+    # are known (writing styles); None: an image (MNIST re-drawn), read by the image CNN alone.
     strokes: list[np.ndarray] | None = None
 
 
@@ -313,14 +313,14 @@ def styled_digits(count: int = 2000, seed: int = 0) -> Iterator[DrawnDigit]:
     for i in range(count):
         name = names[i % len(names)]
         label, strokes = WRITING_STYLES[name]
-        ink, lines = _pen_trajectory(strokes, rng)
+        ink, lines = _by_hand(strokes, rng)
         image = _app_canvas_image(_anywhere_on_canvas(ink, rng))
-        # The hand's path as a mouse samples it: a point every few pixels along each stroke.
+        # The hand's strokes as a mouse samples them: a point every few pixels along each one.
         sampled = [utils.resample(line, spacing=MOUSE_STEP_PX) for line in lines]
         yield DrawnDigit(image=image, label=label, style=name, strokes=sampled)
 
 
-def _pen_trajectory(
+def _by_hand(
     strokes: list[Stroke], rng: np.random.Generator, brush: int = BRUSH_WIDTH
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """One hand's version of a template: bent by a smooth random warp, each stroke put down a
@@ -460,12 +460,12 @@ def pen_writers_report(
 ) -> dict:
     """The model on the pen digits of `writers`, drawn as train.py drew them for its own
     measurement (one rendering each, the app's brush, `seed`), read as the app reads a drawing:
-    the image through `utils.preprocess`, the strokes through `utils.trajectory`. With a
-    trajectory model, also the image alone (`image_alone`)."""
+    the image through `utils.preprocess`, the strokes through `utils.trajectory`. With the
+    model of the strokes, also the image alone (`image_alone`)."""
     _, held_out = pendigits.split_writers(pendigits.load(pen_file), writers)
     pixels, labels = pendigits.render_for_training(held_out, 1, seed=seed, vary=False)
     images = utils.normalize(pixels)[:, None]
-    paths = sources.trajectories([digit.strokes for digit in held_out], y_up=True)
+    held_out_trajectories = sources.trajectories([digit.strokes for digit in held_out], y_up=True)
 
     def report(trajectories: torch.Tensor | None) -> dict:
         found = model_lib.predict_batch(net, images, trajectories)
@@ -473,7 +473,7 @@ def pen_writers_report(
             [p.digit for p in found], labels.tolist(), [p.confidence for p in found]
         )
 
-    both = report(paths)
+    both = report(held_out_trajectories)
     if getattr(net, "trajectory", None) is None:
         return {"writers": list(writers), **both}
     alone = report(None)
@@ -536,13 +536,13 @@ def simulate_people(args: argparse.Namespace) -> None:
         key: pendigits.render_for_training(digits, 1, seed=1, vary=False)
         for key, digits in tests.items()
     }
-    paths = {
+    trajectories = {
         key: sources.trajectories([digit.strokes for digit in digits], y_up=True)
         for key, digits in tests.items()
     }
     test_images, test_labels = mnist.load_split(data_dir, "test")
     pixels = [utils.to_pixels(utils.preprocess(image.numpy())) for image in test_images]
-    sets["mnist"] = (torch.from_numpy(np.stack(pixels)), test_labels)  # the app's path
+    sets["mnist"] = (torch.from_numpy(np.stack(pixels)), test_labels)  # as the app reads it
     live = work / "live" / "model.pth"  # the app's model file: the registry's first version
     live.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shipped_path, live)
@@ -552,7 +552,8 @@ def simulate_people(args: argparse.Namespace) -> None:
         stored = people.answer_all(server.url, answers, shipped, name)
         wrong = sum(a.predicted != a.label for a in stored)
         print(f"stored {len(stored)} answers; the shipped model read {wrong} of them wrong")
-        # The feedback loop's own command (README, "Training"): fine-tune the live model, promote.
+        # The feedback loop's own command (docs/feedback-loop.md, "The loop in one command"):
+        # fine-tune the live model, promote.
         command = [
             sys.executable, "train.py", "--sources", "mnist,pen,feedback", "--init", str(live),
             "--promote", "--data-dir", str(data_dir), "--pen-file", str(pen_file),
@@ -593,7 +594,7 @@ def simulate_people(args: argparse.Namespace) -> None:
     print(f"\n| set | {' | '.join(models)} |\n|---|" + "---|" * len(models))
     for key, (images, labels) in sets.items():
         cells, baseline = [], None
-        strokes = paths.get(key)
+        known = trajectories.get(key)
         for net in models.values():
             predicted = torch.tensor(
                 [
@@ -602,7 +603,7 @@ def simulate_people(args: argparse.Namespace) -> None:
                     for found in model_lib.predict_batch(
                         net,
                         utils.normalize(images[i : i + 1000])[:, None],
-                        None if strokes is None else strokes[i : i + 1000],
+                        None if known is None else known[i : i + 1000],
                     )
                 ]
             )

@@ -1,12 +1,12 @@
 """Simulated people: pen writers whose digits are stored as the app stores a person's answers,
 for the tests and `python -m lab.evaluate --simulate-people`.
 
-Each digit's pen trajectory is put on the app's 280x280 canvas as it would be drawn there
-(`pendigits.on_canvas`, the app's 18 px brush), drawn, read by the model through
-`utils.preprocess` and `utils.trajectory` (its strokes), and stored through the app's own call,
-`db.log_prediction(..., drawing=...)`: the `predictions` row with the model's prediction and its
-`drawings` row in one transaction (the strokes in canvas pixels, y down, the canvas size, the
-brush, the 28x28 image the model read).
+Each digit's pen strokes are put on the app's 280x280 canvas as they would be drawn there
+(`pendigits.on_canvas`, the app's 18 px brush), drawn (`utils.draw_strokes`), read by the model
+through `utils.preprocess` and `utils.trajectory` (its strokes), and stored through the app's
+own call, `db.log_prediction(..., drawing=...)`: the `predictions` row with the model's
+prediction and its `drawings` row in one transaction (the strokes in canvas pixels, y down, the
+canvas size, the brush, the 28x28 image the model read).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Experiment: does a model of the pen TRAJECTORY, beside the image CNN, read unseen writers'
-digits better than the CNN alone? The measurement behind shipping it (README, Training).
+"""Experiment: does the model of the strokes (`model.TrajectoryNet`), beside the image CNN, read
+unseen writers' digits better than the CNN alone? The measurement behind shipping it
+(docs/experiments.md, "How the model of the strokes was chosen").
 
-Not product code; it uses the product's pieces: the path as the app reads a drawing
+Not product code; it uses the product's pieces: the trajectory as the app reads a drawing
 (`utils.trajectory_features`: each stroke through the canvas's curves, centred and scaled,
 64 points along the ink with x, y, step and pen lift), `model.TrajectoryNet`, and train.py's
 training of it (`training.loops.train_trajectory_epoch`: each epoch every digit written anew by
@@ -11,8 +12,9 @@ Protocol: trained on the pen writers that are neither held out (`pendigits.HELD_
 nor in `--val-writers` (own validation: shows each combination rule); measured once on the
 held-out writers, alone and combined with the shipped CNN's probabilities (the CNN's input
 rendered exactly as `lab.evaluate.pen_writers_report` renders it). `--rule product` is what
-model.py ships (fixed before any held-out number, see README). Caveat: the shipped CNN was
-trained on the validation writers, so its probabilities there are those of training data.
+model.py ships (fixed before any held-out number, see docs/experiments.md). Caveat: the shipped
+CNN was trained on the validation writers, so its probabilities there are those of training
+data.
 
     python -m lab.strokes_experiment --rule product            # seed 0, 40 epochs
     python -m lab.strokes_experiment --rule product --seed 1
@@ -20,12 +22,12 @@ trained on the validation writers, so its probabilities there are those of train
 
 `--cv-folds K` measures the augmentation without the held-out writers: the 24 training writers
 (validation writers included) cut into K folds (sorted writer numbers, every K-th to a fold);
-the trajectory model trained on the other folds and measured ALONE on each fold in turn; the
+the model of the strokes trained on the other folds and measured ALONE on each fold in turn; the
 folds' probabilities pooled (accuracy, log loss, ECE, per digit). No CNN, no held-out digit.
 
 Until commit 93154ce this script had its own copy of the features, the network and a wider
-geometric augmentation (rotation +-12 degrees, slant +-0.35, x and y stretched apart); the
-README gives the figures of both.
+geometric augmentation (rotation +-12 degrees, slant +-0.35, x and y stretched apart);
+docs/experiments.md gives the figures of both.
 """
 
 from __future__ import annotations
@@ -55,16 +57,17 @@ from training.metrics import accuracy_report
 VAL_WRITERS = (5, 11, 17, 23)
 
 
-# --- the trajectory model, trained as train.py trains it ---------------------------------------
+# --- the model of the strokes, trained as train.py trains it --------------------------------------
 
 
 def feature_batch(digits) -> torch.Tensor:
-    """Each digit's path as the app reads it (its strokes flipped to the canvas's y down)."""
+    """Each digit's trajectory as the app reads it (its strokes flipped to the canvas's y
+    down)."""
     return sources.trajectories([d.strokes for d in digits], y_up=True)
 
 
 def train_model(digits, args, log=print) -> tuple[model_lib.TrajectoryNet, float]:
-    """A trajectory model trained on `digits` as train.py trains it (`train_trajectory_epoch`:
+    """A model of the strokes trained on `digits` as train.py trains it (`train_trajectory_epoch`:
     `trajectory_inputs`' augmentation, its batch, learning rate and schedule), `args.epochs`
     epochs from seed `args.seed`."""
     torch.manual_seed(args.seed)
@@ -77,7 +80,7 @@ def train_model(digits, args, log=print) -> tuple[model_lib.TrajectoryNet, float
         epochs=args.epochs,
         steps_per_epoch=math.ceil(len(digits) / TRAJECTORY_BATCH),
     )
-    # The trajectory model's epochs count after the image CNN's (here 1, not trained).
+    # The epochs of the model of the strokes count after the image CNN's (here 1, not trained).
     run = TrainConfig(epochs=1, trajectory_epochs=args.epochs, seed=args.seed, log_every=1e9)
     never = StopFlag()  # not installed: never stops
     started = time.process_time()
@@ -145,7 +148,7 @@ def per_digit_ms(net: nn.Module, digits, repeats: int = 300) -> tuple[float, flo
 
 
 def cross_validate(rest, args) -> None:
-    """Leave-writers-out cross-validation of the trajectory model alone on `rest` (never the
+    """Leave-writers-out cross-validation of the model of the strokes alone on `rest` (never the
     held-out writers): each fold's writers measured by a model trained on the other folds."""
     writers = sorted({d.writer for d in rest})
     folds = [writers[i :: args.cv_folds] for i in range(args.cv_folds)]
@@ -178,7 +181,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--val-writers", default=",".join(map(str, VAL_WRITERS)))
-    parser.add_argument("--save", help="write the trajectory model's state_dict here")
+    parser.add_argument("--save", help="write the model of the strokes' state_dict here")
     parser.add_argument(
         "--rule",
         choices=[r for r in rules() if r not in ("cnn alone", "strokes alone")],
@@ -188,7 +191,7 @@ def main() -> None:
         "--cv-folds",
         type=int,
         default=0,
-        help="cross-validate the trajectory model alone on the training writers, K folds",
+        help="cross-validate the model of the strokes alone on the training writers, K folds",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -279,8 +282,8 @@ def main() -> None:
     whole, alone = per_digit_ms(net, held_out)
     params = sum(p.numel() for p in net.parameters())
     print(
-        f"\ntrajectory model: {params} parameters; one digit, 1 thread, p50: {whole:.2f} ms "
-        f"(features + model), {alone:.2f} ms (model alone)"
+        f"\nthe model of the strokes: {params} parameters; one digit, 1 thread, p50: "
+        f"{whole:.2f} ms (features + model), {alone:.2f} ms (model alone)"
     )
 
 

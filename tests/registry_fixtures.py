@@ -37,7 +37,8 @@ APP_PASSWORD = "app-secret"
 
 
 def held_out(submission_id: uuid.UUID) -> bool:
-    """The held-out feedback split (CONTRACT20 B)."""
+    """The held-out feedback split: 1 in 5 submissions held out, chosen by submission id (as
+    sources.is_held_out chooses them)."""
     return int(hashlib.sha256(str(submission_id).encode()).hexdigest(), 16) % 5 == 0
 
 

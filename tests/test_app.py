@@ -48,7 +48,7 @@ STROKES = {
 # --- drawings, model files, the app ------------------------------------------------------------
 
 
-# The strokes of each PNG drawing_png made: draw() sends them as the canvas's paths.
+# The strokes of each PNG drawing_png made: draw() sends them as the canvas's fabric.js paths.
 STROKES_OF_PNG: dict[bytes, list[list[tuple[int, int]]]] = {}
 
 
@@ -79,7 +79,7 @@ def png_header(width: int, height: int) -> bytes:
 
 def save_untrained_model(path: Path, seed: int = 0, trajectory: bool = True) -> Path:
     """A valid, untrained model file (what train.py writes: a DigitCNN state_dict, with a
-    trajectory model unless told otherwise: what the app reads strokes with)."""
+    model of the strokes unless told otherwise: what the app reads strokes with)."""
     torch.manual_seed(seed)
     torch.save(model.DigitCNN(trajectory=trajectory).state_dict(), path)
     return path
@@ -123,7 +123,7 @@ def history_app() -> AppTest:
 
 def draw(at: AppTest, png: bytes, drawn: bool = True) -> AppTest:
     """What the canvas sends when someone draws (drawn=False: after its clear button): the PNG
-    and, for a drawing_png, its strokes as paths."""
+    and, for a drawing_png, its strokes as fabric.js paths."""
     # AppTest has no element for a custom component (it reads as an UnknownElement, which
     # cannot be set): its value is set in session_state under its key, as the browser sends it.
     objects = [fabric_path(stroke) for stroke in strokes_of(png)] if drawn else []
@@ -191,8 +191,8 @@ def expected_prediction(model_path: Path, png: bytes, strokes: bool = True) -> m
     """What the model makes of a drawing draw() sends: its image and its strokes (`strokes`
     False: the image alone)."""
     image = np.asarray(Image.open(io.BytesIO(png)))
-    path = utils.trajectory(strokes_of(png)) if strokes else None
-    return model.predict(model.load_model(model_path), utils.preprocess(image), path)
+    trajectory = utils.trajectory(strokes_of(png)) if strokes else None
+    return model.predict(model.load_model(model_path), utils.preprocess(image), trajectory)
 
 
 def stored_rows(server: PostgresProcess) -> list[tuple]:
@@ -277,8 +277,9 @@ def test_a_drawing_shows_prediction_confidence_probabilities_and_model_view(draw
 def test_the_strokes_are_read_with_the_image_and_unreadable_strokes_leave_the_image_alone(
     draw_app, model_file, caplog
 ):
-    """The canvas's paths reach the model of the strokes in the same call as the image (the
-    answer is both models'); where they cannot be read, the image alone is read, as before."""
+    """The canvas's fabric.js paths reach the model of the strokes in the same call as the image
+    (the answer is both models'); where they cannot be read, the image alone is read, as
+    before."""
     png = digit_png(4)
     both, alone = (expected_prediction(model_file, png, strokes) for strokes in (True, False))
     assert both.probabilities != pytest.approx(alone.probabilities, abs=1e-4)
@@ -483,8 +484,8 @@ def test_a_drawing_too_large_to_keep_is_refused_and_nothing_is_stored(
     draw_app, clean_db, strokes, reason
 ):
     """Over a documented limit (db.MAX_STROKE_POINTS, checked when the answer is saved;
-    db.MAX_STROKES, when the canvas's paths are read): a clear message, no row, nothing reset;
-    with a drawing of fewer points, the answer is stored."""
+    db.MAX_STROKES, when the canvas's fabric.js paths are read): a clear message, no row,
+    nothing reset; with a drawing of fewer points, the answer is stored."""
     draw(draw_app, drawing_png(strokes()))
     click(draw_app, ui.session.CORRECT_BUTTON)
     [error] = values(draw_app.error)

@@ -235,7 +235,7 @@ def test_a_mouse_drawing_is_stored_with_its_strokes_and_the_image_shown(
     open_session, module_db, shared_app
 ):
     """The page says drawings are kept; Correct stores the 7 drawn with the mouse as its three
-    strokes, each point on the path the mouse took, with the 28x28 image the page showed; the
+    strokes, each point on the line the mouse moved along, with the 28x28 image the page showed; the
     strokes draw back into that image (drawings.model_image: same digit, near the same pixels)."""
     page = open_session()
     assert page.page.get_by_text(ui.draw.DRAWINGS_KEPT).is_visible()
@@ -288,7 +288,8 @@ def test_strokes_drawn_in_the_browser_read_like_the_tablet_strokes_they_trace(
         app_drawn = utils.trajectory(strokes)
         with torch.inference_mode():
             expected, found = (
-                torch.softmax(classifier.trajectory(path), 1)[0] for path in (tablet, app_drawn)
+                torch.softmax(classifier.trajectory(trajectory), 1)[0]
+                for trajectory in (tablet, app_drawn)
             )
         assert int(found.argmax()) == int(expected.argmax()) == digit.label
         assert float((found - expected).abs().max()) < 0.05

@@ -57,16 +57,17 @@ def test_real_canvas_strokes_are_read_by_the_model_of_the_strokes_as_their_digit
     as the app hands them over: the model of the strokes alone reads the digit drawn, and so
     does the app's answer from both models."""
     objects, read = capture(name)
-    path = utils.trajectory(drawings.canvas_strokes(objects))
+    trajectory = utils.trajectory(drawings.canvas_strokes(objects))
     with torch.inference_mode():
-        assert int(classifier.trajectory(path).argmax()) == int(name[-1])
-    assert model.predict(classifier, utils.normalize(read)[None, None], path).digit == int(name[-1])
+        assert int(classifier.trajectory(trajectory).argmax()) == int(name[-1])
+    image = utils.normalize(read)[None, None]
+    assert model.predict(classifier, image, trajectory).digit == int(name[-1])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_strokes_are_the_points_the_canvas_sampled(name):
-    """One stroke per path; its points are the Q control points and the L end, so the canvas's
-    curves (through their midpoints) are those utils.canvas_path draws."""
+    """One stroke per fabric.js path; its points are the Q control points and the L end, so the
+    canvas's curves (through their midpoints) are those utils.canvas_path draws."""
     objects, read = capture(name)
     drawing = drawings.from_canvas(objects, utils.CANVAS_SIZE, utils.BRUSH_WIDTH, read.tobytes())
     assert len(drawing.strokes) == len(objects)

@@ -1,4 +1,4 @@
-"""evaluate.py: the drawn and pen sets, and accuracy measured through the app's own path."""
+"""lab/evaluate.py: the drawn and pen sets, and accuracy measured as the app reads a drawing."""
 
 import numpy as np
 import pytest

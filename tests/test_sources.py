@@ -121,7 +121,8 @@ def test_no_drawing_to_train_on_is_a_clear_error(answered, tmp_path, monkeypatch
     found = sources.load_feedback(config)
     assert found.held_out is not None and len(found.train) == 2 * (40 - len(found.held_out))
     # The model of the strokes learns from the strokes of the drawings trained on (as a tablet
-    # records them, y up) and is measured on the held-out ones' paths, as the app reads them.
+    # records them, y up) and is measured on the held-out ones' trajectories, as the app reads
+    # them.
     drawings = sources.read_feedback(server.url)
     trained = [d for d in drawings if not d.held_out]
     assert [d.label for d in found.strokes] == [d.label for d in trained]

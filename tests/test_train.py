@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 LIMIT = 600  # MNIST images, plus 400 pen renderings: 1,000 images, 8 steps of 128 per epoch
 STEPS = 8
-TRAJECTORY_EPOCHS = "2"  # then the trajectory model: 80 pen digits, 2 steps of 64 per epoch
+TRAJECTORY_EPOCHS = "2"  # then the model of the strokes: 80 pen digits, 2 steps of 64 per epoch
 DONE = re.compile(r"INFO epoch (\d+)/\d+ done")  # the image CNN's epochs
 ANY_DONE = re.compile(r"INFO (trajectory )?epoch (\d+)/\d+ done")
 SAVED = re.compile(r"checkpoint saved: .*checkpoint-e(\d{4})-s000000\.pt")
@@ -87,8 +87,8 @@ def answered(server, count: int, seed: int = 0) -> list[people.Answer]:
 
 
 def epochs_done(text: str, cnn_epochs: int = 3) -> list[int]:
-    """The epochs a log says are done, counted as checkpoints count them: the trajectory
-    model's after the image CNN's."""
+    """The epochs a log says are done, counted as checkpoints count them: those of the model of
+    the strokes after the image CNN's."""
     return [int(n) + (cnn_epochs if kind else 0) for kind, n in ANY_DONE.findall(text)]
 
 
@@ -115,7 +115,7 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
 def test_a_run_learns_and_writes_the_model_its_report_and_the_newest_checkpoints(trained):
     directory, log = trained
     assert "starting from scratch" in log and "samples/s rss" in log
-    assert epochs_done(log) == [1, 2, 3, 4, 5]  # 3 of the image CNN, then 2 of the trajectory
+    assert epochs_done(log) == [1, 2, 3, 4, 5]  # 3 of the image CNN, then 2 of the strokes'
     net = load_model(directory / "out" / "model.pth")
     assert net.trajectory is not None
     report = json.loads((directory / "out" / "model.json").read_text())
@@ -149,8 +149,8 @@ def test_sigkill_at_three_random_moments_loses_at_most_the_epoch_in_progress(
         return rf"epoch {epoch}/3 step {rng.randint(1, STEPS)}/", rng.uniform(0, 0.3)
 
     # In epoch 1; right after epoch 2's "done" line, while its checkpoint is being written;
-    # in epoch 3, in the trajectory model's epochs or in the final evaluation. Then a run that
-    # is left to finish.
+    # in epoch 3, in the epochs of the model of the strokes or in the final evaluation. Then a
+    # run that is left to finish.
     moments = [mid_epoch(1), ("epoch 2/3 done", rng.uniform(0, 0.015))]
     moments += [
         rng.choice(
@@ -275,7 +275,7 @@ def test_members_train_together_and_a_fine_tune_of_them_keeps_them_all(tmp_path)
     assert f"starting from the weights in {out} (2 members)" in tuned.stdout
     tuned_net = load_model(tmp_path / "fine" / "out" / "model.pth")
     assert len(tuned_net.members) == 2
-    # Its trajectory model is --init's, kept as it is (a fine-tune's default: 0 epochs of it).
+    # Its model of the strokes is --init's, kept as it is (a fine-tune's default: 0 epochs of it).
     kept, before = tuned_net.trajectory.state_dict(), net.trajectory.state_dict()
     assert all(torch.equal(kept[name], before[name]) for name in before)
     refused = run(train_command(tmp_path / "other", *fine, "--members", "3"))

@@ -1,4 +1,5 @@
-"""training/loops.py: an epoch of the image CNN and of the trajectory model, stopped and resumed."""
+"""training/loops.py: an epoch of the image CNN and of the model of the strokes, stopped and
+resumed."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_trajectory_epoch_stopped_mid_way_resumes_to_the_same_weights():
-    """SIGTERM in the trajectory model's epochs: the checkpoint holds the step reached, and
+    """SIGTERM in the epochs of the model of the strokes: the checkpoint holds the step reached, and
     the resumed epoch (its inputs drawn again from the seed) trains exactly as one never
     stopped."""
     digits = pendigits.load(PEN_SUBSET)[:150]

@@ -9,9 +9,10 @@ which inherits it, as with ``taskset -c 0``); PostgreSQL runs where it likes.
 With 16 sessions, one is a Chromium page and 15 speak Streamlit's protocol without a browser
 (lab/protocol.py). People's browsers run on their own devices, not on the app's machine: 16
 Chromium pages on the same 2 cores cost ~1 s of CPU each per drawing cycle (the app: ~45 ms), and
-their rendering, not the app, set the latency measured that way (README). The page's mouse-up to
-its prediction on screen is the figure a person sees; the protocol sessions send their drawings
-the canvas's 200 ms debounce after that mouse-up, so the app gets all 16 at once.
+their rendering, not the app, set the latency measured that way (docs/benchmarks.md, "Per-core
+capacity"). The page's mouse-up to its prediction on screen is the figure a person sees; the
+protocol sessions send their drawings the canvas's 200 ms debounce after that mouse-up, so the app
+gets all 16 at once.
 
 The memory run drives the app with Streamlit's AppTest in a process of its own
 (``python -m lab.bench.capacity CYCLES DATABASE_URL``): the same script, session state, caches,
