@@ -387,8 +387,8 @@ _CORRECT = "count(*) FILTER (WHERE predicted_digit = true_label)"
 
 
 def connection() -> contextlib.AbstractContextManager[psycopg.Connection]:
-    """A pooled connection in a transaction, for other modules' queries (versions.py);
-    failures raise DatabaseUnavailable or DatabaseBusy."""
+    """A pooled connection in a transaction, for other modules' queries (registry/store.py,
+    registry/live.py); failures raise DatabaseUnavailable or DatabaseBusy."""
     return _connection()
 
 

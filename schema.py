@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-# Limits of a stored drawing (see Drawing and the README, "The drawings"). A digit on the 280x280
-# canvas is 1-4 strokes of 20-150 points (one point per pointer event); a slow, shaky 0 drawn for
-# 5 s at 120 Hz, 600. These leave room for any honest drawing and bound a row to ~250 kB.
+# Limits of a stored drawing (see Drawing and docs/architecture.md, "The drawings"). A digit on the
+# 280x280 canvas is 1-4 strokes of 20-150 points (one point per pointer event); a slow, shaky 0
+# drawn for 5 s at 120 Hz, 600. These leave room for any honest drawing and bound a row to
+# ~250 kB.
 MAX_STROKES = 100  # strokes per drawing
 MAX_STROKE_POINTS = 2_000  # points per stroke
 MAX_POINTS = 10_000  # points per drawing, all strokes together
@@ -58,7 +59,7 @@ _SCHEMA_SQL = (
     "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS model text"
     " CONSTRAINT predictions_model_check CHECK (char_length(model) BETWEEN 1 AND 100)",
     "CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at DESC)",
-    # Model versions (versions.py): every trained model's weights, by the SHA-256 of its file.
+    # Model versions (registry/store.py): every trained model's weights, by the SHA-256 of its file.
     """
     CREATE TABLE IF NOT EXISTS model_versions (
         sha256 text PRIMARY KEY
@@ -68,7 +69,7 @@ _SCHEMA_SQL = (
         info jsonb NOT NULL DEFAULT '{}'
     )
     """,
-    # Which version is live: the newest row (versions.py).
+    # Which version is live: the newest row (registry/store.py).
     """
     CREATE TABLE IF NOT EXISTS model_promotions (
         id bigserial PRIMARY KEY,
@@ -138,7 +139,7 @@ def grant_app_role(conn: psycopg.Connection, app_role: str, app_password: str | 
         "GRANT USAGE ON SCHEMA public TO {role}",
         "GRANT SELECT, INSERT ON predictions TO {role}",
         "GRANT USAGE ON SEQUENCE predictions_id_seq TO {role}",
-        # The live model's version and weights (versions.py): read only.
+        # The live model's version and weights (registry/live.py): read only.
         "GRANT SELECT ON model_versions, model_promotions TO {role}",
         # Drawings: written with each answer, never read back by the app.
         "GRANT INSERT ON drawings TO {role}",

@@ -155,7 +155,8 @@ def probability_bars(prediction: model.Prediction) -> str:
     """The ten digits' probabilities as a bar chart in plain HTML (inline styles: st.html
     sanitises what it shows), each bar's value in its tooltip and in the label read aloud.
     A Vega-Lite chart did the same at twice the browser's CPU per prediction: with 16 people
-    drawing on one machine, the browsers set the pace, not the app (README, Per-core capacity)."""
+    drawing on one machine, the browsers set the pace, not the app (docs/benchmarks.md,
+    "Per-core capacity")."""
     bars, spoken = [], []
     for digit, probability in enumerate(prediction.probabilities):
         percent = f"{probability:.1%}"

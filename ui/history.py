@@ -34,7 +34,8 @@ PER_DAY = "per day"
 # The app's role may only insert drawings, never read them: they are exported by the owner.
 DRAWINGS_EXPORT = (
     "The drawings behind the answers are not in the CSV: export them with "
-    "`python db.py export-drawings drawings.jsonl` (database owner; README, *The drawings*)."
+    "`python db.py export-drawings drawings.jsonl` (database owner; docs/architecture.md, "
+    "*The drawings*)."
 )
 HISTORY_BUSY = "History unavailable: the database is busy. Try again in a moment."
 HISTORY_UNAVAILABLE = "History unavailable: database unreachable. Try again in a moment."
@@ -132,7 +133,8 @@ def show_versions(models: list[dict]) -> None:
     st.subheader("Model versions", anchor=False)
     st.caption(
         "Each version that served this app, newest first: when it was live, how it compared"
-        " when promoted (README: Versions and promotion), and how often its answers were right."
+        " when promoted (docs/promotion.md: the promotion rule), and how often its answers were"
+        " right."
     )
     st.dataframe(
         pd.DataFrame(rows),
