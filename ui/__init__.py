@@ -1,5 +1,5 @@
 """The app's pages and what they share. app.py runs the pages (st.navigation), which import the
-rest; the modules below them (db, model, versions, ...) never import ui.
+rest; the modules below them (db, model, registry, ...) never import ui.
 
 - draw.py: the Draw page (the default): canvas, guess, feedback row.
 - history.py: the History page: what the stored answers say about the model.
