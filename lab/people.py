@@ -44,7 +44,7 @@ def create_schema(conninfo: str) -> None:
     db.migrate(conninfo, app_role=None)
 
 
-def canvas_strokes(digit: pendigits.PenDigit, seed: int) -> tuple[list[np.ndarray], float]:
+def placed_on_canvas(digit: pendigits.PenDigit, seed: int) -> tuple[list[np.ndarray], float]:
     """The digit as a person would draw it on the canvas: strokes in canvas pixels, the brush."""
     return pendigits.on_canvas(digit.strokes, np.random.default_rng(seed), vary=False)
 
@@ -95,7 +95,7 @@ def answer_all(
     try:
         return [
             store_answer(
-                *canvas_strokes(digit, seed * 100_003 + i),
+                *placed_on_canvas(digit, seed * 100_003 + i),
                 digit.label,
                 net,
                 model_name,
