@@ -128,7 +128,7 @@ class Data:
 
 
 def load_data(config: TrainConfig, feedback_until: int | None = None) -> Data:
-    """The sources `config.sources` names, in that order (see train.py's flags), and MNIST's test
+    """The sources `config.sources` names, in that order (see training/flags.py), and MNIST's test
     set; the feedback up to row `feedback_until` if given (a resumed run's)."""
     loaders = {"mnist": load_mnist, "pen": load_pen}
     found = [
