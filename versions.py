@@ -21,9 +21,9 @@ import db
 import model as model_lib
 from registry.store import (
     VersionError,
-    _connect,
-    _figures,
+    connect,
     export,
+    figures_text,
     live_sha,
     rollback,
     versions_table,
@@ -40,7 +40,7 @@ def _print_list(rows: list[dict[str, Any]], live: str | None) -> None:
         marker = "*" if row["sha256"] == live else " "
         print(f"{marker} {row['sha256'][:12]}  created {row['created_at']:%Y-%m-%d %H:%M:%S %Z}")
         sources = "+".join(info.get("sources") or []) or "unknown data"
-        print(f"    {sources}: {_figures(info)}")
+        print(f"    {sources}: {figures_text(info)}")
         for period in row["live"]:
             until = f"{period['until']:%Y-%m-%d %H:%M:%S}" if period["until"] else "now"
             print(f"    live ({period['action']}) {period['since']:%Y-%m-%d %H:%M:%S} to {until}")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
-            with _connect(None) as conn:
+            with connect(None) as conn:
                 rows, live = versions_table(conn), live_sha(conn)
             if not rows:
                 print("no versions yet: the app serves models/model.pth")

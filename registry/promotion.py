@@ -18,13 +18,13 @@ import torch
 
 import model as model_lib
 from registry.store import (
-    _PROMOTION_LOCK_KEY,
-    _connect,
-    _percent,
-    _record,
+    PROMOTION_LOCK_KEY,
+    connect,
     ensure_live,
     live_sha,
     load_weights,
+    percent,
+    record,
     register,
     weights_of,
     write_model_files,
@@ -219,8 +219,8 @@ def comparison_table(
     for c in comparisons:
         paired = c.overall
         lines.append(
-            f"{c.name:<22}{paired.count:>8}{_percent(paired.live, paired.count):>9}"
-            f"{_percent(paired.candidate, paired.count):>9}{paired.only_live:>11}"
+            f"{c.name:<22}{paired.count:>8}{percent(paired.live, paired.count):>9}"
+            f"{percent(paired.candidate, paired.count):>9}{paired.only_live:>11}"
             f"{paired.only_candidate:>12}{paired.p_worse():>9.3g}{paired.p_better():>10.3g}"
             f"{_loss(c.live_loss):>11}{_loss(c.candidate_loss):>11}"
         )
@@ -229,8 +229,8 @@ def comparison_table(
         lines.append(f"  {c.name}")
         for digit, paired in c.by_digit.items():
             lines.append(
-                f"    {digit}: {_percent(paired.live, paired.count):>8} ->"
-                f" {_percent(paired.candidate, paired.count):>8}  of {paired.count:>5}"
+                f"    {digit}: {percent(paired.live, paired.count):>8} ->"
+                f" {percent(paired.candidate, paired.count):>8}  of {paired.count:>5}"
                 f"  ({paired.only_live} / {paired.only_candidate})"
             )
     if reasons:
@@ -271,7 +271,7 @@ def promote(
     out = Path(out) if out is not None else model_lib.DEFAULT_MODEL_PATH
     weights = Path(candidate_path).read_bytes()
     candidate = load_weights(weights, str(candidate_path))
-    with _connect(conninfo) as conn:
+    with connect(conninfo) as conn:
         live = ensure_live(conn, Path(initial) if initial is not None else out)
         candidate_sha = register(conn, weights, info)
         live_weights, _ = weights_of(conn, live)
@@ -286,11 +286,11 @@ def promote(
         }
         if not reasons:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PROMOTION_LOCK_KEY,))
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROMOTION_LOCK_KEY,))
                 if (now_live := live_sha(conn)) != live:
                     reasons = [f"the live model changed to {now_live[:12]} meanwhile: run again"]
                 else:
-                    _record(conn, candidate_sha, "promote", report)
+                    record(conn, candidate_sha, "promote", report)
     table = comparison_table(comparisons, live, candidate_sha, reasons)
     print(table, flush=True)
     if reasons:

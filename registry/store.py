@@ -6,7 +6,7 @@ data and settings it was trained with, its figures). Which version is *live* is 
 ``model_promotions`` (actions ``initial``, ``promote``, ``rollback``, each with its report).
 Every app process, on any machine, reads the live version from there (registry/live.py): no
 shared filesystem, no restart. The registry writes only with the owner's credentials
-(``_connect``: ``db.resolve_conninfo(owner=True)``); the app's role may only read these tables,
+(``connect``: ``db.resolve_conninfo(owner=True)``); the app's role may only read these tables,
 as ``history()`` does for the History page.
 """
 
@@ -30,7 +30,7 @@ import model as model_lib
 log = logging.getLogger("versions")  # the registry's logger, named after its command line
 
 MODEL_NAME = "model.pth"  # predictions.model = f"{MODEL_NAME}@{sha256[:12]}", as for the file
-_PROMOTION_LOCK_KEY = 0x4D4E495356  # serialises promotions and rollbacks
+PROMOTION_LOCK_KEY = 0x4D4E495356  # serialises promotions and rollbacks
 
 
 class VersionError(RuntimeError):
@@ -66,7 +66,7 @@ def write_model_files(weights: bytes, info: Mapping[str, Any], out: Path) -> Non
 # --- the registry (owner's credentials) ----------------------------------------------------
 
 
-def _connect(conninfo: str | None) -> psycopg.Connection:
+def connect(conninfo: str | None) -> psycopg.Connection:
     conninfo = conninfo or db.resolve_conninfo(owner=True)
     db.migrate(conninfo, app_role=None)  # the tables are current (grants: `db.py migrate`)
     try:
@@ -101,7 +101,7 @@ def weights_of(conn: psycopg.Connection, sha: str) -> tuple[bytes, dict]:
     return bytes(row[0]), row[1]
 
 
-def _record(conn: psycopg.Connection, sha: str, action: str, report: Mapping[str, Any]) -> None:
+def record(conn: psycopg.Connection, sha: str, action: str, report: Mapping[str, Any]) -> None:
     conn.execute(
         "INSERT INTO model_promotions (sha256, action, report) VALUES (%s, %s, %s)",
         (sha, action, Jsonb(dict(report))),
@@ -125,11 +125,11 @@ def ensure_live(conn: psycopg.Connection, initial: Path) -> str:
     except (OSError, ValueError):
         info = {}
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PROMOTION_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROMOTION_LOCK_KEY,))
         if (sha := live_sha(conn)) is not None:
             return sha  # another process got there first
         sha = register(conn, weights, info)
-        _record(conn, sha, "initial", {"file": str(initial)})
+        record(conn, sha, "initial", {"file": str(initial)})
     log.info("registry was empty: %s (%s) is the first live version", initial, sha[:12])
     return sha
 
@@ -157,17 +157,17 @@ def rollback(
     """Make the version *prefix* live again (every app follows within ~live.MODEL_CHECK_S) and
     write its weights to *out* (None: no file); its hash. VersionError if there is no such
     version."""
-    with _connect(conninfo) as conn:
+    with connect(conninfo) as conn:
         sha = resolve(conn, prefix)
         weights, info = weights_of(conn, sha)
         load_weights(weights, f"version {sha[:12]}")
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PROMOTION_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROMOTION_LOCK_KEY,))
             previous = live_sha(conn)
             if previous == sha:
                 log.info("version %s is live already", sha[:12])
             else:
-                _record(conn, sha, "rollback", {"previous": previous})
+                record(conn, sha, "rollback", {"previous": previous})
     if out is not None:
         write_model_files(weights, {**info, "sha256": sha}, out)
     log.info("version %s is live (was %s)", sha[:12], (previous or "none")[:12])
@@ -176,7 +176,7 @@ def rollback(
 
 def export(path: Path, *, conninfo: str | None = None) -> str:
     """Write the live model's weights (and model.json) to *path*; its hash."""
-    with _connect(conninfo) as conn:
+    with connect(conninfo) as conn:
         sha = live_sha(conn)
         if sha is None:
             raise VersionError("the registry is empty: the live model is models/model.pth")
@@ -252,7 +252,7 @@ def history_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "answers": answers,
                 "live": "; ".join(reversed(periods)),
                 "figures at promotion": _report_figures(promoted[-1]) if promoted else "-",
-                "figures from training": _figures(info),
+                "figures from training": figures_text(info),
                 "trained on": "+".join(info.get("sources") or []) or "-",
                 "how": ", ".join(dict.fromkeys(p["action"] for p in row["live"])),
             }
@@ -264,7 +264,7 @@ def _report_figures(report: Mapping[str, Any]) -> str:
     parts = []
     for figures in report.get("sets") or []:
         count = figures.get("count") or 0
-        text = f"{figures.get('name')} {_percent(figures.get('candidate', 0), count)} of {count}"
+        text = f"{figures.get('name')} {percent(figures.get('candidate', 0), count)} of {count}"
         if figures.get("primary"):
             text += (
                 f" (only it right: {figures.get('only_candidate')},"
@@ -274,7 +274,7 @@ def _report_figures(report: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
-def _figures(info: Mapping[str, Any]) -> str:
+def figures_text(info: Mapping[str, Any]) -> str:
     parts = []
     if (test := info.get("test_accuracy")) is not None:
         parts.append(f"MNIST test {test:.2%}")
@@ -286,5 +286,5 @@ def _figures(info: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "no figures"
 
 
-def _percent(right: int, count: int) -> str:
+def percent(right: int, count: int) -> str:
     return f"{100 * right / count:.2f}%" if count else "-"
