@@ -10,7 +10,8 @@ the model of their strokes beside it, checkpointing every epoch so that no crash
 
 First `--epochs` epochs of the image CNN, then `--trajectory-epochs` epochs of the model of the
 strokes (model.TrajectoryNet) on the strokes of the pen digits and people's drawings, each epoch
-written and placed anew (`training.loops.trajectory_inputs`). The data comes from `sources.py`.
+written and placed anew (`training.loops.trajectory_inputs`). The data comes from
+`training/sources.py`.
 The held-out part of each source (pen writers, a fifth of the people's drawings) is never
 trained on; the model's accuracy on it, per digit and with its worst confusions, goes to the log
 and to model.json. With `--promote`, the new model replaces the live one only if
@@ -40,8 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import db
 import mnist
 import model as model_lib
-import sources
-from training import flags, metrics
+from training import flags, metrics, sources
 from training.build import build, load_init, select_device
 from training.checkpoints import load_newest_checkpoint, save_checkpoint
 from training.config import MEMBERS, ConfigError, SetupError, TrainConfig

@@ -67,9 +67,8 @@ from PIL import Image, ImageDraw
 import mnist
 import model as model_lib
 import pendigits
-import sources
 import utils
-from training import metrics
+from training import metrics, sources
 from training.checkpoints import atomic_write_text
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 

@@ -42,8 +42,8 @@ from torch import nn
 
 import model as model_lib
 import pendigits
-import sources
 import utils
+from training import sources
 from training.config import TrainConfig
 from training.loops import (
     TRAJECTORY_BATCH,

@@ -21,10 +21,10 @@ import torch
 from mnist_files import PEN_SUBSET, SUBSET
 
 import pendigits
-import sources
 import train
 from lab import free_port, people
 from model import DigitCNN, load_model
+from training import sources
 from training.checkpoints import checkpoint_name, list_checkpoints, load_newest_checkpoint
 from training.config import FINE_TUNE, SCRATCH, SetupError, TrainConfig
 

@@ -8,8 +8,8 @@ import logging
 import torch
 
 import model as model_lib
-import sources
 from model import DigitCNN
+from training import sources
 from training.config import SetupError, TrainConfig
 from training.loops import TRAJECTORY_BATCH, TRAJECTORY_LR
 

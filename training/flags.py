@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 import pendigits
-import sources
+from training import sources
 from training.config import FINE_TUNE, MEMBERS, SCRATCH, TrainConfig
 
 

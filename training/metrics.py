@@ -22,7 +22,7 @@ import model as model_lib
 import utils
 
 if TYPE_CHECKING:
-    import sources
+    from training import sources
 
 log = logging.getLogger("train")
 

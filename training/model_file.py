@@ -17,7 +17,7 @@ from training.config import TrainConfig
 from training.loops import memory_mb
 
 if TYPE_CHECKING:
-    import sources
+    from training import sources
 
 log = logging.getLogger("train")
 

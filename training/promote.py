@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 
 import db
-import sources
 import utils
 from registry import promotion
+from training import sources
 from training.checkpoints import atomic_write_text
 from training.config import TrainConfig
 from training.model_file import Trained

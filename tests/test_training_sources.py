@@ -1,5 +1,5 @@
-"""sources.py: the feedback source read from a real PostgreSQL holding drawings stored as the app
-stores them (lab/people.py), its held-out split, and how the sources share an epoch."""
+"""training/sources.py: the feedback source read from a real PostgreSQL holding drawings stored
+as the app stores them (lab/people.py), its held-out split, and how the sources share an epoch."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from mnist_files import PEN_SUBSET
 
 import pendigits
-import sources
 import utils
 from lab import free_port, people
 from model import DigitCNN
+from training import sources
 from training.config import TrainConfig
 
 
