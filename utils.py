@@ -9,6 +9,8 @@ the whole canvas instead is why small or off-centre digits are misread by naive 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -98,6 +100,34 @@ def ink_map(image: np.ndarray | Image.Image) -> np.ndarray:
 
 def center_digit(ink: np.ndarray) -> np.ndarray:
     """Crop, scale and centre an ink map as MNIST did; return a 28x28 uint8 array."""
+    return place_digit(ink)[0]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where `center_digit` put the ink: the crop's top left corner in the image, the scale,
+    and where the scaled crop's top left corner landed in the 28x28 frame."""
+
+    top: int
+    left: int
+    scale: float
+    frame_top: int
+    frame_left: int
+
+    def to_frame(self, points: np.ndarray) -> np.ndarray:
+        """Image coordinates (x, y), pixel edges at whole numbers, as frame coordinates."""
+        points = np.asarray(points, dtype=np.float64)
+        return np.stack(
+            [
+                (points[:, 0] - self.left) * self.scale + self.frame_left,
+                (points[:, 1] - self.top) * self.scale + self.frame_top,
+            ],
+            axis=1,
+        )
+
+
+def place_digit(ink: np.ndarray) -> tuple[np.ndarray, Placement]:
+    """`center_digit`'s 28x28 uint8 array, and where it put the ink (`Placement`)."""
     peak = float(ink.max()) if ink.size else 0.0
     if peak < MIN_CONTRAST:
         raise EmptyImageError("Nothing is drawn yet: draw a digit on the canvas.")
@@ -124,10 +154,11 @@ def center_digit(ink: np.ndarray) -> np.ndarray:
     ys, xs = np.indices(digit.shape)
     mass = digit.sum()
     centre_y, centre_x = (ys * digit).sum() / mass, (xs * digit).sum() / mass
-    top = int(np.clip(round(FRAME_SIZE / 2 - centre_y), 0, FRAME_SIZE - height))
-    left = int(np.clip(round(FRAME_SIZE / 2 - centre_x), 0, FRAME_SIZE - width))
-    frame[top : top + height, left : left + width] = digit
-    return (frame * 255).round().astype(np.uint8)
+    frame_top = int(np.clip(round(FRAME_SIZE / 2 - centre_y), 0, FRAME_SIZE - height))
+    frame_left = int(np.clip(round(FRAME_SIZE / 2 - centre_x), 0, FRAME_SIZE - width))
+    frame[frame_top : frame_top + height, frame_left : frame_left + width] = digit
+    placement = Placement(int(top), int(left), scale, frame_top, frame_left)
+    return (frame * 255).round().astype(np.uint8), placement
 
 
 def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:

@@ -454,6 +454,14 @@ class AppPage(contextlib.AbstractContextManager):
             self.type_true_label(text)
         return self._act(self.button("submit_correction").click)
 
+    def toggle_why(self) -> Run:
+        """Open (or close) "Why?" under the prediction."""
+        return self._act(self.page.locator(".st-key-why label").click)
+
+    def why_maps(self) -> Locator:
+        """The pictures "Why?" shows (one per model, and both together)."""
+        return self.page.locator(".st-key-why_maps img")
+
     def open_history(self) -> Run:
         return self._act(self.page.get_by_role("link", name="History").click)
 

@@ -28,6 +28,7 @@ accuracy: how far the confidence the app shows is from how often it is right.
     python -m lab.evaluate --write                  # ... and the figures into models/model.json
     python -m lab.evaluate --drawn 8000 --seed 11   # larger drawn and pen sets, other digits
     python -m lab.evaluate --simulate-people         # people's answers: learnt from? (below)
+    python -m lab.evaluate --explanations            # the Draw page's "Why?": faithful?
 
 `--simulate-people` plays the feedback loop with handwriting the shipped model never saw: the
 first `--answers` digits of each of `--people-writers` (held-out pen writers) are answered as in
@@ -613,6 +614,18 @@ def simulate_people(args: argparse.Namespace) -> None:
         print(f"| {titles[key]}, {len(labels)} digits | {' | '.join(cells)} |")
 
 
+def explain_writers(net: model_lib.DigitCNN, args: argparse.Namespace) -> None:
+    """The deletion test (lab/explanations.py) on the held-out pen writers' digits, read by the
+    model as the app serves it, one thread as in the app."""
+    from lab import explanations
+
+    torch.set_num_threads(1)
+    pen_file = args.pen_file or pendigits.default_path()
+    _, digits = pendigits.split_writers(pendigits.load(pen_file), pendigits.HELD_OUT_WRITERS)
+    report = explanations.deletion_report(model_lib.Compiled(net), digits[: args.limit])
+    explanations.print_report(report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model file (default models/model.pth)")
@@ -629,6 +642,12 @@ def main() -> None:
     parser.add_argument(
         "--simulate-people", action="store_true", help="the feedback loop (see above) instead"
     )
+    parser.add_argument(
+        "--explanations",
+        action="store_true",
+        help="the deletion test of the Draw page's explanations instead (lab/explanations.py)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="with --explanations: N digits")
     parser.add_argument("--people-writers", default="3,14,25", help="held-out writers who answer")
     parser.add_argument("--answers", type=int, default=30, help="answers per person")
     parser.add_argument("--train-args", default="", help="more train.py flags, one string")
@@ -640,6 +659,9 @@ def main() -> None:
         return
     path = model_lib.model_path() if args.model is None else Path(args.model)
     net = model_lib.load_model(path)
+    if args.explanations:
+        explain_writers(net, args)
+        return
     images, labels = mnist.load_split(args.data_dir or mnist.data_dir_from_env(), "test")
     if args.save_examples:
         save_examples(images, labels, args.save_examples)

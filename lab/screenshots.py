@@ -5,6 +5,7 @@ model) and drives headless Chromium with the browser harness (lab.browser, which
 app's script state, never on sleeps), then writes to ``docs/screenshots/``:
 
 - ``draw-desktop.png``: the Draw page after drawing a 7 with the mouse (1280 px wide window);
+- ``why-desktop.png``: the same with "Why?" open: what in the 7 made the model decide;
 - ``draw-phone.png``: the same after drawing a 4 with a finger on a 390x844 phone (its screen);
 - ``history.png``: History over ``ANSWERS`` answers: the first stored through the app (the 7,
   confirmed with Correct), the others by db.py under the same model, three days of fixed data.
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             desktop.draw_digit(7)
             desktop.wait_for_prediction()
             save(desktop, args.out / "draw-desktop.png")
+            desktop.toggle_why()
+            save(desktop, args.out / "why-desktop.png")
+            desktop.toggle_why()
             desktop.click_correct()  # the first answer, stored by the app itself
             store_answers(server.url)
             desktop.open_history()

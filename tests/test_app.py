@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
 import db
+import explain
 import feedback
 import model
 import ui.analysis
@@ -272,6 +273,49 @@ def test_a_drawing_shows_prediction_confidence_probabilities_and_model_view(draw
     assert url.endswith(".png")  # lossless, so the pixels stay crisp
     assert not button(draw_app, ui.session.CORRECT_BUTTON).disabled
     assert not label_input(draw_app).disabled
+
+
+def test_the_runner_up_is_named_with_its_probability_as_the_bars_show_it(draw_app, model_file):
+    png = digit_png(7)
+    expected = expected_prediction(model_file, png)
+    second = sorted(range(10), key=lambda digit: -expected.probabilities[digit])[1]
+    assert expected.probabilities[second] >= ui.draw.SHOWN_SHARE  # an untrained model hesitates
+
+    draw(draw_app, png)
+
+    (bars,) = shown_bars(draw_app)
+    (percent,) = re.findall(rf'title="{second}: ([\d.]+%)"', bars)
+    assert f"or a {second} ({percent})" in values(draw_app.markdown)
+
+
+def test_a_runner_up_under_its_shown_share_is_not_named():
+    sure = model.Prediction(7, 0.96, (0.0,) * 3 + (0.04,) + (0.0,) * 3 + (0.96, 0.0, 0.0))
+    hesitant = model.Prediction(7, 0.9, (0.0,) * 3 + (0.1,) + (0.0,) * 3 + (0.9, 0.0, 0.0))
+    assert ui.draw.runner_up_line(sure) is None
+    assert ui.draw.runner_up_line(hesitant) == "or a 3 (10.0%)"
+
+
+def test_why_is_computed_only_when_opened_once_per_drawing_and_shows_the_maps(
+    draw_app, monkeypatch
+):
+    explained = []
+    real = explain.explain
+    monkeypatch.setattr(explain, "explain", lambda *a, **k: explained.append(a) or real(*a, **k))
+    captions = lambda at: [c for image in at.image for c in image.captions]  # noqa: E731
+
+    draw(draw_app, digit_png(7))
+    assert not draw_app.toggle(key=ui.session.WHY_TOGGLE).value  # closed by default
+    assert explained == [] and ui.session.EXPLANATION not in draw_app.session_state
+
+    draw_app.toggle(key=ui.session.WHY_TOGGLE).set_value(True).run()
+    assert not draw_app.exception
+    assert len(explained) == 1
+    assert {"Both models", "The image", "The strokes"} <= set(captions(draw_app))
+    draw_app.run()  # a rerun with the same drawing: no new explanation
+    draw(draw_app, digit_png(7))  # the canvas sends the same drawing again
+    assert len(explained) == 1
+    draw(draw_app, digit_png(4))  # a new drawing, "Why?" still open
+    assert len(explained) == 2 and "Both models" in captions(draw_app)
 
 
 def test_the_strokes_are_read_with_the_image_and_unreadable_strokes_leave_the_image_alone(

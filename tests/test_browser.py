@@ -150,6 +150,21 @@ def test_drawings_are_predicted_stored_as_shown_and_the_canvas_starts_afresh(
     assert len(rows) == 2 and is_shown(rows[0], seven, 7) and is_shown(rows[1], four, 9), rows
 
 
+def test_why_opened_on_a_drawing_shows_the_maps_of_its_evidence(open_session):
+    """ "Why?" under a 7 drawn with the mouse: three pictures (both models, the image, the
+    strokes), each loaded and coloured, with the legend naming the answer."""
+    page = open_session()
+    draw_and_read(page, 7)
+    assert page.why_maps().count() == 0  # closed by default
+    page.toggle_why()
+    page.snap("why")
+    maps = page.why_maps()
+    assert maps.count() == 3
+    for index in range(3):
+        assert maps.nth(index).evaluate("image => image.complete && image.naturalWidth > 0")
+    assert page.page.get_by_text("Blue: ink that made it a 7").count() == 1
+
+
 def test_a_click_that_arrives_after_a_newer_drawing_stores_what_was_on_screen(
     open_session, module_db
 ):

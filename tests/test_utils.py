@@ -270,3 +270,13 @@ def test_a_dot_and_more_strokes_than_points_still_give_an_input():
     assert utils.trajectory([[[5, 5]]]).shape[2] == utils.TRAJECTORY_POINTS
     dots = [[[i, i % 7], [i + 1, i % 7]] for i in range(100)]
     assert torch.isfinite(utils.trajectory(dots)).all()
+
+
+def test_the_placement_maps_the_ink_s_box_onto_the_digit_s_box_in_the_frame():
+    ink = np.zeros((280, 280), dtype=np.float32)
+    ink[60:220, 100:180] = 1.0  # 160 px tall, 80 wide: scaled to 20 x 10 in the frame
+    pixels, placement = utils.place_digit(ink)
+    np.testing.assert_array_equal(pixels, utils.center_digit(ink))
+    corners = placement.to_frame(np.array([[100.0, 60.0], [180.0, 220.0]]))
+    rows, cols = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
+    np.testing.assert_allclose(corners, [[cols[0], rows[0]], [cols[-1] + 1, rows[-1] + 1]])

@@ -29,6 +29,7 @@ from ui.session import (
     save_requested_feedback,
     submit_correction,
 )
+from ui.why import show_why
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ DATABASE_DOWN_BANNER = (
     "Database unreachable: predictions work, but feedback cannot be saved until it is back."
 )
 DRAWINGS_KEPT = "Your drawings are kept to improve the model."
+# A digit's probability from which the bars label it and the runner-up is named under the
+# prediction: below it, the second guess is noise to a person (one in twenty or less).
+SHOWN_SHARE = 0.05
 
 
 def draw_page() -> None:
@@ -91,6 +95,8 @@ def drawing_area() -> None:
         show_feedback_row(analysis)
         save_requested_feedback(analysis)
         show_details(analysis)
+        if analysis is not None and analysis.prediction is not None:
+            show_why(analysis, classifier, name)
     # Below the canvas, never above it: an element appearing or vanishing before the canvas
     # would make Streamlit re-create the canvas, wiping the drawing in progress.
     if not database_status().ready:
@@ -131,6 +137,16 @@ def show_prediction(analysis: Analysis | None) -> None:
     with st.container(horizontal=True, vertical_alignment="center", gap="medium"):
         st.subheader(f"Prediction: {prediction.digit}", anchor=False, width="content")
         st.markdown(f"**Confidence: {prediction.confidence:.1%}**", width="content")
+    if line := runner_up_line(prediction):
+        st.markdown(line)
+
+
+def runner_up_line(prediction: model.Prediction) -> str | None:
+    """ "or a 1 (12.0%)": the second most likely digit, as the bars show it, when it has at least
+    SHOWN_SHARE of the probability; else None."""
+    second = sorted(range(10), key=lambda digit: -prediction.probabilities[digit])[1]
+    probability = prediction.probabilities[second]
+    return f"or a {second} ({probability:.1%})" if probability >= SHOWN_SHARE else None
 
 
 def show_details(analysis: Analysis | None) -> None:
@@ -161,7 +177,7 @@ def probability_bars(prediction: model.Prediction) -> str:
     for digit, probability in enumerate(prediction.probabilities):
         percent = f"{probability:.1%}"
         spoken.append(f"{digit}: {percent}")
-        label = percent if probability >= 0.05 else "&nbsp;"
+        label = percent if probability >= SHOWN_SHARE else "&nbsp;"
         bars.append(
             f'<div title="{digit}: {percent}" style="flex:1;display:flex;flex-direction:column;'
             f'justify-content:flex-end;align-items:center">'

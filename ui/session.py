@@ -40,9 +40,13 @@ PENDING_SUBMISSION = "pending_submission"  # feedback.Submission not stored yet,
 SAVE_REQUEST = "save_request"  # (Analysis, true label) of a click, saved below the feedback row
 FEEDBACK_ERROR = "feedback_error"  # str shown under the feedback row
 SAVED_MESSAGE = "saved_message"  # str shown after a stored answer, until the next drawing
+# ui.why.Pictures of the drawing on screen, while "Why?" is open; kept while the drawing and the
+# model that read it are the same
+EXPLANATION = "explanation"
 
 # widget keys: f"{name}-{drawing digest}" (see feedback_key)
 TRUE_LABEL_INPUT = "true_label"
+WHY_TOGGLE = "why"  # "Why?": the explanation shown, from one drawing to the next, until closed
 CORRECT_BUTTON = "correct"
 SUBMIT_CORRECTION_BUTTON = "submit_correction"
 
@@ -230,5 +234,5 @@ def start_new_drawing() -> None:
     """Clear the canvas (a new key), the prediction and the inputs."""
     state = st.session_state
     state[CANVAS_GENERATION] += 1
-    for key in (ANALYSIS, PENDING_SUBMISSION, FEEDBACK_ERROR):
+    for key in (ANALYSIS, PENDING_SUBMISSION, FEEDBACK_ERROR, EXPLANATION):
         state.pop(key, None)

@@ -54,6 +54,25 @@ def pen_drawings(count: int, seed: int = 0) -> list[tuple[np.ndarray, list[dict]
     return found
 
 
+def explanation_ms(served, samples: list[tuple[np.ndarray, list[dict]]]) -> list[float]:
+    """CPU ms of "Why?" for each drawing, as ui.why computes it: its answer against its
+    runner-up, from the strokes the app read (explain.explain)."""
+    import drawings
+    import explain
+    import model
+    import utils
+
+    found = []
+    for image, objects in samples:
+        strokes = drawings.canvas_strokes(objects)
+        prediction = model.predict(served, utils.preprocess(image), utils.trajectory(strokes))
+        answer, runner_up = np.argsort(prediction.probabilities)[::-1][:2]
+        start = time.process_time()
+        explain.explain(served, strokes, int(answer), int(runner_up))
+        found.append((time.process_time() - start) * 1000)
+    return found
+
+
 def run() -> list[Row]:
     import drawings
     import model
@@ -96,6 +115,8 @@ def run() -> list[Row]:
     _, total, prep, stroke, pred = blocks[1]
     block_p50s = ", ".join(f"{block[0]:.2f}" for block in blocks)
 
+    explain_ms = explanation_ms(served, samples)
+
     inputs = torch.cat([utils.preprocess(image) for image in canvas_drawings(BATCH, seed=1)])
     model.predict_batch(classifier, inputs)
     batch_s = []
@@ -121,6 +142,9 @@ def run() -> list[Row]:
         Row(SECTION, "of which predict, p50", percentile(pred, 50), "ms",
             note="both models where the file holds the model of the strokes; model.Compiled, as "
             "the app serves it"),
+        at_most(SECTION, '"Why?": one drawing explained, p50', percentile(explain_ms, 50), "ms",
+                150, note=f"CPU time, 1 thread, the 50 pen digits above; p95 "
+                f"{percentile(explain_ms, 95):.0f} ms; only when opened (explain.explain)"),
         Row(SECTION, f"predict_batch throughput ({BATCH} images)", images_per_s, "images/s",
             note="1 thread, inputs already preprocessed; median of 20 batches"),
         Row(SECTION, "load_model, median of 20", percentile(load_ms[1:], 50), "ms",
