@@ -410,6 +410,17 @@ def recent_predictions(limit: int = 100, model: str | None = None) -> list[dict[
     )
 
 
+def learning_attempts(limit: int = 20) -> list[dict[str, Any]]:
+    """The feedback loop's *limit* newest attempts (learner.py), newest first, as dicts with
+    keys id, started_at, finished_at, state, answers, new_answers, candidate, message and
+    table (the promotion's comparison as printed, or None)."""
+    return _select(
+        "SELECT id, started_at, finished_at, state, answers, new_answers, candidate, message,"
+        " report ->> 'table' AS table FROM learning_attempts ORDER BY id DESC LIMIT %(limit)s",
+        limit=limit,
+    )
+
+
 def count_predictions() -> int:
     """Number of stored rows."""
     with _connection() as conn:

@@ -107,6 +107,24 @@ _SCHEMA_SQL = (
         )
     )
     """,
+    # The feedback loop's attempts (learner.py): one row each, from its start, so that an
+    # attempt killed half-way is seen (state 'running' with no learner holding the lock).
+    """
+    CREATE TABLE IF NOT EXISTS learning_attempts (
+        id bigserial PRIMARY KEY,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        finished_at timestamptz,
+        state text NOT NULL DEFAULT 'running' CONSTRAINT learning_attempts_state_check
+            CHECK (state IN ('running', 'promoted', 'refused', 'failed', 'interrupted')),
+        answers integer NOT NULL CONSTRAINT learning_attempts_answers_check CHECK (answers >= 0),
+        new_answers integer NOT NULL
+            CONSTRAINT learning_attempts_new_answers_check CHECK (new_answers >= 0),
+        through_id bigint NOT NULL,
+        candidate text,
+        report jsonb NOT NULL DEFAULT '{}',
+        message text NOT NULL DEFAULT ''
+    )
+    """,
 )
 
 
@@ -123,7 +141,8 @@ def create(conn: psycopg.Connection) -> None:
 
 def grant_app_role(conn: psycopg.Connection, app_role: str, app_password: str | None) -> None:
     """Create *app_role* if missing, set its password if given, and grant it SELECT and INSERT
-    on ``predictions``, INSERT on ``drawings``, SELECT on the model versions, and nothing else
+    on ``predictions``, INSERT on ``drawings``, SELECT on the model versions and on the
+    learning attempts, and nothing else
     (on *conn*, as the tables' owner; idempotent)."""
     role = sql.Identifier(app_role)
     if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (app_role,)).fetchone():
@@ -141,6 +160,8 @@ def grant_app_role(conn: psycopg.Connection, app_role: str, app_password: str | 
         "GRANT USAGE ON SEQUENCE predictions_id_seq TO {role}",
         # The live model's version and weights (registry/live.py): read only.
         "GRANT SELECT ON model_versions, model_promotions TO {role}",
+        # The feedback loop's attempts, for History: read only.
+        "GRANT SELECT ON learning_attempts TO {role}",
         # Drawings: written with each answer, never read back by the app.
         "GRANT INSERT ON drawings TO {role}",
     ):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -171,3 +172,49 @@ def _store_drawings(value: str) -> bool:
         return False
     logger.warning("STORE_DRAWINGS=%r is not true or false: drawings are kept", value)
     return True
+
+
+# --- the learner (learner.py) ---------------------------------------------------------------
+
+DEFAULT_LEARN_MIN_ANSWERS = 200
+DEFAULT_LEARN_EVERY = "24h"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def learn_min_answers(environ: Mapping[str, str] | None = None) -> int:
+    """``LEARN_MIN_ANSWERS``: the answered drawings that must have arrived since the learner's
+    last attempt before it tries again (default 200)."""
+    value = _environ(environ).get("LEARN_MIN_ANSWERS", "").strip()
+    if not value:
+        return DEFAULT_LEARN_MIN_ANSWERS
+    if not value.isdigit() or int(value) < 1:
+        raise SettingError(f"LEARN_MIN_ANSWERS={value!r} is not a positive whole number")
+    return int(value)
+
+
+def learn_every(environ: Mapping[str, str] | None = None) -> float:
+    """``LEARN_EVERY``: the least time between two of the learner's attempts, in seconds: a
+    number with s, m, h or d (default 24h; a bare number is seconds)."""
+    value = _environ(environ).get("LEARN_EVERY", "").strip().lower() or DEFAULT_LEARN_EVERY
+    number, unit = (value[:-1], value[-1]) if value[-1] in _DURATION_UNITS else (value, "s")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise SettingError(
+            f"LEARN_EVERY={value!r} is not a duration: a number with s, m, h or d, e.g. 24h"
+        )
+    return seconds
+
+
+def learn_train_args(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``LEARN_TRAIN_ARGS``: more train.py flags for the learner's runs, after its own recipe
+    (learner.RECIPE), in shell syntax (default none)."""
+    value = _environ(environ).get("LEARN_TRAIN_ARGS", "")
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise SettingError(
+            f"LEARN_TRAIN_ARGS={value!r} cannot be split into flags: {exc}"
+        ) from None

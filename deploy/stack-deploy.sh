@@ -111,7 +111,7 @@ deploy() { # extra environment for the stack file, e.g. APP_REPLICAS=0
 # 3. First deploy: the database and the networks before any app replica.
 if ! docker service inspect "${STACK}_db" >/dev/null 2>&1; then
     log "first deploy of stack $STACK: the database first"
-    deploy APP_REPLICAS=0 >/dev/null
+    deploy APP_REPLICAS=0 LEARNER_REPLICAS=0 >/dev/null
 fi
 
 # 4. The migration: once, with the new image, before any replica runs it.
@@ -149,7 +149,7 @@ docker service logs --raw "$job" 2>&1 | grep -v '^WARNING' | tail -n 3 || true
 docker service rm "$job" >/dev/null
 
 # 5. The stack itself.
-log "deploying stack $STACK: $APP_REPLICAS app replicas of $APP_IMAGE, Caddy on port $HTTP_PORT"
+log "deploying stack $STACK: $APP_REPLICAS app replicas of $APP_IMAGE, Caddy on port $HTTP_PORT, ${LEARNER_REPLICAS:-1} learner"
 deploy
 docker stack services "$STACK"
 log "done: http://$(hostname -I 2>/dev/null | cut -d' ' -f1 || echo SERVER):$HTTP_PORT"

@@ -247,6 +247,7 @@ class PromotionResult:
     candidate_sha256: str
     live_sha256: str  # the live model the candidate was compared with
     reasons: tuple[str, ...] = ()
+    sets: tuple[dict[str, Any], ...] = ()  # each set's comparison (SetComparison.as_dict)
 
     @property
     def exit_code(self) -> int:
@@ -298,4 +299,5 @@ def promote(
     else:
         write_model_files(weights, {**info, "sha256": candidate_sha}, out)
         log.info("candidate %s promoted; weights written to %s", candidate_sha[:12], out)
-    return PromotionResult(not reasons, table, candidate_sha, live, tuple(reasons))
+    sets = tuple(c.as_dict() for c in comparisons)
+    return PromotionResult(not reasons, table, candidate_sha, live, tuple(reasons), sets)

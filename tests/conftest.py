@@ -86,7 +86,7 @@ def fresh_pg_server(pg_template: Path, pg_base_dir: Path) -> Iterator[PostgresPr
 def clean_db(pg_server: PostgresProcess) -> PostgresProcess:
     pg_server.start()  # in case a test stopped it by mistake
     with pg_server.connect() as conn:
-        conn.execute("DROP TABLE IF EXISTS drawings, predictions")
+        conn.execute("DROP TABLE IF EXISTS drawings, predictions, learning_attempts")
     db.configure(pg_server.url)
     db.init_db()
     return pg_server

@@ -671,6 +671,32 @@ def test_history_draws_accuracy_per_day_or_per_50_answers(clean_db):
     assert chart_data(per_day)[["answers", "correct"]].values.tolist() == [[60, 54], [40, 36]]
 
 
+def test_history_shows_the_learner_s_attempts_with_their_comparison(clean_db):
+    db.log_prediction(7, 7, 0.9, model="a@1")
+    with clean_db.connect() as conn:
+        conn.execute(
+            "INSERT INTO learning_attempts (state, answers, new_answers, through_id, candidate,"
+            " report, message, finished_at) VALUES ('refused', 250, 210, 250, %s, %s,"
+            " 'worse on MNIST test', now())",
+            ("ab" * 32, '{"table": "candidate abab against the live model"}'),
+        )
+        conn.execute(
+            "INSERT INTO learning_attempts (answers, new_answers, through_id)"
+            " VALUES (480, 230, 480)"
+        )
+
+    at = history_app()
+
+    table = next(f.value for f in at.dataframe if "verdict" in f.value.columns)
+    assert list(table["verdict"]) == ["running", "refused"]  # newest first
+    assert list(table["answers"]) == [480, 250] and list(table["new"]) == [230, 210]
+    assert list(table["why"]) == ["", "worse on MNIST test"]
+    assert list(table["candidate"]) == ["", "ab" * 6]
+    [expander] = at.expander
+    assert expander.label == "Attempt 1 (refused): the comparison"
+    assert [code.value for code in at.code] == ["candidate abab against the live model"]
+
+
 def test_history_without_rows_says_so(clean_db):
     at = history_app()
     assert values(at.info) == [ui.history.NO_HISTORY]

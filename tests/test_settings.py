@@ -14,7 +14,7 @@ NAMES = [
     "DATABASE_URL", "POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER",
     "POSTGRES_PASSWORD", "POSTGRES_PASSWORD_FILE", "APP_DB_USER", "APP_DB_PASSWORD",
     "APP_DB_PASSWORD_FILE", "APP_REPLICAS", "MODEL_PATH", "MNIST_DIR", "PENDIGITS_DIR",
-    "APP_THREADS", "STORE_DRAWINGS",
+    "APP_THREADS", "STORE_DRAWINGS", "LEARN_MIN_ANSWERS", "LEARN_EVERY", "LEARN_TRAIN_ARGS",
 ]  # fmt: skip
 
 
@@ -34,6 +34,9 @@ def read_all(environ: dict[str, str]) -> dict[str, object]:
         "pendigits_dir": settings.pendigits_dir(environ),
         "app_threads": settings.app_threads(environ),
         "store_drawings": settings.store_drawings(environ),
+        "learn_min_answers": settings.learn_min_answers(environ),
+        "learn_every": settings.learn_every(environ),
+        "learn_train_args": settings.learn_train_args(environ),
     }
 
 
@@ -54,6 +57,9 @@ def test_every_setting_has_its_default_and_an_empty_value_counts_as_unset(enviro
         "pendigits_dir": Path("data/pendigits"),
         "app_threads": 1,
         "store_drawings": True,
+        "learn_min_answers": 200,
+        "learn_every": 24 * 3600.0,
+        "learn_train_args": [],
     }
 
 
@@ -73,6 +79,9 @@ def test_each_setting_reads_its_variable():
         "PENDIGITS_DIR": "/data/pen",
         "APP_THREADS": " 4 ",
         "STORE_DRAWINGS": " Off ",
+        "LEARN_MIN_ANSWERS": "50",
+        "LEARN_EVERY": "90m",
+        "LEARN_TRAIN_ARGS": "--epochs 3 --pen-file '/data/pen digits.tra'",
     }
     assert read_all(environ) == {
         "database_url": "postgresql://u@h/d",
@@ -89,6 +98,9 @@ def test_each_setting_reads_its_variable():
         "pendigits_dir": Path("/data/pen"),
         "app_threads": 4,
         "store_drawings": False,
+        "learn_min_answers": 50,
+        "learn_every": 5400.0,
+        "learn_train_args": ["--epochs", "3", "--pen-file", "/data/pen digits.tra"],
     }
 
 
@@ -133,8 +145,18 @@ def test_a_password_comes_from_its_variable_else_from_the_file_its_FILE_variable
             "APP_DB_PASSWORD_FILE='/nonexistent/app_db_password' is not a readable file"
             " (No such file or directory)",
         ),
+        ({"LEARN_MIN_ANSWERS": "0"}, "LEARN_MIN_ANSWERS='0' is not a positive whole number"),
+        (
+            {"LEARN_EVERY": "daily"},
+            "LEARN_EVERY='daily' is not a duration: a number with s, m, h or d, e.g. 24h",
+        ),
+        (
+            {"LEARN_TRAIN_ARGS": "--pen-file 'unclosed"},
+            'LEARN_TRAIN_ARGS="--pen-file \'unclosed" cannot be split into flags:'
+            " No closing quotation",
+        ),
     ],
-    ids=["replicas", "replicas-blank", "password-file"],
+    ids=["replicas", "replicas-blank", "password-file", "learn-min", "learn-every", "learn-args"],
 )
 def test_a_bad_value_is_an_error_naming_the_variable_and_what_it_expects(environ, message):
     with pytest.raises(settings.SettingError) as error:

@@ -78,6 +78,7 @@ class TrainConfig:
     distill: float = SCRATCH["distill"]  # weight of the loss that stays close to --init's model
     freeze_bn: bool = SCRATCH["freeze_bn"]  # keep BatchNorm's statistics
     promote: bool = False  # live only if registry.promotion finds it better
+    report: Path | None = None  # with promote: the verdict and comparison, as JSON
     download: bool = False  # fetch MNIST and the pen digits if missing
     out: Path = Path("models/model.pth")
     checkpoint_dir: Path = Path("models/checkpoints")
@@ -106,6 +107,8 @@ class TrainConfig:
             raise ConfigError("--trajectory-epochs must be >= 0")
         if self.members is not None and not 1 <= self.members <= MAX_MEMBERS:
             raise ConfigError(f"--members must be between 1 and {MAX_MEMBERS}")
+        if self.report is not None and not self.promote:
+            raise ConfigError("--report needs --promote (it reports the promotion's verdict)")
         if self.distill < 0 or (self.distill and not self.init):
             raise ConfigError(
                 "--distill must be >= 0, and needs --init (the model to stay close to)"

@@ -135,6 +135,11 @@ def parser(description: str) -> argparse.ArgumentParser:
         help="live only if better by the promotion rule (registry/promotion.py)",
     )
     parser.add_argument(
+        "--report",
+        type=Path,
+        help="with --promote: the verdict and the comparison written to this JSON file",
+    )
+    parser.add_argument(
         "--download", action="store_true", help="fetch MNIST and the pen digits if missing"
     )
     parser.add_argument("--out", type=Path, default=defaults.out, help="final model")

@@ -60,6 +60,8 @@ def promote(config: TrainConfig, trained: Trained) -> int:
         out=config.out,
     )
     log.info("promotion:\n%s", result.table)
+    if config.report is not None:
+        write_report(config.report, result)
     if not result.promoted:
         log.warning(
             "not promoted: the live model (%s) stays; the candidate is %s",
@@ -70,3 +72,17 @@ def promote(config: TrainConfig, trained: Trained) -> int:
     atomic_write_text(json.dumps(trained.info, indent=2) + "\n", config.out.with_suffix(".json"))
     log.info("promoted %s: now live, and in %s", str(result.candidate_sha256)[:12], config.out)
     return 0
+
+
+def write_report(path: Path, result: promotion.PromotionResult) -> None:
+    """The promotion's verdict, as --report asks: promoted or not, why not, the candidate and
+    the live model compared, each set's comparison and the printed table (JSON, atomically)."""
+    report = {
+        "promoted": result.promoted,
+        "reasons": list(result.reasons),
+        "candidate": result.candidate_sha256,
+        "compared_with": result.live_sha256,
+        "sets": list(result.sets),
+        "table": result.table,
+    }
+    atomic_write_text(json.dumps(report, indent=2) + "\n", path)

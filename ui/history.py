@@ -48,6 +48,7 @@ def history_page() -> None:
     st.title("History")
     try:
         show_versions(show_history())
+        show_learning()
     except db.DatabaseBusy as exc:  # healthy but slow: not an outage
         logger.warning("history unavailable: %s", exc)
         st.error(HISTORY_BUSY)
@@ -143,6 +144,45 @@ def show_versions(models: list[dict]) -> None:
             "accuracy of its answers": st.column_config.NumberColumn(format="%.1f%%"),
         },
     )
+
+
+LEARNING_ATTEMPTS = 20  # the newest attempts of the feedback loop shown
+
+
+def show_learning() -> None:
+    """The feedback loop's newest attempts (learner.py): when, on how many answers, the verdict,
+    and each one's comparison table."""
+    attempts = db.learning_attempts(LEARNING_ATTEMPTS)
+    if not attempts:
+        return
+    st.subheader("Learning from your answers", anchor=False)
+    st.caption(
+        "Each attempt of the learner, newest first: it trains a candidate on the answers and"
+        " makes it live only if the promotion rule finds it better (docs/feedback-loop.md)."
+    )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "started": row["started_at"],
+                "finished": row["finished_at"],
+                "answers": row["answers"],
+                "new": row["new_answers"],
+                "verdict": row["state"],
+                "candidate": (row["candidate"] or "")[:12],
+                "why": row["message"],
+            }
+            for row in attempts
+        ),
+        hide_index=True,
+        column_config={
+            "started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
+            "finished": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
+        },
+    )
+    for row in attempts:
+        if row["table"]:
+            with st.expander(f"Attempt {row['id']} ({row['state']}): the comparison"):
+                st.code(row["table"], language=None)
 
 
 def plural(count: int, noun: str) -> str:
