@@ -48,12 +48,9 @@ import hashlib
 import json
 import math
 import os
-import re
 import resource
 import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -65,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import db
 import mnist
 import model as model_lib
 import pendigits
@@ -504,8 +502,9 @@ def save_examples(images: torch.Tensor, labels: torch.Tensor, path: str) -> None
 
 def simulate_people(args: argparse.Namespace) -> None:
     """The feedback loop with simulated people (see the module's docstring)."""
-    import registry.promotion
+    import learner
     from lab import people  # needs PostgreSQL's binaries (pgserver): only here
+    from registry import store
 
     shipped_path = model_lib.model_path() if args.model is None else Path(args.model)
     shipped = model_lib.load_model(shipped_path)
@@ -515,18 +514,19 @@ def simulate_people(args: argparse.Namespace) -> None:
     people_writers = [int(w) for w in args.people_writers.split(",")]
     others = [w for w in pendigits.HELD_OUT_WRITERS if w not in people_writers]
     _, held_out = pendigits.split_writers(pendigits.load(pen_file), pendigits.HELD_OUT_WRITERS)
-    answers, tests = [], {"people": [], "others": []}
+    pools, tests = {}, {"people": [], "others": []}
     for writer in pendigits.HELD_OUT_WRITERS:
         digits = [d for d in held_out if d.writer == writer]
-        if writer in people_writers:
-            answers += digits[: args.answers]
-            tests["people"] += digits[args.answers :]
+        if writer in people_writers:  # the first half answered (again and again), the rest tests
+            pools[writer] = digits[: len(digits) // 2]
+            tests["people"] += digits[len(digits) // 2 :]
         else:
             tests["others"] += digits
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="simulate-people-"))
     print(
-        f"{len(people_writers)} people (pen writers {args.people_writers}) answer their first "
-        f"{args.answers} digits ({len(answers)} answers) with {name}; test: their other "
+        f"{len(people_writers)} people (pen writers {args.people_writers}) give {args.answers} "
+        f"answers each with {name}, drawn from the first half of their digits (a digit "
+        f"answered again is written and placed anew); test: their other "
         f"{len(tests['people'])} digits, the {len(tests['others'])} digits of writers "
         f"{','.join(map(str, others))}, MNIST's test set; work folder {work}"
     )
@@ -549,41 +549,41 @@ def simulate_people(args: argparse.Namespace) -> None:
     if shipped_path.with_suffix(".json").is_file():
         shutil.copyfile(shipped_path.with_suffix(".json"), live.with_suffix(".json"))
     with people.throwaway_database() as server:
-        stored = people.answer_all(server.url, answers, shipped, name)
+        stored = answer_as_people(server.url, pools, args.answers, shipped, name)
         wrong = sum(a.predicted != a.label for a in stored)
         print(f"stored {len(stored)} answers; the shipped model read {wrong} of them wrong")
-        # The feedback loop's own command (docs/feedback-loop.md, "The loop in one command"):
-        # fine-tune the live model, promote.
-        command = [
-            sys.executable, "train.py", "--sources", "mnist,pen,feedback", "--init", str(live),
-            "--promote", "--data-dir", str(data_dir), "--pen-file", str(pen_file),
-            "--out", str(live), "--checkpoint-dir", str(work / "checkpoints"), "--fresh",
-            *shlex.split(args.train_args),
-        ]  # fmt: skip
-        print("$ " + shlex.join(command[1:]), flush=True)
+        # The loop's own command: the learner's attempt (learner.py: train.py with its recipe,
+        # then the promotion rule), due at once.
+        os.environ.update(
+            LEARN_MIN_ANSWERS="1",
+            LEARN_EVERY="0",
+            LEARN_TRAIN_ARGS=shlex.join(["--data-dir", str(data_dir), "--pen-file", str(pen_file)])
+            + " "
+            + args.train_args,
+        )
+        print(f"$ learner: train.py {' '.join(learner.RECIPE)} {os.environ['LEARN_TRAIN_ARGS']}")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        result = subprocess.run(
-            command,
-            cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "DATABASE_URL": server.url},
-            capture_output=True,
-            text=True,
-        )
+        attempt_id, state = learner.check(server.url, work / "learner", live)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if result.returncode not in (0, registry.promotion.EXIT_REFUSED):
-            raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}")
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        promoted = result.returncode == 0
-        # The table train.py logged, up to its next log line ("hh:mm:ss LEVEL ...").
-        table = re.split(r"\n\d\d:\d\d:\d\d ", result.stdout.split("promotion:\n", 1)[-1])[0]
+        with server.connect() as conn:
+            candidate, report, message = conn.execute(
+                "SELECT candidate, report, message FROM learning_attempts WHERE id = %s",
+                (attempt_id,),
+            ).fetchone()
+            weights, _ = store.weights_of(conn, candidate) if candidate else (None, None)
+        if weights is None:
+            raise SystemExit(f"the attempt {state}: {message}")
+        promoted = state == "promoted"
         print(
-            f"  trained in {time.perf_counter() - started:.0f} s wall, {cpu:.0f} s CPU; "
-            f"{'PROMOTED' if promoted else 'REFUSED: the shipped model stays live'}\n{table}"
+            f"  attempt {state} in {time.perf_counter() - started:.0f} s wall, {cpu:.0f} s CPU"
+            f" ({message})\n{report.get('table', '')}"
         )
+    candidate_net = store.load_weights(weights, f"candidate {candidate[:12]}")
     models = {
         "shipped": shipped,
-        "candidate": model_lib.load_model(work / "checkpoints" / "candidate.pth"),
+        "candidate": candidate_net,
         f"new live ({'promoted' if promoted else 'refused: shipped'})": model_lib.load_model(live),
     }
     titles = {
@@ -612,6 +612,40 @@ def simulate_people(args: argparse.Namespace) -> None:
             change = f", {(errors - baseline) / max(baseline, 1):+.0%}" if cells else ""
             cells.append(f"{errors} errors ({1 - errors / len(labels):.2%}{change})")
         print(f"| {titles[key]}, {len(labels)} digits | {' | '.join(cells)} |")
+
+
+def answer_as_people(
+    conninfo: str,
+    pools: dict[int, list[pendigits.PenDigit]],
+    answers: int,
+    net: torch.nn.Module,
+    model_name: str,
+) -> list:
+    """`answers` answers of each writer of `pools`, stored as the app stores them
+    (lab/people.py), in turns: its pool's digits in order, the first time as written
+    (`pendigits.on_canvas` without variation, as people.answer_all), then again and again, each
+    time written and placed anew (`pendigits.vary_strokes`, `on_canvas` with variation)."""
+    from lab import people
+
+    db.configure(conninfo)
+    stored = []
+    try:
+        for turn in range(answers):
+            for writer, pool in pools.items():
+                digit = pool[turn % len(pool)]
+                again = turn // len(pool)
+                rng = np.random.default_rng((writer, turn))
+                strokes = digit.strokes
+                if again:
+                    strokes = pendigits.vary_strokes(strokes, digit.label, rng)
+                placed, brush = pendigits.on_canvas(strokes, rng, vary=bool(again))
+                submission = people.submission_id(digit, again, turn)
+                stored.append(
+                    people.store_answer(placed, brush, digit.label, net, model_name, submission)
+                )
+    finally:
+        db.configure(None)
+    return stored
 
 
 def explain_writers(net: model_lib.DigitCNN, args: argparse.Namespace) -> None:

@@ -90,6 +90,10 @@ class SetComparison:
     by_digit: dict[int, Paired] = field(default_factory=dict)
     live_loss: float | None = None  # mean cross-entropy of the true labels
     candidate_loss: float | None = None
+    # The same once each model's confidence is calibrated on the sets neither trained on
+    # (`calibrate`): what rule 1 compares when the drawings cannot tell the models apart.
+    live_calibrated: float | None = None
+    candidate_calibrated: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +102,8 @@ class SetComparison:
             **self.overall.as_dict(),
             "live_loss": self.live_loss,
             "candidate_loss": self.candidate_loss,
+            "live_calibrated": self.live_calibrated,
+            "candidate_calibrated": self.candidate_calibrated,
             "by_digit": {str(d): paired.as_dict() for d, paired in self.by_digit.items()},
         }
 
@@ -129,16 +135,56 @@ def log_probabilities(
     return torch.cat(out) if out else torch.empty((0, 10))
 
 
+def calibrate(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that makes `log_probs` (N, 10) most likely for `labels` once scaled,
+    softmax(log_probs / T) (temperature scaling, Guo et al., 2017): above 1 for a model surer
+    than its answers are right, below 1 for one less sure. 1 without drawings."""
+    if not len(labels):
+        return 1.0
+
+    def loss(log_t: float) -> float:
+        scaled = torch.log_softmax(log_probs / math.exp(log_t), dim=1)
+        return float(torch.nn.functional.nll_loss(scaled, labels))
+
+    low, high = math.log(0.05), math.log(20.0)  # golden-section search on log T
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        low, high = (low, b) if loss(a) < loss(b) else (a, high)
+    return math.exp((low + high) / 2)
+
+
+def calibrated_loss(log_probs: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    scaled = torch.log_softmax(log_probs / temperature, dim=1)
+    return float(torch.nn.functional.nll_loss(scaled, labels))
+
+
 def compare(
     live: torch.nn.Module, candidate: torch.nn.Module, eval_sets: Mapping[str, EvalSet]
 ) -> list[SetComparison]:
+    """Both models on every set: each set's paired counts, overall and per digit, and mean
+    losses; the primary set's also calibrated, each model's temperature fitted on the other
+    sets (drawings neither model trained on: MNIST's test set, the held-out pen writers)."""
+    outputs = {
+        name: [
+            log_probabilities(net, eval_set.images, trajectories=eval_set.trajectories)
+            for net in (live, candidate)
+        ]
+        for name, eval_set in eval_sets.items()
+    }
+    neutral = [name for name, eval_set in eval_sets.items() if not eval_set.paired_primary]
+    labels_of = {name: eval_set.labels.long() for name, eval_set in eval_sets.items()}
+    temperatures = [
+        calibrate(
+            torch.cat([outputs[name][model] for name in neutral] or [torch.empty((0, 10))]),
+            torch.cat([labels_of[name] for name in neutral] or [torch.empty(0, dtype=torch.long)]),
+        )
+        for model in (0, 1)
+    ]
     results = []
     for name, eval_set in eval_sets.items():
-        labels = eval_set.labels.long()
-        live_out = log_probabilities(live, eval_set.images, trajectories=eval_set.trajectories)
-        candidate_out = log_probabilities(
-            candidate, eval_set.images, trajectories=eval_set.trajectories
-        )
+        labels = labels_of[name]
+        live_out, candidate_out = outputs[name]
         live_right = live_out.argmax(1) == labels
         candidate_right = candidate_out.argmax(1) == labels
         by_digit = {
@@ -149,8 +195,16 @@ def compare(
             float(torch.nn.functional.nll_loss(out, labels)) if len(labels) else None
             for out in (live_out, candidate_out)
         ]
+        calibrated = [
+            calibrated_loss(out, labels, temperature)
+            if eval_set.paired_primary and len(labels)
+            else None
+            for out, temperature in zip((live_out, candidate_out), temperatures, strict=True)
+        ]
         overall = Paired.of(live_right, candidate_right)
-        results.append(SetComparison(name, eval_set.paired_primary, overall, by_digit, *losses))
+        results.append(
+            SetComparison(name, eval_set.paired_primary, overall, by_digit, *losses, *calibrated)
+        )
     return results
 
 
@@ -158,8 +212,12 @@ def refusals(comparisons: list[SetComparison]) -> list[str]:
     """The rule; why the candidate may not be promoted (empty: promote it).
 
     1. On the held-out feedback (people's drawings never trained on), more drawings only the
-       candidate reads right than drawings only the live model reads right; or as many, and a
-       lower mean loss (cross-entropy of the true labels: surer of the right answers).
+       candidate reads right than drawings only the live model reads right; or as many (a few
+       hundred drawings that both read almost all right often cannot tell two models apart),
+       and a lower mean loss once each model's confidence is calibrated on the drawings
+       neither trained on (`calibrate`): the candidate gives the people's true labels more
+       probability, not merely surer answers, since a model surer than it is right is tempered
+       first.
     2. On every set, overall: not worse beyond the noise, i.e. not more live-only than
        candidate-only drawings with a one-sided sign test p < GUARD_ALPHA.
     3. On every set, each digit: likewise with p < PER_DIGIT_ALPHA.
@@ -170,19 +228,20 @@ def refusals(comparisons: list[SetComparison]) -> list[str]:
         reasons.append(f"no {PRIMARY} to judge the candidate by")
     else:
         paired, first = primary[0].overall, primary[0]
-        surer = (
-            first.live_loss is not None
-            and first.candidate_loss is not None
-            and first.candidate_loss < first.live_loss
+        likelier = (
+            first.live_calibrated is not None
+            and first.candidate_calibrated is not None
+            and first.candidate_calibrated < first.live_calibrated
         )
         if paired.only_candidate < paired.only_live or (
-            paired.only_candidate == paired.only_live and not surer
+            paired.only_candidate == paired.only_live and not likelier
         ):
             reasons.append(
                 f"not better on {first.name}: {paired.only_candidate} drawings only the"
                 f" candidate reads right, {paired.only_live} only the live model"
                 + (
-                    f"; mean loss {_loss(first.candidate_loss)} against {_loss(first.live_loss)}"
+                    f"; calibrated mean loss {_loss(first.candidate_calibrated)} against"
+                    f" {_loss(first.live_calibrated)}"
                     if paired.only_candidate == paired.only_live
                     else ""
                 )
@@ -224,6 +283,12 @@ def comparison_table(
             f"{paired.only_candidate:>12}{paired.p_worse():>9.3g}{paired.p_better():>10.3g}"
             f"{_loss(c.live_loss):>11}{_loss(c.candidate_loss):>11}"
         )
+    for c in comparisons:
+        if c.live_calibrated is not None:
+            lines.append(
+                f"{c.name}: mean loss once calibrated on the other sets, live"
+                f" {_loss(c.live_calibrated)}, candidate {_loss(c.candidate_calibrated)}"
+            )
     lines.append("per digit, accuracy live -> candidate (only live / only candidate):")
     for c in comparisons:
         lines.append(f"  {c.name}")

@@ -127,28 +127,32 @@ def test_the_app_path_tells_the_shipped_model_from_an_untrained_one(subset, trai
         assert max(found) < 0.5, found
 
 
-def test_simulated_people_answer_then_train_promote_runs_and_the_new_live_model_is_compared(
+def test_simulated_people_answer_then_the_learner_s_attempt_runs_and_the_models_are_compared(
     tmp_path,
 ):
-    """`--simulate-people` on the committed subsets: writer 3 answers 20 digits, `train.py
-    --sources mnist,pen,feedback --init <live> --promote` runs (a short one here), and the table
-    compares the shipped model, the candidate and the live model after promotion or refusal."""
+    """`--simulate-people` on the committed subsets: writer 3 answers 20 digits, the learner's
+    attempt runs (train.py with its recipe, a short one here, then the promotion rule), and the
+    table compares the shipped model, the candidate and the live model after the verdict."""
+    import hashlib
     import subprocess
     import sys
+
+    import learner
 
     command = [
         sys.executable, "-m", "lab.evaluate", "--simulate-people", "--data-dir", str(SUBSET),
         "--pen-file", str(PEN_SUBSET), "--people-writers", "3", "--answers", "20",
-        "--work-dir", str(tmp_path), "--train-args", "--limit 200 --epochs 1 --epoch-size 256",
+        "--work-dir", str(tmp_path),
+        "--train-args", "--limit 200 --epochs 1 --epoch-size 256 --trajectory-epochs 1",
     ]  # fmt: skip
     result = subprocess.run(
         command, cwd=evaluate.Path(__file__).parent.parent, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "stored 20 answers" in out and "--init" in out and "--promote" in out
-    promoted = "PROMOTED" in out
-    assert promoted != ("REFUSED" in out) and "held-out feedback" in out, out
+    assert "stored 20 answers" in out and f"train.py {' '.join(learner.RECIPE)}" in out
+    promoted = "attempt promoted" in out
+    assert promoted != ("attempt refused" in out) and "held-out feedback" in out, out
     live = "new live (promoted)" if promoted else "new live (refused: shipped)"
     assert f"| set | shipped | candidate | {live} |" in out
     rows = {line.split(" | ")[0]: line for line in out.splitlines() if "errors" in line}
@@ -159,5 +163,8 @@ def test_simulated_people_answer_then_train_promote_runs_and_the_new_live_model_
     ]
     shipped_mnist = int(rows["| MNIST test, 500 digits"].split(" | ")[1].split()[0])
     assert shipped_mnist < 25  # the shipped model reads MNIST's test digits (99%)
-    kept = tmp_path / "checkpoints" / "candidate.pth" if promoted else MODEL
-    assert (tmp_path / "live" / "model.pth").read_bytes() == kept.read_bytes()
+    live_bytes = (tmp_path / "live" / "model.pth").read_bytes()
+    if promoted:  # the live file is the candidate's weights
+        assert f"the candidate {hashlib.sha256(live_bytes).hexdigest()[:12]} is live" in out
+    else:
+        assert live_bytes == MODEL.read_bytes()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from registry_fixtures import SHIPPED, honest_sets, promotions, sha, write
 
 from registry import promotion
@@ -22,7 +23,7 @@ def test_sign_test_is_the_exact_binomial_tail():
 
 
 def comparison(
-    name: str, only_live: int, only_candidate: int, primary=False, sevens_lost=0, losses=(None,) * 2
+    name: str, only_live: int, only_candidate: int, primary=False, sevens_lost=0, losses=(None,) * 4
 ):
     """A set of 1,000 drawings, 100 per digit; *sevens_lost* 7s read right by the live model
     only, and no 7 by the candidate only."""
@@ -34,18 +35,32 @@ def comparison(
     return promotion.SetComparison(name, primary, overall, by_digit, *losses)
 
 
+def test_calibration_tempers_a_model_surer_than_it_is_right():
+    labels = torch.arange(10).repeat(100)
+    right = torch.full((1000, 10), -20.0)
+    right[torch.arange(1000), labels] = 0.0  # sure of every answer...
+    right[::10] = right[::10].roll(1, dims=1)  # ...and wrong on one in ten
+    temperature = promotion.calibrate(torch.log_softmax(right, 1), labels)
+    assert temperature > 2  # its confidence tempered
+    tempered = promotion.calibrated_loss(torch.log_softmax(right, 1), labels, temperature)
+    raw = float(torch.nn.functional.nll_loss(torch.log_softmax(right, 1), labels))
+    assert tempered < raw / 3  # 0.54 against 2.0
+    assert promotion.calibrate(torch.empty((0, 10)), torch.empty(0, dtype=torch.long)) == 1.0
+
+
 def test_the_rule_needs_better_feedback_and_no_loss_beyond_the_noise():
     rest = [comparison("MNIST test", 10, 9), comparison("held-out pen writers", 3, 5)]
     assert promotion.refusals([comparison("held-out feedback", 2, 3, primary=True), *rest]) == []
     # Not strictly better on the people's drawings.
     (reason,) = promotion.refusals([comparison("held-out feedback", 3, 3, primary=True), *rest])
     assert reason.startswith("not better on held-out feedback")
-    # As many, and surer of the right answers (a lower mean cross-entropy): better.
-    tied = comparison("held-out feedback", 1, 1, primary=True, losses=(0.05, 0.04))
+    # As many, and the true labels likelier once each model is calibrated: better. Surer
+    # before calibration is not enough.
+    tied = comparison("held-out feedback", 1, 1, primary=True, losses=(0.02, 0.04, 0.05, 0.04))
     assert promotion.refusals([tied, *rest]) == []
-    tied = comparison("held-out feedback", 1, 1, primary=True, losses=(0.04, 0.04))
+    tied = comparison("held-out feedback", 1, 1, primary=True, losses=(0.05, 0.02, 0.04, 0.04))
     (reason,) = promotion.refusals([tied, *rest])
-    assert reason.endswith("mean loss 0.0400 against 0.0400")
+    assert reason.endswith("calibrated mean loss 0.0400 against 0.0400")
     # A loss on MNIST beyond the noise (15 to 5: p = 0.021 < 0.05) overall; within it
     # (13 to 6: p = 0.084), not.
     better = comparison("held-out feedback", 0, 5, primary=True)
