@@ -196,7 +196,8 @@ class ComposeProject:
 
     def down(self) -> None:
         self.compose(
-            "--profile", "train", "down", "--volumes", "--remove-orphans", "--timeout", "20",
+            "--profile", "train", "--profile", "learn", "down", "--volumes", "--remove-orphans",
+            "--timeout", "20",
             check=False,
         )  # fmt: skip
 

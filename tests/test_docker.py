@@ -177,6 +177,21 @@ def test_data_survives_down_and_up_and_down_v_removes_it(stack) -> None:
     assert f"{stack.name}_pgdata" not in stack.run(["docker", "volume", "ls", "-q"]).stdout.split()
 
 
+def test_the_learner_checks_the_stack_s_answers_as_the_owner_capped_at_one_cpu(stack) -> None:
+    """The learner service as shipped (profile learn): one check against the stack's database,
+    as its owner over the compose network, counts the answers and waits for more."""
+    learn = json.loads(stack.compose("--profile", "learn", "config", "--format", "json").stdout)
+    service = learn["services"]["learner"]
+    assert service["profiles"] == ["learn"] and "ports" not in service
+    assert float(service["deploy"]["resources"]["limits"]["cpus"]) == 1.0
+    result = stack.compose(
+        "--profile", "learn", "run", "--rm", "learner", "python", "learner.py", "--once",
+        timeout=300,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert re.search(r"\d+ new answers since the last attempt; the next at 200", out), out
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
