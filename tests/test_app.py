@@ -754,6 +754,32 @@ def test_history_draws_accuracy_per_day_or_per_50_answers(clean_db):
     assert chart_data(per_day)[["answers", "correct"]].values.tolist() == [[60, 54], [40, 36]]
 
 
+def test_history_shows_the_live_model_against_the_shadow_only_once_a_shadow_answered(clean_db):
+    title = "Live against the shadow candidate"
+    db.log_prediction(7, 7, 0.9, model="a@1")
+    assert title not in values(history_app().subheader)
+    # (live digit, the shadow's, true label): both right, only the shadow, only the live model.
+    for live, shadow, label in [(7, 7, 7), (1, 7, 7), (3, 5, 3)]:
+        db.log_prediction(
+            live, label, 0.9, model="a@1", shadow_model="b@2", shadow_digit=shadow,
+            shadow_confidence=0.5,
+        )  # fmt: skip
+    at = history_app()
+    assert title in values(at.subheader)
+    [table] = [frame.value for frame in at.dataframe if "shadow candidate" in frame.value]
+    assert table.to_dict("records") == [
+        {
+            "live model": "a@1",
+            "shadow candidate": "b@2",
+            "drawings": 3,
+            "live right": 2,
+            "candidate right": 2,
+            "only the live model right": 1,
+            "only the candidate right": 1,
+        }
+    ]
+
+
 def test_history_without_rows_says_so(clean_db):
     at = history_app()
     assert values(at.info) == [ui.history.NO_HISTORY]
