@@ -20,6 +20,7 @@ from test_app import STROKES, click, draw, drawing_png
 
 import db
 import model as model_lib
+import registry.live as registry_live
 import ui.session
 from registry import store
 from registry.live import LiveModel
@@ -158,8 +159,13 @@ def test_live_model_follows_the_shadow_version_and_keeps_it_while_the_database_i
 
 
 def test_live_model_runs_no_shadow_whose_weights_are_unusable_and_says_so_once(
-    registry, server, caplog, live_model
+    registry, server, caplog, live_model, monkeypatch
 ):
+    loaded = []
+    real = registry_live.load_weights
+    monkeypatch.setattr(
+        registry_live, "load_weights", lambda w, *a: loaded.append(w) or real(w, *a)
+    )
     live = live_model()
     serving = live.get()
     with server.connect() as conn:
@@ -168,6 +174,7 @@ def test_live_model_runs_no_shadow_whose_weights_are_unusable_and_says_so_once(
     assert wait_for(lambda: "no shadow model: " in caplog.text)
     time.sleep(0.5)  # more checks: not read again, not logged again
     assert caplog.text.count("no shadow model: ") == 1
+    assert loaded.count(b"PK\x03\x04 not a state_dict") == 1
     assert "corrupt or not a state_dict" in caplog.text
     assert live.shadow() is None and live.get() is serving
     store.set_shadow(registry["vandal"][:8], conninfo=server.url)  # a usable one is followed
