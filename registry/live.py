@@ -110,7 +110,7 @@ class LiveModel:
             except Exception as exc:
                 problems[f"kept the model {self._current_name()}: {exc}"] = exc
             try:
-                self._follow_shadow(*shadow, live_sha=live[0])
+                self._follow_shadow(*shadow)
             except Exception as exc:
                 problems[f"no shadow model: {exc}"] = exc
         for message, exc in problems.items():
@@ -169,7 +169,7 @@ class LiveModel:
         self._served, self._sha = (net, version_name(sha)), sha
         log.info("now serving version %s (was %s)", version_name(sha), previous)
 
-    def _follow_shadow(self, sha: str | None, weights: bytes | None, live_sha: str | None) -> None:
+    def _follow_shadow(self, sha: str | None, weights: bytes | None) -> None:
         if sha == self._shadow_sha:
             return
         previous = self._shadow[1] if self._shadow else "none"
