@@ -158,6 +158,19 @@ def test_live_model_follows_the_shadow_version_and_keeps_it_while_the_database_i
     assert wait_for(lambda: live.get()[1] == vandal_name and live.shadow() is None)
 
 
+def test_live_model_follows_the_live_version_in_a_database_migrated_before_shadows(
+    server, live_file, live_model
+):
+    """An app upgraded before `python db.py migrate` ran: no model_shadow table, no shadow, the
+    live version followed as before."""
+    with server.connect() as conn:
+        shipped = store.ensure_live(conn, live_file)
+        conn.execute("DROP TABLE model_shadow")
+    db.configure(server.url)
+    live = live_model()
+    assert live.get()[1] == store.version_name(shipped) and live.shadow() is None
+
+
 def test_live_model_runs_no_shadow_whose_weights_are_unusable_and_says_so_once(
     registry, server, caplog, live_model, monkeypatch
 ):
