@@ -311,11 +311,16 @@ def log_prediction(
     submission_id: uuid.UUID | None = None,
     model: str | None = None,
     drawing: Drawing | None = None,
+    shadow_model: str | None = None,
+    shadow_digit: int | None = None,
+    shadow_confidence: float | None = None,
 ) -> int:
     """Store one answer and return its row id.
 
     *model* names the model that made the prediction (1 to 100 characters), or None.
     *drawing*, if given, is stored in ``drawings`` in the same transaction: both or neither.
+    *shadow_model*, *shadow_digit*, *shadow_confidence*: what the shadow model (named as *model*
+    names the live one) made of the same drawing, never shown; all three or none.
     A *submission_id* already stored (a retried submission) stores nothing and returns the
     existing row's id. Invalid values raise ValueError before the database is touched.
     """
@@ -323,23 +328,30 @@ def log_prediction(
         raise ValueError(f"drawing must be a db.Drawing or None, got {type(drawing).__name__}")
     if submission_id is not None and not isinstance(submission_id, uuid.UUID):
         raise ValueError(f"submission_id must be a uuid.UUID or None, got {submission_id!r}")
-    if model is not None and not (
-        isinstance(model, str) and 1 <= len(model) <= schema.MODEL_NAME_MAX
-    ):
-        raise ValueError(f"model must be a str of 1 to {schema.MODEL_NAME_MAX} characters or None")
+    shadow = (shadow_model, shadow_digit, shadow_confidence)
+    if shadow != (None,) * 3:
+        if None in shadow:
+            raise ValueError("shadow_model, shadow_digit and shadow_confidence go together")
+        shadow = (
+            _check_model_name("shadow_model", shadow_model),
+            schema.check_digit("shadow_digit", shadow_digit),
+            schema.check_confidence(shadow_confidence),
+        )
     params = (
         schema.check_digit("predicted_digit", predicted_digit),
         schema.check_digit("true_label", true_label),
         schema.check_confidence(confidence),
         submission_id,
-        model,
+        model if model is None else _check_model_name("model", model),
+        *shadow,
     )
     start = time.perf_counter()
     with _connection() as conn:
         row = conn.execute(
-            "INSERT INTO predictions"
-            " (predicted_digit, true_label, confidence, submission_id, model)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (submission_id) DO NOTHING RETURNING id",
+            "INSERT INTO predictions (predicted_digit, true_label, confidence, submission_id,"
+            " model, shadow_model, shadow_digit, shadow_confidence)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (submission_id) DO NOTHING RETURNING id",
             params,
         ).fetchone()
         inserted = row is not None
@@ -356,6 +368,12 @@ def log_prediction(
     else:
         logger.info("retried submission %s: already stored as id=%d", submission_id, row[0])
     return row[0]
+
+
+def _check_model_name(name: str, value: object) -> str:
+    if not (isinstance(value, str) and 1 <= len(value) <= schema.MODEL_NAME_MAX):
+        raise ValueError(f"{name} must be a str of 1 to {schema.MODEL_NAME_MAX} characters or None")
+    return value
 
 
 def _insert_drawing(conn: psycopg.Connection, prediction_id: int, drawing: Drawing) -> None:
@@ -496,6 +514,24 @@ def accuracy_per_answers(model: str | None = None, size: int = 50) -> list[dict[
         " GROUP BY (n - 1) / %(size)s, model ORDER BY 1",
         model=model,
         size=size,
+    )
+
+
+def shadow_pairs() -> list[dict[str, Any]]:
+    """The live model against the shadow candidate on the same drawings: for each (live model,
+    shadow model) pair with answers, the latest to answer first, dicts with keys model ("" if not
+    recorded), shadow_model, answers, live_right, shadow_right, only_live (drawings only the
+    live model read right), only_shadow, first_at, last_at."""
+    live_right, shadow_right = "predicted_digit = true_label", "shadow_digit = true_label"
+    return _select(
+        "SELECT coalesce(model, '') AS model, shadow_model, count(*) AS answers,"
+        f" count(*) FILTER (WHERE {live_right}) AS live_right,"
+        f" count(*) FILTER (WHERE {shadow_right}) AS shadow_right,"
+        f" count(*) FILTER (WHERE {live_right} AND NOT {shadow_right}) AS only_live,"
+        f" count(*) FILTER (WHERE {shadow_right} AND NOT {live_right}) AS only_shadow,"
+        " min(created_at) AS first_at, max(created_at) AS last_at"
+        " FROM predictions WHERE shadow_model IS NOT NULL"
+        " GROUP BY 1, 2 ORDER BY last_at DESC, 1, 2"
     )
 
 

@@ -1,4 +1,5 @@
-"""The person's answer about a prediction: reading the true label, and naming each submission.
+"""The person's answer about a prediction: reading the true label, naming each submission, and
+which submissions are held out of training (`is_held_out`).
 
 Each answer gets a ``submission_id`` the first time it is sent. A retry of the same answer (same
 drawing, same label) reuses it, so ``db.log_prediction`` stores it once even if an earlier
@@ -7,11 +8,13 @@ attempt reached the database but its reply was lost.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
 DIGITS = "0123456789"
 MAX_LABEL_CHARS = 5  # room for a digit between spaces; the text input holds no more
+HELD_OUT_BUCKETS = 5  # 1 in 5 submissions is held out, chosen by submission id (`is_held_out`)
 
 
 class InvalidLabel(ValueError):
@@ -68,3 +71,11 @@ def submission_for(
         confidence=confidence,
         submission_id=uuid.uuid4(),
     )
+
+
+def is_held_out(submission_id: object, prediction_id: int) -> bool:
+    """Whether an answer is kept out of training, forever: 1 in 5 submissions, by the SHA-256 of
+    its submission id (of its row id when it has none), so every run splits the same way and one
+    submission is never on both sides."""
+    key = str(submission_id) if submission_id is not None else str(prediction_id)
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS == 0

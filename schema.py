@@ -58,6 +58,31 @@ _SCHEMA_SQL = (
     # Tables created before the model column existed: their rows keep a NULL model.
     "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS model text"
     " CONSTRAINT predictions_model_check CHECK (char_length(model) BETWEEN 1 AND 100)",
+    # The shadow model's answer to the same drawing (registry/live.py), never shown: its name
+    # (as model names the live one's), digit and confidence, all three or none (no shadow ran;
+    # answers stored before shadows existed). The same CHECKs as the live answer's.
+    "ALTER TABLE predictions"
+    " ADD COLUMN IF NOT EXISTS shadow_model text CONSTRAINT predictions_shadow_model_check"
+    "  CHECK (char_length(shadow_model) BETWEEN 1 AND 100),"
+    " ADD COLUMN IF NOT EXISTS shadow_digit smallint CONSTRAINT predictions_shadow_digit_check"
+    "  CHECK (shadow_digit BETWEEN 0 AND 9),"
+    " ADD COLUMN IF NOT EXISTS shadow_confidence real"
+    "  CONSTRAINT predictions_shadow_confidence_check"
+    "  CHECK (shadow_confidence >= 0 AND shadow_confidence <= 1)",
+    # History's and promotion's shadow queries read these rows only (none without a shadow).
+    "CREATE INDEX IF NOT EXISTS predictions_shadow_idx ON predictions (shadow_model, model)"
+    " WHERE shadow_model IS NOT NULL",
+    # ALTER TABLE has no ADD CONSTRAINT IF NOT EXISTS.
+    """
+    DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'predictions_shadow_check'
+                       AND conrelid = 'predictions'::regclass) THEN
+            ALTER TABLE predictions ADD CONSTRAINT predictions_shadow_check CHECK (
+                (shadow_model IS NULL) = (shadow_digit IS NULL)
+                AND (shadow_digit IS NULL) = (shadow_confidence IS NULL));
+        END IF;
+    END $$
+    """,
     "CREATE INDEX IF NOT EXISTS predictions_created_at_idx ON predictions (created_at DESC)",
     # Model versions (registry/store.py): every trained model's weights, by the SHA-256 of its file.
     """
@@ -78,6 +103,15 @@ _SCHEMA_SQL = (
         action text NOT NULL CONSTRAINT model_promotions_action_check
             CHECK (action IN ('initial', 'promote', 'rollback')),
         report jsonb NOT NULL DEFAULT '{}'
+    )
+    """,
+    # Which version runs in shadow beside the live one: the newest row; a NULL sha256 turns
+    # the shadow off (registry/store.py). A log like model_promotions: when each ran is kept.
+    """
+    CREATE TABLE IF NOT EXISTS model_shadow (
+        id bigserial PRIMARY KEY,
+        sha256 text REFERENCES model_versions (sha256),
+        set_at timestamptz NOT NULL DEFAULT now()
     )
     """,
     # The drawing behind an answer (see Drawing), stored with it in one transaction. Answers
@@ -141,9 +175,9 @@ def create(conn: psycopg.Connection) -> None:
 
 def grant_app_role(conn: psycopg.Connection, app_role: str, app_password: str | None) -> None:
     """Create *app_role* if missing, set its password if given, and grant it SELECT and INSERT
-    on ``predictions``, INSERT on ``drawings``, SELECT on the model versions and on the
-    learning attempts, and nothing else
-    (on *conn*, as the tables' owner; idempotent)."""
+    on ``predictions``, INSERT on ``drawings``, SELECT on the model versions (which is live,
+    which in shadow) and on the learning attempts, and nothing else (on *conn*, as the
+    tables' owner; idempotent)."""
     role = sql.Identifier(app_role)
     if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (app_role,)).fetchone():
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
@@ -158,8 +192,8 @@ def grant_app_role(conn: psycopg.Connection, app_role: str, app_password: str | 
         "GRANT USAGE ON SCHEMA public TO {role}",
         "GRANT SELECT, INSERT ON predictions TO {role}",
         "GRANT USAGE ON SEQUENCE predictions_id_seq TO {role}",
-        # The live model's version and weights (registry/live.py): read only.
-        "GRANT SELECT ON model_versions, model_promotions TO {role}",
+        # The live and shadow models' versions and weights (registry/live.py): read only.
+        "GRANT SELECT ON model_versions, model_promotions, model_shadow TO {role}",
         # The feedback loop's attempts, for History: read only.
         "GRANT SELECT ON learning_attempts TO {role}",
         # Drawings: written with each answer, never read back by the app.

@@ -7,6 +7,8 @@ live one in PostgreSQL (store.py), the promotion rule (promotion.py, run by ``tr
     python versions.py list                  # every version: when it was live, its figures
     python versions.py rollback 3f2a9c       # make an earlier version live again (hash prefix)
     python versions.py export model.pth      # the live model's weights, to a file
+    python versions.py shadow 7b1e04         # run a candidate in shadow beside the live model
+    python versions.py shadow off            # and stop
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from registry.store import (
     figures_text,
     live_sha,
     rollback,
+    set_shadow,
+    shadow_sha,
     versions_table,
 )
 
@@ -34,13 +38,15 @@ log = logging.getLogger("versions")
 EXIT_BAD_INPUT = 2  # versions.py: unknown or ambiguous version, unreadable file
 
 
-def _print_list(rows: list[dict[str, Any]], live: str | None) -> None:
+def _print_list(rows: list[dict[str, Any]], live: str | None, shadow: str | None) -> None:
     for row in rows:
         info = row["info"] or {}
-        marker = "*" if row["sha256"] == live else " "
+        marker = "*" if row["sha256"] == live else "s" if row["sha256"] == shadow else " "
         print(f"{marker} {row['sha256'][:12]}  created {row['created_at']:%Y-%m-%d %H:%M:%S %Z}")
         sources = "+".join(info.get("sources") or []) or "unknown data"
         print(f"    {sources}: {figures_text(info)}")
+        if row["sha256"] == shadow:
+            print("    in shadow now: reads every drawing beside the live model, never shown")
         for period in row["live"]:
             until = f"{period['until']:%Y-%m-%d %H:%M:%S}" if period["until"] else "now"
             print(f"    live ({period['action']}) {period['since']:%Y-%m-%d %H:%M:%S} to {until}")
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="every version, the live one marked *")
+    commands.add_parser("list", help="every version, the live one marked *, the shadow s")
     back = commands.add_parser("rollback", help="make an earlier version live again")
     back.add_argument("version", help="the start of its hash (see list)")
     back.add_argument(
@@ -61,17 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = commands.add_parser("export", help="write the live model's weights to a file")
     out.add_argument("path", type=Path)
+    shadow = commands.add_parser(
+        "shadow", help="run a version in shadow: every drawing read by it too, never shown"
+    )
+    shadow.add_argument("version", help="the start of its hash (see list), or off")
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
             with connect(None) as conn:
-                rows, live = versions_table(conn), live_sha(conn)
+                rows, live, shadow = versions_table(conn), live_sha(conn), shadow_sha(conn)
             if not rows:
                 print("no versions yet: the app serves models/model.pth")
-            _print_list(rows, live)
+            _print_list(rows, live, shadow)
         elif args.command == "rollback":
             sha = rollback(args.version, out=args.out)
             print(f"{sha[:12]} is live; its weights are in {args.out}")
+        elif args.command == "shadow":
+            off = args.version.strip().lower() == "off"
+            sha = set_shadow(None if off else args.version)
+            print("no shadow" if sha is None else f"{sha[:12]} is in shadow beside the live model")
         else:
             sha = export(args.path)
             print(f"wrote the live model {sha[:12]} to {args.path}")

@@ -1,8 +1,9 @@
 """The promotion rule: a candidate becomes the live version only if it is better.
 
 ``promote()`` (``train.py --promote``) registers the candidate as a version (registry/store.py),
-compares it with the live model on the same evaluation sets, prints the table and makes it live
-only by ``refusals()``'s rule (docs/promotion.md, "The promotion rule").
+compares it with the live model on the same evaluation sets and on the answers it gave in shadow
+beside the live model (``shadow_comparison``), prints the table and makes it live only by
+``refusals()``'s rule (docs/promotion.md, "The promotion rule").
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import torch
 
 import model as model_lib
+from feedback import is_held_out
 from registry.store import (
     PROMOTION_LOCK_KEY,
     connect,
@@ -26,6 +29,7 @@ from registry.store import (
     percent,
     record,
     register,
+    version_name,
     weights_of,
     write_model_files,
 )
@@ -34,6 +38,7 @@ log = logging.getLogger("versions")  # the registry's logger (registry/store.py)
 
 EXIT_REFUSED = 3  # train.py --promote: the candidate was refused; nothing changed
 PRIMARY = "held-out feedback"  # the set a candidate must be better on (EvalSet.paired_primary)
+SHADOW = "shadow answers"  # its answers in shadow beside the live model: pooled with PRIMARY
 # The rule (docs/promotion.md, "The promotion rule"): one-sided exact sign tests on the drawings
 # that exactly one of the two models reads right.
 GUARD_ALPHA = 0.05  # a set's overall loss this unlikely under "equally good" refuses
@@ -80,6 +85,10 @@ class Paired:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+    def __add__(self, other: Paired) -> Paired:
+        """Both sets of drawings together (rule 1 pools its sets)."""
+        return Paired(**{key: value + getattr(other, key) for key, value in self.__dict__.items()})
 
 
 @dataclass(frozen=True)
@@ -208,26 +217,55 @@ def compare(
     return results
 
 
+def shadow_comparison(conn: psycopg.Connection, live: str, candidate: str) -> SetComparison | None:
+    """The answers stored while the version *candidate* ran in shadow beside the live version
+    *live* (``predictions.shadow_model`` and ``.model`` name them): each drawing read by both in
+    the app, neither trained on it (both were versions before they read it), judged by the
+    person's true label. A primary set, pooled with the held-out feedback by rule 1. An answer
+    of a held-out submission whose drawing was kept is left out: the held-out feedback may hold
+    that drawing too, and no drawing counts twice. None without such answers."""
+    rows = conn.execute(
+        "SELECT p.id, p.submission_id, p.true_label, p.predicted_digit, p.shadow_digit,"
+        " EXISTS (SELECT 1 FROM drawings d WHERE d.prediction_id = p.id)"
+        " FROM predictions p WHERE p.shadow_model = %s AND p.model = %s ORDER BY p.id",
+        (version_name(candidate), version_name(live)),
+    ).fetchall()
+    kept = [row for row in rows if not (row[5] and is_held_out(row[1], row[0]))]
+    if not kept:
+        return None
+    labels = torch.tensor([row[2] for row in kept])
+    live_right = torch.tensor([row[3] == row[2] for row in kept])
+    candidate_right = torch.tensor([row[4] == row[2] for row in kept])
+    by_digit = {
+        digit: Paired.of(live_right[labels == digit], candidate_right[labels == digit])
+        for digit in sorted(set(labels.tolist()))
+    }
+    return SetComparison(SHADOW, True, Paired.of(live_right, candidate_right), by_digit)
+
+
 def refusals(comparisons: list[SetComparison]) -> list[str]:
     """The rule; why the candidate may not be promoted (empty: promote it).
 
-    1. On the held-out feedback (people's drawings never trained on), more drawings only the
-       candidate reads right than drawings only the live model reads right; or as many (a few
-       hundred drawings that both read almost all right often cannot tell two models apart),
-       and a lower mean loss once each model's confidence is calibrated on the drawings
-       neither trained on (`calibrate`): the candidate gives the people's true labels more
-       probability, not merely surer answers, since a model surer than it is right is tempered
-       first.
+    1. On people's drawings neither model trained on, the primary sets pooled (the held-out
+       feedback, and the shadow answers: the candidate's own beside the live model's, where it
+       ran in shadow), more drawings only the candidate reads right than drawings only the live
+       model reads right; or as many (a few hundred drawings that both read almost all right
+       often cannot tell two models apart), and a lower mean loss on the held-out feedback once
+       each model's confidence is calibrated on the drawings neither trained on (`calibrate`):
+       the candidate gives the people's true labels more probability, not merely surer answers,
+       since a model surer than it is right is tempered first.
     2. On every set, overall: not worse beyond the noise, i.e. not more live-only than
-       candidate-only drawings with a one-sided sign test p < GUARD_ALPHA.
+       candidate-only drawings with a one-sided sign test p < GUARD_ALPHA; rule 1's sets too
+       when it pools two (neither may hide a loss behind the other).
     3. On every set, each digit: likewise with p < PER_DIGIT_ALPHA.
     """
     reasons = []
     primary = [c for c in comparisons if c.primary]
-    if not primary or primary[0].overall.count == 0:
+    evidence = [c for c in primary if c.overall.count]  # rule 1's sets, pooled
+    if not evidence:
         reasons.append(f"no {PRIMARY} to judge the candidate by")
     else:
-        paired, first = primary[0].overall, primary[0]
+        paired, first = sum((c.overall for c in evidence[1:]), evidence[0].overall), primary[0]
         likelier = (
             first.live_calibrated is not None
             and first.candidate_calibrated is not None
@@ -237,7 +275,8 @@ def refusals(comparisons: list[SetComparison]) -> list[str]:
             paired.only_candidate == paired.only_live and not likelier
         ):
             reasons.append(
-                f"not better on {first.name}: {paired.only_candidate} drawings only the"
+                f"not better on {' and '.join(c.name for c in evidence)}:"
+                f" {paired.only_candidate} drawings only the"
                 f" candidate reads right, {paired.only_live} only the live model"
                 + (
                     f"; calibrated mean loss {_loss(first.candidate_calibrated)} against"
@@ -248,7 +287,8 @@ def refusals(comparisons: list[SetComparison]) -> list[str]:
             )
     for comparison in comparisons:
         paired = comparison.overall
-        if not comparison.primary and (p := paired.p_worse()) < GUARD_ALPHA:
+        guarded = not comparison.primary or len(evidence) > 1
+        if guarded and (p := paired.p_worse()) < GUARD_ALPHA:
             reasons.append(
                 f"worse on {comparison.name}: {paired.only_live} only the live model reads"
                 f" right, {paired.only_candidate} only the candidate (p={p:.2g})"
@@ -329,11 +369,11 @@ def promote(
     initial: Path | None = None,
 ) -> PromotionResult:
     """Register the candidate's weights as a version, compare it with the live model on
-    *eval_sets*, print the table, and make it live (and write it with model.json to *out*,
-    default models/model.pth) only by the rule of ``refusals``. A refusal changes nothing but
-    the registry's list of versions. With an empty registry, *initial* (default: *out*) is made
-    the first live version. Raises ModelLoadError for unreadable weights, VersionError,
-    db.DatabaseUnavailable."""
+    *eval_sets* and on its answers in shadow beside it (``shadow_comparison``), print the table,
+    and make it live (and write it with model.json to *out*, default models/model.pth) only by
+    the rule of ``refusals``. A refusal changes nothing but the registry's list of versions.
+    With an empty registry, *initial* (default: *out*) is made the first live version. Raises
+    ModelLoadError for unreadable weights, VersionError, db.DatabaseUnavailable."""
     out = Path(out) if out is not None else model_lib.DEFAULT_MODEL_PATH
     weights = Path(candidate_path).read_bytes()
     candidate = load_weights(weights, str(candidate_path))
@@ -342,6 +382,8 @@ def promote(
         candidate_sha = register(conn, weights, info)
         live_weights, _ = weights_of(conn, live)
         comparisons = compare(load_weights(live_weights, f"version {live}"), candidate, eval_sets)
+        if (shadow := shadow_comparison(conn, live, candidate_sha)) is not None:
+            comparisons.insert(sum(c.primary for c in comparisons), shadow)  # after PRIMARY
         reasons = refusals(comparisons)
         if candidate_sha == live:
             reasons = ["the candidate is the live model already"]

@@ -3,7 +3,9 @@
 Every trained model is a *version*: its weights file's bytes, stored in PostgreSQL
 (``model_versions``) under their SHA-256, with ``info`` (what train.py writes to model.json: the
 data and settings it was trained with, its figures). Which version is *live* is the newest row of
-``model_promotions`` (actions ``initial``, ``promote``, ``rollback``, each with its report).
+``model_promotions`` (actions ``initial``, ``promote``, ``rollback``, each with its report);
+which one runs in *shadow* beside it (read every drawing, its answer stored, never shown), the
+newest row of ``model_shadow``.
 Every app process, on any machine, reads the live version from there (registry/live.py): no
 shared filesystem, no restart. The registry writes only with the owner's credentials
 (``connect``: ``db.resolve_conninfo(owner=True)``); the app's role may only read these tables,
@@ -92,6 +94,12 @@ def live_sha(conn: psycopg.Connection) -> str | None:
     return row[0] if row else None
 
 
+def shadow_sha(conn: psycopg.Connection) -> str | None:
+    """The version in shadow (None: none), as the newest row of ``model_shadow`` says."""
+    row = conn.execute("SELECT sha256 FROM model_shadow ORDER BY id DESC LIMIT 1").fetchone()
+    return row[0] if row else None
+
+
 def weights_of(conn: psycopg.Connection, sha: str) -> tuple[bytes, dict]:
     row = conn.execute(
         "SELECT weights, info FROM model_versions WHERE sha256 = %s", (sha,)
@@ -171,6 +179,34 @@ def rollback(
     if out is not None:
         write_model_files(weights, {**info, "sha256": sha}, out)
     log.info("version %s is live (was %s)", sha[:12], (previous or "none")[:12])
+    return sha
+
+
+def set_shadow(prefix: str | None, *, conninfo: str | None = None) -> str | None:
+    """Run the version *prefix* in shadow beside the live model (None: no shadow): every app
+    process reads each drawing with both within ~live.MODEL_CHECK_S, shows the live model's
+    answer and stores the shadow's beside it. Its hash (None: off). VersionError if there is no
+    such version or it is the live one; ModelLoadError if its weights do not load."""
+    with connect(conninfo) as conn:
+        sha = None
+        if prefix is not None:
+            sha = resolve(conn, prefix)
+            weights, _ = weights_of(conn, sha)
+            load_weights(weights, f"version {sha[:12]}")
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PROMOTION_LOCK_KEY,))
+            if sha is not None and sha == live_sha(conn):
+                raise VersionError(
+                    f"{sha[:12]} is the live version: a shadow runs beside the live model, so"
+                    " give another version (see `versions.py list`)"
+                )
+            previous = shadow_sha(conn)
+            if previous != sha:
+                conn.execute("INSERT INTO model_shadow (sha256) VALUES (%s)", (sha,))
+    if sha is None:
+        log.info("no shadow (was %s)", (previous or "none")[:12])
+    else:
+        log.info("version %s is in shadow (was %s)", sha[:12], (previous or "none")[:12])
     return sha
 
 

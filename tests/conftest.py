@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +115,13 @@ def aligned_difference(a: np.ndarray, b: np.ndarray) -> float:
         for dy in (-1, 0, 1)
         for dx in (-1, 0, 1)
     )
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    """Whether *condition()* came true within *timeout* seconds (asked every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 import streamlit as st
 import torch
-from conftest import ROOT
+from conftest import ROOT, wait_for
 from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
@@ -29,13 +29,16 @@ import db
 import explain
 import feedback
 import model
+import registry.live
 import ui.analysis
 import ui.draw
 import ui.history
+import ui.serving
 import ui.session
 import utils
 from lab.browser import fabric_path
 from lab.postgres import PostgresProcess
+from registry import store
 
 NO_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/postgres"
 # Strokes (polylines in canvas pixels) that read as the digit to a person.
@@ -605,6 +608,86 @@ def test_more_replicas_than_the_databases_connections_allow_store_nothing_and_sa
     assert stored_rows(clean_db) == []
 
 
+# --- draw page: a candidate in shadow ---------------------------------------------------------
+
+
+def versions(server: PostgresProcess, live: Path, *candidates: Path) -> list[str]:
+    """*live* the live version and each of *candidates* a version; the app pointed at *server*.
+    Their names (predictions.model)."""
+    with server.connect() as conn:
+        shas = [store.ensure_live(conn, live)]
+        shas += [store.register(conn, path.read_bytes(), {}) for path in candidates]
+    db.configure(server.url)
+    return [store.version_name(sha) for sha in shas]
+
+
+def visible(at: AppTest) -> list:
+    """Everything a person reads on the page, in order, but the pictures (their URLs change)."""
+    return [
+        (element.type, getattr(element, "value", None) or getattr(element, "label", None))
+        for element in at.main
+        if element.type not in ("imgs", "image")
+    ]
+
+
+def shadow_rows(server: PostgresProcess) -> list[tuple]:
+    with server.connect() as conn:
+        return conn.execute(
+            "SELECT model, predicted_digit, confidence, shadow_model, shadow_digit,"
+            " shadow_confidence FROM predictions ORDER BY id"
+        ).fetchall()
+
+
+def test_the_shadows_stored_answers_are_the_candidates_own_and_the_page_shows_only_the_live_one(
+    server, model_file, tmp_path
+):
+    """The live model's answer is shown, as without a shadow, and stored; beside it the shadow
+    model's own digit and confidence for the same drawing, as the candidate reads it alone."""
+    png = digit_png(7)
+    candidate = save_untrained_model(tmp_path / "candidate.pth", seed=1)
+    shown, read = (expected_prediction(path, png) for path in (model_file, candidate))
+    assert shown.probabilities != read.probabilities
+    live_name, shadow_name = versions(server, model_file, candidate)
+    without_shadow = visible(draw(start_app(), png))
+    store.set_shadow(shadow_name.split("@")[1], conninfo=server.url)
+    st.cache_resource.clear()  # a new app process: it reads the shadow at once
+
+    at = draw(start_app(), png)
+    assert visible(at) == without_shadow
+    assert shown_predictions(at) == [f"Prediction: {shown.digit}"]
+    click(at, ui.session.CORRECT_BUTTON)
+
+    [(model_name, digit, confidence, *shadow)] = shadow_rows(server)
+    assert (model_name, digit) == (live_name, shown.digit)
+    assert confidence == pytest.approx(shown.confidence, rel=1e-6)
+    assert shadow[:2] == [shadow_name, read.digit]
+    assert shadow[2] == pytest.approx(read.confidence, rel=1e-6)
+
+
+def test_an_answer_stores_the_shadow_that_read_its_drawing_or_none(
+    server, model_file, tmp_path, monkeypatch
+):
+    """A drawing read before a shadow was set is stored without a shadow's answer; one read by a
+    shadow that changed before the click, with that shadow's (the one that read it), never the
+    new one's."""
+    monkeypatch.setattr(registry.live, "MODEL_CHECK_S", 0.2)
+    first, second = (save_untrained_model(tmp_path / f"c{n}.pth", seed=n) for n in (1, 2))
+    _, first_name, second_name = versions(server, model_file, first, second)
+    at = draw(start_app(), digit_png(7))  # read without a shadow
+    store.set_shadow(first_name.split("@")[1], conninfo=server.url)
+    shadow_of = lambda: (ui.serving.shadow_classifier() or (None, None))[1]  # noqa: E731
+    assert wait_for(lambda: shadow_of() == first_name)
+    click(at, ui.session.CORRECT_BUTTON)
+    draw(at, digit_png(4))  # read by the first shadow
+    store.set_shadow(second_name.split("@")[1], conninfo=server.url)
+    assert wait_for(lambda: shadow_of() == second_name)
+    click(at, ui.session.CORRECT_BUTTON)
+
+    read = expected_prediction(first, digit_png(4))
+    stored = [row[3:5] for row in shadow_rows(server)]
+    assert stored == [(None, None), (first_name, read.digit)]
+
+
 # --- history page -----------------------------------------------------------------------------
 
 
@@ -695,6 +778,32 @@ def test_history_shows_the_learner_s_attempts_with_their_comparison(clean_db):
     [expander] = at.expander
     assert expander.label == "Attempt 1 (refused): the comparison"
     assert [code.value for code in at.code] == ["candidate abab against the live model"]
+
+
+def test_history_shows_the_live_model_against_the_shadow_only_once_a_shadow_answered(clean_db):
+    title = "Live against the shadow candidate"
+    db.log_prediction(7, 7, 0.9, model="a@1")
+    assert title not in values(history_app().subheader)
+    # (live digit, the shadow's, true label): both right, only the shadow, only the live model.
+    for live, shadow, label in [(7, 7, 7), (1, 7, 7), (3, 5, 3)]:
+        db.log_prediction(
+            live, label, 0.9, model="a@1", shadow_model="b@2", shadow_digit=shadow,
+            shadow_confidence=0.5,
+        )  # fmt: skip
+    at = history_app()
+    assert title in values(at.subheader)
+    [table] = [frame.value for frame in at.dataframe if "shadow candidate" in frame.value]
+    assert table.to_dict("records") == [
+        {
+            "live model": "a@1",
+            "shadow candidate": "b@2",
+            "drawings": 3,
+            "live right": 2,
+            "candidate right": 2,
+            "only the live model right": 1,
+            "only the candidate right": 1,
+        }
+    ]
 
 
 def test_history_without_rows_says_so(clean_db):

@@ -80,6 +80,29 @@ def test_the_table_refuses_values_out_of_range(clean_db, values, error):
     assert rows(clean_db) == []
 
 
+SHADOW = "shadow_model, shadow_digit, shadow_confidence"
+
+
+@pytest.mark.parametrize(
+    "shadow",
+    [(MODEL_B, d, 0.5) for d in (10, -1)]
+    + [(MODEL_B, 1, c) for c in (1.5, -0.1, "NaN")]
+    + [(m, 1, 0.5) for m in ("", "x" * 101)]
+    + [(MODEL_B, None, None), (None, 1, None), (None, None, 0.5), (MODEL_B, 1, None)],
+    ids=lambda value: ascii(value)[:24],
+)
+def test_the_shadow_columns_refuse_what_the_live_ones_refuse_and_go_together(clean_db, shadow):
+    """The same CHECKs as the live answer's, and the shadow's name, digit and confidence are all
+    there or none is."""
+    with pytest.raises(errors.CheckViolation), clean_db.connect() as conn:
+        conn.execute(
+            "INSERT INTO predictions (predicted_digit, true_label, confidence, model,"
+            f" {SHADOW}) VALUES (1, 1, 0.5, %s, %s, %s, %s)",
+            (MODEL_A, *shadow),
+        )
+    assert rows(clean_db) == []
+
+
 # The table as earlier versions created it: before submission_id, and before the model column.
 OLD_TABLE = """CREATE TABLE predictions (id bigserial PRIMARY KEY,
     created_at timestamptz NOT NULL DEFAULT now(),
@@ -104,11 +127,14 @@ def test_init_db_upgrades_an_old_table_and_keeps_every_row(pg_server, old_table)
     db.init_db()
     db.init_db()  # idempotent
     sid = uuid.uuid4()
-    new_id = db.log_prediction(1, 1, 0.9, submission_id=sid, model=MODEL_A, drawing=a_drawing())
+    shadow = {"shadow_model": MODEL_B, "shadow_digit": 7, "shadow_confidence": 0.25}
+    new_id = db.log_prediction(
+        1, 1, 0.9, submission_id=sid, model=MODEL_A, drawing=a_drawing(), **shadow
+    )
     assert db.log_prediction(1, 1, 0.9, submission_id=sid, model=MODEL_A) == new_id
-    after = rows(pg_server, f"{columns}, submission_id, model")
+    after = rows(pg_server, f"{columns}, submission_id, model, {SHADOW}")
     assert [row[:5] for row in after[:-1]] == before
-    assert [row[5:] for row in after] == [(None, None)] * 1000 + [(sid, MODEL_A)]
+    assert [row[5:] for row in after] == [(None,) * 5] * 1000 + [(sid, MODEL_A, MODEL_B, 7, 0.25)]
     # The old answers stay valid without a drawing, and History counts them all.
     assert [row[0] for row in drawing_rows(pg_server)] == [sid]
     assert db.count_predictions() == 1001
@@ -154,6 +180,17 @@ def test_a_confidence_below_the_columns_range_is_stored_rounded(clean_db, confid
         *(partial(db.log_prediction, 1, 1, c) for c in (True, None, INJECTION)),
         partial(db.log_prediction, 1, 1, 0.5, submission_id=str(uuid.uuid4())),
         *(partial(db.log_prediction, 1, 1, 0.5, model=m) for m in ("", "x" * 101, 7)),
+        *(
+            partial(db.log_prediction, 1, 1, 0.5, **dict(zip(SHADOW.split(", "), s, strict=True)))
+            for s in [
+                *((m, 1, 0.5) for m in ("", "x" * 101, 7)),
+                *((MODEL_B, d, 0.5) for d in (10, -1, True, "1")),
+                *((MODEL_B, 1, c) for c in (1.5, math.nan, "0.5")),
+                (MODEL_B, 1, None),
+                (None, 1, 0.5),
+                (MODEL_B, None, None),
+            ]
+        ),
         *(partial(db.recent_predictions, limit) for limit in (0, True, INJECTION)),
     ],
     ids=lambda call: ascii((call.func.__name__, call.args, call.keywords))[:60],
@@ -525,6 +562,7 @@ def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch)
         assert granted == [
             ("drawings", "INSERT"),
             ("model_promotions", "SELECT"),
+            ("model_shadow", "SELECT"),
             ("model_versions", "SELECT"),
             ("predictions", "INSERT, SELECT"),
         ]
@@ -636,3 +674,34 @@ def test_accuracy_over_time_per_day_and_per_answers(history):
     ]
     assert [g["last_answer"] for g in per_70[1:4]] == [140, 200, 210]
     assert [g["answers"] for g in db.accuracy_per_answers(MODEL_B, size=100)] == [100] * 4
+
+
+def test_shadow_pairs_count_the_live_model_against_the_shadow_on_the_same_drawings(clean_db):
+    # (live digit, shadow digit, true label, live model, shadow model): without a shadow, not
+    # counted.
+    answers = [
+        (7, 7, 7, MODEL_A, "s@1"),  # both right
+        (7, 1, 7, MODEL_A, "s@1"),  # only the live model
+        (1, 7, 7, MODEL_A, "s@1"),  # only the shadow
+        (2, 3, 4, MODEL_A, "s@1"),  # neither
+        (4, 4, 4, MODEL_A, "s@2"),
+        (5, 6, 6, None, "s@2"),
+        (9, None, 9, MODEL_A, None),
+    ]
+    for live, shadow, label, model, shadow_model in answers:
+        db.log_prediction(
+            live,
+            label,
+            0.5,
+            model=model,
+            shadow_model=shadow_model,
+            shadow_digit=shadow,
+            shadow_confidence=None if shadow is None else 0.5,
+        )
+    pairs = [{k: v for k, v in p.items() if not k.endswith("_at")} for p in db.shadow_pairs()]
+    keys = ["answers", "live_right", "shadow_right", "only_live", "only_shadow"]
+    assert pairs == [
+        {"model": "", "shadow_model": "s@2", **dict(zip(keys, (1, 0, 1, 0, 1), strict=True))},
+        {"model": MODEL_A, "shadow_model": "s@2", **dict(zip(keys, (1, 1, 1, 0, 0), strict=True))},
+        {"model": MODEL_A, "shadow_model": "s@1", **dict(zip(keys, (4, 2, 2, 1, 1), strict=True))},
+    ]

@@ -1,6 +1,7 @@
 """registry/live.py: an app process serves the live version and follows it (a promotion, a
 rollback, an ensemble), keeps its model while the database is down or new weights are corrupt,
-and a running app (AppTest) serves a newly live version within 30 s without a restart.
+and a running app (AppTest) serves a newly live version within 30 s without a restart; it follows
+the version in shadow the same way.
 """
 
 from __future__ import annotations
@@ -12,25 +13,17 @@ from pathlib import Path
 import pytest
 import streamlit as st
 import torch
-from conftest import ROOT
+from conftest import ROOT, wait_for
 from registry_fixtures import SHIPPED, sha
 from streamlit.testing.v1 import AppTest
 from test_app import STROKES, click, draw, drawing_png
 
 import db
 import model as model_lib
+import registry.live as registry_live
 import ui.session
 from registry import store
 from registry.live import LiveModel
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture
@@ -135,6 +128,70 @@ def test_live_model_keeps_its_model_when_the_new_weights_are_corrupt(
     expected = "corrupt or not a state_dict" if damage == "not a model" else "do not match"
     assert wait_for(lambda: live.get() is serving and expected in caplog.text)  # get() checks
     assert f"kept the model {serving[1]}" in caplog.text
+
+
+def test_live_model_follows_the_shadow_version_and_keeps_it_while_the_database_is_down(
+    registry, server, vandal_candidates, live_model
+):
+    live = live_model()
+    serving = live.get()
+    assert live.shadow() is None
+    store.set_shadow(registry["vandal"][:8], conninfo=server.url)
+    vandal_name = store.version_name(registry["vandal"])
+    assert wait_for(lambda: live.shadow() is not None)
+    shadow = live.shadow()
+    assert shadow[1] == vandal_name and live.get() is serving  # the live model stays
+    served = shadow[0].state_dict()
+    expected = store.load_weights(vandal_candidates["sevens"][0]).state_dict()
+    assert all(torch.equal(served[name], expected[name]) for name in expected)
+
+    server.stop()
+    time.sleep(0.5)  # two checks
+    assert live.shadow() is shadow
+    server.start()
+    store.set_shadow(None, conninfo=server.url)
+    assert wait_for(lambda: live.shadow() is None)
+    # A shadow that goes live is no shadow: the live model is not compared with itself.
+    store.set_shadow(registry["vandal"][:8], conninfo=server.url)
+    assert wait_for(lambda: live.shadow() is not None)
+    store.rollback(registry["vandal"][:8], conninfo=server.url, out=None)
+    assert wait_for(lambda: live.get()[1] == vandal_name and live.shadow() is None)
+
+
+def test_live_model_follows_the_live_version_in_a_database_migrated_before_shadows(
+    server, live_file, live_model
+):
+    """An app upgraded before `python db.py migrate` ran: no model_shadow table, no shadow, the
+    live version followed as before."""
+    with server.connect() as conn:
+        shipped = store.ensure_live(conn, live_file)
+        conn.execute("DROP TABLE model_shadow")
+    db.configure(server.url)
+    live = live_model()
+    assert live.get()[1] == store.version_name(shipped) and live.shadow() is None
+
+
+def test_live_model_runs_no_shadow_whose_weights_are_unusable_and_says_so_once(
+    registry, server, caplog, live_model, monkeypatch
+):
+    loaded = []
+    real = registry_live.load_weights
+    monkeypatch.setattr(
+        registry_live, "load_weights", lambda w, *a: loaded.append(w) or real(w, *a)
+    )
+    live = live_model()
+    serving = live.get()
+    with server.connect() as conn:
+        bad = store.register(conn, b"PK\x03\x04 not a state_dict", {})
+        conn.execute("INSERT INTO model_shadow (sha256) VALUES (%s)", (bad,))
+    assert wait_for(lambda: "no shadow model: " in caplog.text)
+    time.sleep(0.5)  # more checks: not read again, not logged again
+    assert caplog.text.count("no shadow model: ") == 1
+    assert loaded.count(b"PK\x03\x04 not a state_dict") == 1
+    assert "corrupt or not a state_dict" in caplog.text
+    assert live.shadow() is None and live.get() is serving
+    store.set_shadow(registry["vandal"][:8], conninfo=server.url)  # a usable one is followed
+    assert wait_for(lambda: live.shadow() is not None)
 
 
 def seven(shift: int) -> bytes:

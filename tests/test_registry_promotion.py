@@ -1,16 +1,21 @@
 """registry/promotion.py: the rule, and promotion by it in a real PostgreSQL (the vandal drill
-included; its digits and candidates are registry_fixtures.py's).
+included; its digits and candidates are registry_fixtures.py's); the answers a candidate gave in
+shadow counted with the held-out feedback.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import uuid
 
 import pytest
 import torch
 from registry_fixtures import SHIPPED, honest_sets, promotions, sha, write
 
-from registry import promotion
+import db
+import feedback
+from registry import promotion, store
 
 # --- the rule ----------------------------------------------------------------------------------
 
@@ -74,6 +79,123 @@ def test_the_rule_needs_better_feedback_and_no_loss_beyond_the_noise():
     assert promotion.refusals([better, comparison("MNIST test", 13, 6, sevens_lost=7)]) == []
     # No held-out feedback: nothing to judge by.
     assert promotion.refusals(rest)[0] == "no held-out feedback to judge the candidate by"
+
+
+def test_rule_1_pools_the_shadow_answers_with_the_held_out_feedback():
+    rest = [comparison("MNIST test", 10, 9)]
+    tied = comparison("held-out feedback", 2, 2, primary=True)
+    (reason,) = promotion.refusals([tied, *rest])
+    assert reason.startswith("not better on held-out feedback: 2 drawings")
+    assert promotion.refusals([tied, comparison(promotion.SHADOW, 0, 3, primary=True), *rest]) == []
+    (reason,) = promotion.refusals([tied, comparison(promotion.SHADOW, 3, 1, primary=True), *rest])
+    assert reason.startswith(
+        "not better on held-out feedback and shadow answers: 3 drawings only the candidate reads"
+        " right, 5 only the live model"
+    )
+    # No held-out feedback: the shadow answers alone.
+    empty = promotion.SetComparison(promotion.PRIMARY, True, promotion.Paired(0, 0, 0, 0, 0))
+    assert promotion.refusals([empty, comparison(promotion.SHADOW, 0, 3, primary=True)]) == []
+
+
+def test_rule_2_guards_each_of_rule_1s_sets_when_it_pools_them():
+    """Far better on the held-out feedback does not hide a loss beyond the noise on the shadow
+    answers (6 against 0: p = 0.016), nor the other way round."""
+    better = comparison("held-out feedback", 0, 20, primary=True)
+    (reason,) = promotion.refusals([better, comparison(promotion.SHADOW, 6, 0, primary=True)])
+    assert reason.startswith("worse on shadow answers: 6 only the live model reads right")
+    worse = comparison(promotion.PRIMARY, 6, 0, primary=True)
+    (reason,) = promotion.refusals([worse, comparison(promotion.SHADOW, 0, 20, primary=True)])
+    assert reason.startswith("worse on held-out feedback: 6 only the live model reads right")
+
+
+# --- the shadow answers, stored ----------------------------------------------------------------
+
+
+def same_answers_other_version() -> bytes:
+    """The shipped model with each output's biases raised alike: the same answers to every
+    drawing (softmax ignores a constant), another version."""
+    state = torch.load(SHIPPED, weights_only=True)
+    for key in ("members.0.classifier.2.bias", "members.1.classifier.2.bias"):
+        state[key] = state[key] + 1.0
+    state["trajectory.head.1.bias"] = state["trajectory.head.1.bias"] + 1.0
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def store_shadow_answers(server, live: str, shadow: str, answers, **kwargs) -> None:
+    """Answers as the app stores them: (live digit, the shadow's digit, true label)."""
+    db.configure(server.url)
+    for live_digit, shadow_digit, label in answers:
+        db.log_prediction(
+            live_digit, label, 0.9, model=store.version_name(live),
+            shadow_model=store.version_name(shadow), shadow_digit=shadow_digit,
+            shadow_confidence=0.8, **kwargs,
+        )  # fmt: skip
+
+
+def submission(held_out: bool, start: int = 0) -> uuid.UUID:
+    """A submission id held out of training (feedback.is_held_out), or not."""
+    ids = (uuid.UUID(int=n) for n in range(start, start + 100))
+    return next(i for i in ids if feedback.is_held_out(i, 0) == held_out)
+
+
+def test_the_shadow_answers_are_those_of_the_candidate_beside_the_live_model_counted_once(
+    server,
+):
+    live, candidate, other = (sha(bytes([n])) for n in range(3))
+    # Only the candidate right on each drawing ...
+    store_shadow_answers(server, live, candidate, [(1, 7, 7)])
+    store_shadow_answers(server, live, candidate, [(2, 8, 8)], submission_id=submission(False))
+    store_shadow_answers(
+        server, live, candidate, [(3, 9, 9)], submission_id=submission(True), drawing=None
+    )
+    # ... but where the drawing of a held-out submission was kept (the held-out feedback may
+    # hold it), and the answers beside another live model or of another shadow.
+    drawing = db.Drawing([[[140.0, 40.0], [140.0, 240.0]]], 280, 18.0, bytes(784))
+    store_shadow_answers(
+        server, live, candidate, [(4, 5, 5)], submission_id=submission(True, 100), drawing=drawing
+    )
+    store_shadow_answers(server, other, candidate, [(6, 6, 6)])
+    store_shadow_answers(server, live, other, [(6, 6, 6)])
+    with server.connect() as conn:
+        found = promotion.shadow_comparison(conn, live, candidate)
+    assert (found.name, found.primary) == (promotion.SHADOW, True)
+    assert found.overall == promotion.Paired(3, 0, 3, 0, 3)
+    assert sorted(found.by_digit) == [7, 8, 9]
+    with server.connect() as conn:
+        assert promotion.shadow_comparison(conn, candidate, live) is None
+
+
+@pytest.mark.parametrize("better", [True, False], ids=["better", "worse"])
+def test_the_shadow_answers_decide_a_candidate_the_evaluation_sets_cannot_tell_apart(
+    server, live_file, drill, tmp_path, better
+):
+    """A candidate that reads every drawing of the evaluation sets as the live model does, and no
+    held-out feedback: refused for want of evidence; with its shadow answers, promoted if they
+    show it better, refused if they show it worse."""
+    candidate = write(tmp_path / "candidate.pth", same_answers_other_version())
+    sets = honest_sets(drill)
+    sets[promotion.PRIMARY] = promotion.EvalSet(
+        torch.empty((0, 1, 28, 28)), torch.empty(0, dtype=torch.int64), True
+    )
+    live = sha(SHIPPED.read_bytes())
+    result = promotion.promote(candidate, {}, sets, conninfo=server.url, out=live_file)
+    assert result.reasons == (f"no {promotion.PRIMARY} to judge the candidate by",)
+
+    answers = [(1, 7, 7), (2, 3, 3), (4, 4, 4), (5, 6, 6), (8, 9, 9), (0, 1, 1)]
+    if not better:
+        answers = [(shadow, live_digit, label) for live_digit, shadow, label in answers]
+    store_shadow_answers(server, live, sha(candidate.read_bytes()), answers)
+    result = promotion.promote(candidate, {}, sets, conninfo=server.url, out=live_file)
+
+    assert result.promoted == better, result.table
+    assert "shadow answers" in result.table
+    if better:
+        assert promotions(server)[-1] == ("promote", sha(candidate.read_bytes()))
+    else:
+        (reason,) = result.reasons
+        assert reason.startswith("not better on shadow answers: 0 drawings only the candidate")
 
 
 # --- promotion, the vandal drill ---------------------------------------------------------------

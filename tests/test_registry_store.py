@@ -24,11 +24,13 @@ def test_app_role_may_only_read_the_versions(server, live_file):
     app_url = make_conninfo(server.url, user=db.APP_ROLE, password=APP_PASSWORD)
     with psycopg.connect(app_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM model_versions").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM model_shadow").fetchone() == (0,)
         for statement in (
             "INSERT INTO model_promotions (sha256, action) SELECT sha256, 'promote'"
             " FROM model_versions",
             "UPDATE model_versions SET info = '{}'",
             "DELETE FROM model_promotions",
+            "INSERT INTO model_shadow (sha256) VALUES (NULL)",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)

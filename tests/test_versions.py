@@ -1,10 +1,12 @@
 """versions.py, the registry's command line: rollback to an earlier version in one command,
-export and list; an unknown or ambiguous version changes nothing.
+export and list; a candidate run in shadow and stopped; an unknown or ambiguous version changes
+nothing.
 """
 
 from __future__ import annotations
 
 from registry_fixtures import SHIPPED, honest_sets, promotions, sha, write
+from test_app import save_untrained_model
 
 import versions
 from registry import promotion, store
@@ -46,3 +48,44 @@ def test_rollback_to_an_unknown_or_ambiguous_version_changes_nothing(
     assert versions.main(["rollback", "zz", "--out", str(live_file)]) == 2
     assert (promotions(server), live_file.read_bytes()) == before
     assert "no version's hash starts with 0000000" in caplog.text
+
+
+def shadows(server) -> list[str | None]:
+    with server.connect() as conn:
+        return [row[0] for row in conn.execute("SELECT sha256 FROM model_shadow ORDER BY id")]
+
+
+def test_shadow_sets_a_candidate_beside_the_live_model_and_off_stops_it(
+    server, live_file, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("DATABASE_URL", server.url)
+    candidate = save_untrained_model(tmp_path / "candidate.pth").read_bytes()
+    with server.connect() as conn:
+        live = store.ensure_live(conn, live_file)
+        store.register(conn, candidate, {})
+
+    assert versions.main(["shadow", sha(candidate)[:6]]) == 0
+    assert versions.main(["shadow", sha(candidate)[:8]]) == 0  # already: nothing recorded
+    assert shadows(server) == [sha(candidate)]
+    assert f"{sha(candidate)[:12]} is in shadow" in capsys.readouterr().out
+    assert versions.main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"s {sha(candidate)[:12]}" in listing and f"* {live[:12]}" in listing
+    assert listing.count("in shadow now") == 1
+
+    assert versions.main(["shadow", "off"]) == 0
+    assert shadows(server) == [sha(candidate), None]
+    assert versions.main(["list"]) == 0
+    assert "in shadow now" not in capsys.readouterr().out
+    assert promotions(server) == [("initial", live)]  # the live model never changed
+
+
+def test_shadow_refuses_the_live_version_and_an_unknown_one(server, live_file, monkeypatch, caplog):
+    monkeypatch.setenv("DATABASE_URL", server.url)
+    with server.connect() as conn:
+        live = store.ensure_live(conn, live_file)
+    assert versions.main(["shadow", live[:8]]) == 2
+    assert f"{live[:12]} is the live version: a shadow runs beside the live model" in caplog.text
+    assert versions.main(["shadow", "0000000"]) == 2
+    assert "no version's hash starts with 0000000" in caplog.text
+    assert shadows(server) == []

@@ -30,6 +30,7 @@ import db
 import mnist
 import pendigits
 import utils
+from feedback import HELD_OUT_BUCKETS, is_held_out  # which answers are held out
 from files import atomic_file
 from mnist import DatasetError
 from training.config import TrainConfig
@@ -37,7 +38,6 @@ from training.config import TrainConfig
 log = logging.getLogger("sources")
 
 NAMES = ("mnist", "pen", "feedback")
-HELD_OUT_BUCKETS = 5  # 1 in 5 submissions is held out, chosen by submission id (`is_held_out`)
 
 # The answered drawings: each answer (`predictions`) with the drawing it answers (`drawings`).
 # Only the owner may read `drawings` (the app's role may only insert), so training connects with
@@ -314,14 +314,6 @@ def cached_renderings(
 
 
 # --- feedback: the app's answered drawings -----------------------------------------------------
-
-
-def is_held_out(submission_id: object, prediction_id: int) -> bool:
-    """Whether an answer is kept out of training, forever: 1 in 5 submissions, by the SHA-256 of
-    its submission id (of its row id when it has none), so every run splits the same way and one
-    submission is never on both sides."""
-    key = str(submission_id) if submission_id is not None else str(prediction_id)
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS == 0
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What the app makes of one drawing (`Analysis`): the canvas's PNG read as the model's 28x28
 input, its strokes read from the canvas's fabric.js paths, the prediction, and the image the model
-saw."""
+saw; with a shadow model set, its prediction too (stored with the answer, never shown)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ class Analysis:
     # or why they could not be read (the answer's drawing is refused with it).
     strokes: list | None = field(default=None, compare=False, repr=False)
     strokes_error: ValueError | None = field(default=None, compare=False, repr=False)
+    # The shadow model that read the same input beside the live one, and what it made of it;
+    # None where no shadow ran. Never shown: stored with the answer (db.log_prediction).
+    shadow: tuple[str, model.Prediction] | None = None
 
 
 def drawing_digest(png: bytes) -> str:
@@ -52,7 +55,11 @@ def analyse(
     classifier: model.Compiled,
     model_name: str | None = None,
     canvas_objects: list | None = None,
+    shadow: tuple[model.Compiled, str] | None = None,
 ) -> Analysis:
+    """What *classifier* (named *model_name*) makes of the canvas's *png* and its fabric.js
+    *canvas_objects*; with *shadow* (a model and its name), what it makes of the same input
+    too."""
     start = time.perf_counter()
     try:
         batch = utils.preprocess(decode_drawing(png))
@@ -65,15 +72,23 @@ def analyse(
     trajectory = read_trajectory(strokes, strokes_error)
     prepared = time.perf_counter()
     prediction = model.predict(classifier, batch, trajectory)
+    predicted = time.perf_counter()
+    shadow_read = None
+    if shadow is not None:
+        shadow_model, shadow_name = shadow
+        shadow_read = (shadow_name, model.predict(shadow_model, batch, trajectory))
     done = time.perf_counter()
     logger.info(
-        "predicted %d (%.1f%%%s) in %.1f ms (preprocess %.1f ms, model %.1f ms)",
+        "predicted %d (%.1f%%%s) in %.1f ms (preprocess %.1f ms, model %.1f ms%s)",
         prediction.digit,
         prediction.confidence * 100,
         "" if trajectory is not None else ", from the image alone",
         (done - start) * 1000,
         (prepared - start) * 1000,
-        (done - prepared) * 1000,
+        (predicted - prepared) * 1000,
+        ""
+        if shadow_read is None
+        else f"; shadow {shadow_read[1].digit} in {(done - predicted) * 1000:.1f} ms",
     )
     pixels = utils.to_pixels(batch)
     return Analysis(
@@ -84,6 +99,7 @@ def analyse(
         model_pixels=pixels.tobytes(),
         strokes=strokes,
         strokes_error=strokes_error,
+        shadow=shadow_read,
     )
 
 

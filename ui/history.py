@@ -1,6 +1,6 @@
 """The History page: what the answers stored say about the model, counted by the database
-(db.py): accuracy, the confusion matrix, accuracy over time, the newest answers, the CSV, and the
-model versions that served the app.
+(db.py): accuracy, the confusion matrix, accuracy over time, the newest answers, the CSV, the
+model versions that served the app, and the live model against a shadow candidate.
 
 app.py runs this file as a page (st.navigation); tests import it. The database's status is
 ui.serving's, imported.
@@ -49,6 +49,7 @@ def history_page() -> None:
     try:
         show_versions(show_history())
         show_learning()
+        show_shadow_pairs()
     except db.DatabaseBusy as exc:  # healthy but slow: not an outage
         logger.warning("history unavailable: %s", exc)
         st.error(HISTORY_BUSY)
@@ -183,6 +184,37 @@ def show_learning() -> None:
         if row["table"]:
             with st.expander(f"Attempt {row['id']} ({row['state']}): the comparison"):
                 st.code(row["table"], language=None)
+
+
+def show_shadow_pairs() -> None:
+    """The live model against the shadow candidate on the same drawings (db.shadow_pairs), per
+    pair that answered; nothing while no shadow has answered."""
+    pairs = db.shadow_pairs()
+    if not pairs:
+        return
+    st.subheader("Live against the shadow candidate", anchor=False)
+    st.caption(
+        "While a candidate runs in shadow (`python versions.py shadow`), every drawing is read by"
+        " the live model, whose answer is shown, and by the candidate, whose answer is only"
+        " stored: both judged by your answers on drawings neither trained on. Promotion counts"
+        " them (docs/promotion.md)."
+    )
+    st.dataframe(shadow_table(pairs), hide_index=True)
+
+
+def shadow_table(pairs: list[dict]) -> pd.DataFrame:
+    """db.shadow_pairs' rows as History shows them: one row per (live, shadow) pair."""
+    return pd.DataFrame(
+        {
+            "live model": [model_label(pair["model"]) for pair in pairs],
+            "shadow candidate": [pair["shadow_model"] for pair in pairs],
+            "drawings": [pair["answers"] for pair in pairs],
+            "live right": [pair["live_right"] for pair in pairs],
+            "candidate right": [pair["shadow_right"] for pair in pairs],
+            "only the live model right": [pair["only_live"] for pair in pairs],
+            "only the candidate right": [pair["only_shadow"] for pair in pairs],
+        }
+    )
 
 
 def plural(count: int, noun: str) -> str:

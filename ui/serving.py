@@ -77,6 +77,12 @@ def current_classifier() -> tuple[model.Compiled, str]:
     return live_model().get()
 
 
+def shadow_classifier() -> tuple[model.Compiled, str] | None:
+    """The shadow model and its name (``versions.py shadow``), None without one: what reads each
+    drawing beside the live model, never shown."""
+    return live_model().shadow()
+
+
 def file_classifier() -> tuple[model.Compiled, str]:
     """The model file (MODEL_PATH) and its name, reloaded when the file changes."""
     path = model.model_path()
@@ -135,10 +141,12 @@ def store(
     submission: feedback.Submission,
     model_name: str | None = None,
     drawing: db.Drawing | None = None,
+    shadow: tuple[str, model.Prediction] | None = None,
 ) -> int:
-    """Store one answer (once, whatever the retries), with its drawing if given; raises
-    db.DatabaseUnavailable."""
+    """Store one answer (once, whatever the retries), with its drawing and what the shadow
+    model (named) made of it, if given; raises db.DatabaseUnavailable."""
     status = database_status()
+    shadow_name, shadow_read = shadow or (None, None)
     start = time.perf_counter()
     try:
         if not status.ready:
@@ -150,6 +158,9 @@ def store(
             submission_id=submission.submission_id,
             model=model_name,
             drawing=drawing,
+            shadow_model=shadow_name,
+            shadow_digit=None if shadow_read is None else shadow_read.digit,
+            shadow_confidence=None if shadow_read is None else shadow_read.confidence,
         )
     except db.DatabaseBusy:
         raise

@@ -21,7 +21,7 @@ import feedback
 import model
 import settings
 from ui.analysis import Analysis, analyse, drawing_digest
-from ui.serving import store
+from ui.serving import shadow_classifier, store
 from utils import BRUSH_WIDTH, CANVAS_SIZE
 
 if TYPE_CHECKING:
@@ -80,7 +80,9 @@ def current_analysis(
 ) -> Analysis | None:
     """The analysis of the drawing on the canvas; None while nothing is drawn.
 
-    Computed once per drawing: reruns that leave the drawing unchanged reuse it.
+    Computed once per drawing: reruns that leave the drawing unchanged reuse it. Read by the
+    shadow model too, if one is set then (ui.serving.shadow_classifier): the analysis keeps
+    what read it, so an answer stores the shadow that read its drawing, or none.
     """
     state = st.session_state
     if not (canvas.json_data or {}).get("objects"):
@@ -99,7 +101,8 @@ def current_analysis(
         cached = state.get(ANALYSIS)
         if cached is not None and cached.drawing_digest == digest:
             return cached
-        analysis = analyse(png, digest, classifier, model_name, canvas.json_data["objects"])
+        objects = canvas.json_data["objects"]
+        analysis = analyse(png, digest, classifier, model_name, objects, shadow_classifier())
     state[ANALYSIS] = analysis
     # Messages about the previous drawing no longer apply.
     state.pop(FEEDBACK_ERROR, None)
@@ -184,7 +187,7 @@ def save_feedback(analysis: Analysis, true_label: int) -> bool:
         state[FEEDBACK_ERROR] = DRAWING_UNREADABLE
         return False
     try:
-        store(submission, analysis.model_name, drawing)
+        store(submission, analysis.model_name, drawing, analysis.shadow)
     except db.DatabaseBusy as exc:
         logger.warning("feedback %s not saved: %s", submission.submission_id, exc)
         state[FEEDBACK_ERROR] = FEEDBACK_BUSY

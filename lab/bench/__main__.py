@@ -5,6 +5,7 @@
     python -m lab.bench --only inference database
     python -m lab.bench --skip browser training
     python -m lab.bench --only capacity --memory-cycles 200   # a shorter memory run
+    python -m lab.bench --only shadow        # the app's CPU per drawing cycle with a shadow set
 
 Training needs the full MNIST (MNIST_DIR, else data/mnist); the app and browser rows need
 Chromium (/usr/bin/chromium, or CHROMIUM). Numbers depend on what else runs on the machine: the
@@ -35,6 +36,7 @@ SECTIONS = (
     "history",
     "browser",
     "capacity",
+    "shadow",
     "training",
     "containers",
 )
@@ -48,6 +50,7 @@ RUNNERS = {
     "database": ("database", "run"),
     "history": ("history", "run"),
     "browser": ("browser_app", "run"),
+    "shadow": ("capacity", "shadow_run"),
     "containers": ("footprint", "containers"),
 }
 

@@ -286,6 +286,46 @@ def memory_growth(cycles: int, database_url: str) -> tuple[list[float], float]:
     return json.loads(result.stdout.splitlines()[-1]), cpu
 
 
+def shadow_run(rounds: int = ONE_SESSION_CYCLES, repeats: int = 2) -> list[Row]:
+    """``python -m lab.bench --only shadow``: the app's CPU per drawing cycle, 1 session, with a
+    version in shadow (``versions.py shadow``) and without, alternately, *repeats* times each,
+    a new app process each time, the live version the model file and the shadow another version
+    of the same size (lab.bench.inference.other_version)."""
+    import io
+
+    import torch
+
+    import model
+    from lab.bench.inference import other_version
+    from lab.browser import chromium
+    from registry import store
+
+    net = model.load_model(model.model_path())
+    buffer = io.BytesIO()
+    torch.save(other_version(net).state_dict(), buffer)
+    loads: dict[bool, list[Load]] = {False: [], True: []}
+    with postgres_server(durable=True) as server, chromium() as browser:
+        with store.connect(server.url) as conn:
+            store.ensure_live(conn, model.model_path())
+            shadow = store.register(conn, buffer.getvalue(), {"bench": "shadow"})
+        for _ in range(repeats):
+            for on in (False, True):
+                store.set_shadow(shadow if on else None, conninfo=server.url)
+                loads[on].append(pinned_load(browser, server.url, 1, rounds))
+    without, beside = ([load.cpu_ms_per_cycle for load in loads[on]] for on in (False, True))
+    runs = ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(without, beside, strict=True))
+    note = (
+        f"{rounds} cycles per run, 1 Chromium session, app pinned to CPU 0; runs alternated, "
+        f"each a new app process (without / with: {runs} ms)"
+    )
+    mean = [sum(values) / len(values) for values in (without, beside)]
+    return [
+        Row(SECTION, "app CPU per drawing cycle, 1 session, no shadow", mean[0], "ms", note=note),
+        Row(SECTION, "app CPU per drawing cycle, 1 session, a shadow set", mean[1], "ms"),
+        at_most(SECTION, "a shadow's cost per drawing cycle", mean[1] - mean[0], "ms", 10),
+    ]
+
+
 def run(memory_cycles: int = MEMORY_CYCLES) -> list[Row]:
     from lab.browser import chromium
 

@@ -1,5 +1,6 @@
 """Inference: one canvas drawing read as the app reads it (its image through preprocess, its
-strokes from the canvas's JSON through utils.trajectory, predict), batch throughput, loading."""
+strokes from the canvas's JSON through utils.trajectory, predict), with a shadow model beside the
+live one and without, batch throughput, loading."""
 
 from __future__ import annotations
 
@@ -73,6 +74,46 @@ def explanation_ms(served, samples: list[tuple[np.ndarray, list[dict]]]) -> list
     return found
 
 
+def other_version(net):
+    """A model like *net*, another version: its output biases raised alike (the same answers,
+    softmax ignores a constant; the same cost)."""
+    import copy
+
+    other = copy.deepcopy(net)
+    state = other.state_dict()
+    for key, value in state.items():
+        if key.endswith(".bias") and tuple(value.shape) == (10,):
+            value += 1.0
+    return other
+
+
+def analysis_cpu_ms(served, shadow, samples, runs: int = RUNS) -> tuple[list[float], list[float]]:
+    """CPU ms of one drawing's analysis as the app makes it (ui.analysis.analyse: its PNG
+    decoded, its image and strokes read, the prediction, the model's view), without and with
+    *shadow* reading it too; the two alternate, drawing by drawing."""
+    import io
+
+    from PIL import Image
+
+    from ui.analysis import analyse, drawing_digest
+
+    pngs = []
+    for image, objects in samples:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append((buffer.getvalue(), objects))
+    without, beside = [], []
+    for n in range(runs + WARMUP):
+        png, objects = pngs[n % len(pngs)]
+        both = ((without, None), (beside, shadow))
+        for found, extra in both if n % 2 else both[::-1]:
+            start = time.process_time()
+            analyse(png, drawing_digest(png), served, "live", objects, extra)
+            if n >= WARMUP:
+                found.append((time.process_time() - start) * 1000)
+    return without, beside
+
+
 def run() -> list[Row]:
     import drawings
     import model
@@ -116,6 +157,9 @@ def run() -> list[Row]:
     block_p50s = ", ".join(f"{block[0]:.2f}" for block in blocks)
 
     explain_ms = explanation_ms(served, samples)
+    shadow = (model.Compiled(other_version(classifier)), "shadow")
+    alone_ms, with_shadow_ms = analysis_cpu_ms(served, shadow, samples)
+    shadow_ms = [b - a for a, b in zip(alone_ms, with_shadow_ms, strict=True)]
 
     inputs = torch.cat([utils.preprocess(image) for image in canvas_drawings(BATCH, seed=1)])
     model.predict_batch(classifier, inputs)
@@ -145,6 +189,18 @@ def run() -> list[Row]:
         at_most(SECTION, '"Why?": one drawing explained, p50', percentile(explain_ms, 50), "ms",
                 150, note=f"CPU time, 1 thread, the 50 pen digits above; p95 "
                 f"{percentile(explain_ms, 95):.0f} ms; only when opened (explain.explain)"),
+        Row(SECTION, "a drawing's analysis (ui.analysis.analyse), CPU p50, without a shadow",
+            percentile(alone_ms, 50), "ms",
+            note=f"the app's whole analysis of one drawing: PNG decoded, image and strokes read, "
+            f"predict, the model's view encoded; 1 thread, {RUNS} drawings of the 50 above"),
+        Row(SECTION, "the same with a shadow model reading it too, CPU p50",
+            percentile(with_shadow_ms, 50), "ms",
+            note="versions.py shadow: a second model of the same size (model.Compiled), one more "
+            "predict on the same input; the two alternate drawing by drawing"),
+        at_most(SECTION, "a shadow's extra CPU per drawing, p50", percentile(shadow_ms, 50),
+                "ms", 10, note=f"per drawing, with minus without; p95 "
+                f"{percentile(shadow_ms, 95):.2f} ms, mean "
+                f"{sum(shadow_ms) / len(shadow_ms):.2f} ms (issue: +10 ms per drawing cycle)"),
         Row(SECTION, f"predict_batch throughput ({BATCH} images)", images_per_s, "images/s",
             note="1 thread, inputs already preprocessed; median of 20 batches"),
         Row(SECTION, "load_model, median of 20", percentile(load_ms[1:], 50), "ms",
