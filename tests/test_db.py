@@ -561,6 +561,7 @@ def test_the_app_role_reads_and_inserts_and_nothing_else(pg_server, monkeypatch)
         ).fetchall()
         assert granted == [
             ("drawings", "INSERT"),
+            ("learning_attempts", "SELECT"),
             ("model_promotions", "SELECT"),
             ("model_shadow", "SELECT"),
             ("model_versions", "SELECT"),
