@@ -13,9 +13,12 @@ taken and waits for its next check.
 An attempt is a row of ``learning_attempts`` from its start ('running'), then 'promoted',
 'refused', 'failed' or 'interrupted', with the promotion's report (History shows them). It runs
 `train.py` with RECIPE (then LEARN_TRAIN_ARGS) in a folder of its own, with --promote: the
-candidate goes live only by the rule, at the very end, in one transaction. Killed at any moment,
-nothing is promoted; the next check marks the attempt interrupted, removes its folder and starts
-afresh. SIGTERM (docker stop) stops the training and ends the attempt as interrupted.
+candidate goes live only by the rule, at the very end, in one transaction. A candidate refused
+only for want of evidence (rule 1: people's held-out answers could not tell it from the live
+model) runs in shadow until the next attempt, which first judges it again with the answers it
+gave there (`versions.py promote`). Killed at any moment, nothing is promoted; the next check
+marks the attempt interrupted, removes its folder and starts afresh. SIGTERM (docker stop) stops
+the training and ends the attempt as interrupted.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from psycopg.types.json import Jsonb
 
 import db
 import settings
+from registry import store
 from registry.promotion import EXIT_REFUSED
 
 log = logging.getLogger("learner")
@@ -46,6 +50,7 @@ LOCK_KEY = 0x4D4E49534C  # one attempt at a time, across every machine
 EXIT_TERMINATED = 143  # train.py's code after SIGTERM: it saved a checkpoint and stopped
 # The recipe: train.py's flags for a candidate (docs/feedback-loop.md says how it was chosen).
 RECIPE = ("--sources", "mnist,pen,feedback", "--members", "2", "--download")
+RULE_1 = "not better on"  # how a refusal for want of evidence begins (registry.promotion)
 # Answered drawings: what the feedback source trains on (training.sources.read_feedback).
 ANSWERS_QUERY = """
 SELECT count(*) FILTER (WHERE p.id > %(since)s), count(*), coalesce(max(p.id), 0)
@@ -133,8 +138,11 @@ def due_attempt(conn: psycopg.Connection) -> Due | None:
 def attempt(
     conn: psycopg.Connection, conninfo: str, due: Due, work_dir: Path, out: Path, stop: Stop
 ) -> tuple[int, str]:
-    """Make the attempt `due`: recorded from its start, train.py run in its own folder, its
-    verdict and report stored; its id and how it ended."""
+    """Make the attempt `due`, recorded from its start: first the candidate in shadow, if one
+    is, judged again with the answers it gave there (`versions.py promote`); unless that one
+    goes live, a new candidate trained (train.py with the recipe), in a folder of its own. A
+    new candidate refused only for want of evidence (rule 1) runs in shadow until the next
+    attempt. Its id and how it ended."""
     (attempt_id,) = conn.execute(
         "INSERT INTO learning_attempts (answers, new_answers, through_id) VALUES (%s, %s, %s)"
         " RETURNING id",
@@ -143,24 +151,28 @@ def attempt(
     folder = work_dir / f"attempt-{attempt_id}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    report_path = folder / "report.json"
-    command = [
-        sys.executable, str(ROOT / "train.py"), *RECIPE, *settings.learn_train_args(),
-        "--promote", "--fresh", "--checkpoint-dir", str(folder), "--out", str(out),
-        "--report", str(report_path),
-    ]  # fmt: skip
     log.info(
-        "attempt %d: %d answered drawings, %d new since the last attempt: %s",
+        "attempt %d: %d answered drawings, %d new since the last attempt",
         attempt_id,
         due.answers,
         due.new_answers,
-        " ".join(command[1:]),
     )
-    stop.child = subprocess.Popen(command, cwd=ROOT, env=_child_env(conninfo))
-    code = stop.child.wait()
-    stop.child = None
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    state, message = _verdict(code, report)
+    state, report, message = "", {}, ""
+    if (shadow := store.shadow_sha(conn)) is not None:
+        judged = ["versions.py", "promote", shadow, "--out", str(out)]
+        state, report, message = run(judged, folder / "judged.json", conninfo, stop)
+        store.set_shadow(None, conninfo=conninfo)  # live now, or judged: no longer in shadow
+        if state != "promoted":
+            log.info("the candidate in shadow, %s, stays a candidate: %s", shadow[:12], message)
+    if state not in ("promoted", "interrupted"):
+        trained = [
+            "train.py", *RECIPE, *settings.learn_train_args(), "--promote", "--fresh",
+            "--checkpoint-dir", str(folder), "--out", str(out),
+        ]  # fmt: skip
+        state, report, message = run(trained, folder / "report.json", conninfo, stop)
+        if state == "refused" and wants_evidence(report):
+            store.set_shadow(report["candidate"], conninfo=conninfo)
+            message += "; in shadow beside the live model until the next attempt judges it again"
     # On a connection of its own: the lock's may have been idle for the whole training.
     with psycopg.connect(conninfo, autocommit=True, connect_timeout=db.CONNECT_TIMEOUT_S) as own:
         own.execute(
@@ -180,6 +192,26 @@ def attempt(
     return attempt_id, state
 
 
+def wants_evidence(report: dict) -> bool:
+    """Whether a refusal was for want of evidence only: rule 1 alone refused (people's held-out
+    answers could not tell the candidate from the live model), every guard passed."""
+    reasons = report.get("reasons") or []
+    return bool(reasons) and all(reason.startswith(RULE_1) for reason in reasons)
+
+
+def run(command: list[str], report_path: Path, conninfo: str, stop: Stop) -> tuple[str, dict, str]:
+    """`command` (a script of this project and its arguments) run with --report, its output
+    passed on to ours; how it ended, its report, and in words."""
+    command = [sys.executable, str(ROOT / command[0]), *command[1:], "--report", str(report_path)]
+    log.info("running %s", " ".join(command[1:]))
+    stop.child = subprocess.Popen(command, cwd=ROOT, env=_child_env(conninfo))
+    code = stop.child.wait()
+    stop.child = None
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    state, message = _verdict(code, report)
+    return state, report, message
+
+
 def _child_env(conninfo: str) -> dict[str, str]:
     """train.py's environment: this one, with the owner's connection string (it reads drawings
     and registers versions)."""
@@ -193,7 +225,7 @@ def _verdict(code: int, report: dict) -> tuple[str, str]:
         return "refused", "; ".join(report.get("reasons", [])) or "refused"
     if code in (EXIT_TERMINATED, -signal.SIGTERM):
         return "interrupted", "stopped (SIGTERM) before the attempt ended; nothing was promoted"
-    return "failed", f"train.py exited with code {code}: its log says why; nothing was promoted"
+    return "failed", f"it exited with code {code}: its log above says why; nothing was promoted"
 
 
 def _trained_through(folder: Path) -> int | None:

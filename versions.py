@@ -9,6 +9,8 @@ live one in PostgreSQL (store.py), the promotion rule (promotion.py, run by ``tr
     python versions.py export model.pth      # the live model's weights, to a file
     python versions.py shadow 7b1e04         # run a candidate in shadow beside the live model
     python versions.py shadow off            # and stop
+    python versions.py promote 7b1e04        # judge a version again now (its shadow answers
+                                             # among the evidence); live only by the rule
 """
 
 from __future__ import annotations
@@ -71,7 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         "shadow", help="run a version in shadow: every drawing read by it too, never shown"
     )
     shadow.add_argument("version", help="the start of its hash (see list), or off")
+    judged = commands.add_parser(
+        "promote",
+        help="judge a version against the live one now, by the promotion rule, with the evidence"
+        " there is now (its answers in shadow among it): live only if better",
+    )
+    judged.add_argument("version", help="the start of its hash (see list)")
+    judged.add_argument(
+        "--out", type=Path, default=model_lib.DEFAULT_MODEL_PATH, help="also write it here"
+    )
+    judged.add_argument("--report", type=Path, help="the verdict and comparison, as JSON")
     args = parser.parse_args(argv)
+    if args.command == "promote":
+        return judge(args.version, args.out, args.report)
     try:
         if args.command == "list":
             with connect(None) as conn:
@@ -96,6 +110,28 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def judge(prefix: str, out: Path, report: Path | None) -> int:
+    """`python versions.py promote PREFIX`: training.promote.judge, with MNIST and the pen
+    digits where training finds them (MNIST_DIR, PENDIGITS_DIR); its exit code (0 promoted,
+    promotion.EXIT_REFUSED refused)."""
+    import tempfile
+
+    from mnist import DatasetError
+    from training import promote as training_promote
+    from training.config import TrainConfig
+
+    with tempfile.TemporaryDirectory(prefix="judge-") as work:
+        config = TrainConfig(out=out, checkpoint_dir=Path(work), promote=True, report=report)
+        try:
+            return training_promote.judge(config, prefix)
+        except (VersionError, model_lib.ModelLoadError, OSError, DatasetError) as exc:
+            log.error("%s", exc)
+            return EXIT_BAD_INPUT
+        except db.DatabaseUnavailable as exc:
+            log.error("%s", exc)
+            return 1
 
 
 if __name__ == "__main__":

@@ -140,3 +140,41 @@ def test_a_learner_killed_half_way_promotes_nothing_and_the_next_starts_afresh(l
     assert found[0][0] == "interrupted" and found[1][0] == state
     assert found[1][1:3] == (8, 8)  # the killed attempt did not count: all 8 answers are new
     assert not (work / "attempt-1").exists()
+
+
+def test_a_refusal_for_want_of_evidence_alone_is_told_from_one_by_a_guard():
+    assert learner.wants_evidence({"reasons": ["not better on held-out feedback: 0 drawings"]})
+    assert not learner.wants_evidence(
+        {"reasons": ["not better on held-out feedback: 0", "worse on MNIST test: 9 only"]}
+    )
+    assert not learner.wants_evidence({"reasons": []})
+
+
+def test_the_candidate_in_shadow_is_judged_first_and_goes_live_on_its_shadow_answers(
+    loop, monkeypatch
+):
+    """A candidate that reads every drawing as the live model does runs in shadow; its answers
+    there show it better: the next attempt promotes it without training one more, and ends the
+    shadow."""
+    from test_registry_promotion import same_answers_other_version, store_shadow_answers
+
+    server, work, out = loop
+    monkeypatch.setenv("MNIST_DIR", str(SUBSET))
+    monkeypatch.setenv("PENDIGITS_DIR", str(PEN_SUBSET.parent))
+    out.write_bytes((ROOT / "models" / "model.pth").read_bytes())
+    candidate = same_answers_other_version()
+    with server.connect() as conn:
+        live = store.ensure_live(conn, out)
+        store.register(conn, candidate, {})
+    store.set_shadow(store.sha256_of(candidate)[:12], conninfo=server.url)
+    store_shadow_answers(server, live, store.sha256_of(candidate), [(1, 7, 7), (2, 3, 3)])
+    answer(server, 4, start=0)
+
+    _, state = learner.check(server.url, work, out)
+
+    assert state == "promoted"
+    with server.connect() as conn:
+        assert store.live_sha(conn) == store.sha256_of(candidate)
+        assert store.shadow_sha(conn) is None
+        (trained,) = conn.execute("SELECT count(*) FROM model_versions").fetchone()
+    assert trained == 2  # the live model and the candidate: none trained

@@ -89,3 +89,33 @@ def test_shadow_refuses_the_live_version_and_an_unknown_one(server, live_file, m
     assert versions.main(["shadow", "0000000"]) == 2
     assert "no version's hash starts with 0000000" in caplog.text
     assert shadows(server) == []
+
+
+def test_promote_judges_a_registered_version_again_with_its_shadow_answers(
+    server, live_file, monkeypatch, tmp_path
+):
+    """`versions.py promote PREFIX`: a version that reads the evaluation sets as the live model
+    does is refused for want of evidence; once its answers in shadow show it better, the same
+    command makes it live (MNIST and the pen digits: the committed subsets)."""
+    from mnist_files import SUBSET
+    from test_registry_promotion import same_answers_other_version, store_shadow_answers
+
+    monkeypatch.setenv("DATABASE_URL", server.url)
+    monkeypatch.setenv("MNIST_DIR", str(SUBSET))
+    candidate = same_answers_other_version()
+    with server.connect() as conn:
+        live = store.ensure_live(conn, live_file)
+        store.register(conn, candidate, {"about": "a candidate"})
+    prefix = sha(candidate)[:10]
+
+    assert versions.main(["promote", prefix, "--out", str(live_file)]) == promotion.EXIT_REFUSED
+    with server.connect() as conn:
+        assert store.live_sha(conn) == live
+
+    store_shadow_answers(server, live, sha(candidate), [(1, 7, 7), (2, 3, 3), (4, 4, 4)])
+    report = tmp_path / "report.json"
+    assert versions.main(["promote", prefix, "--out", str(live_file), "--report", str(report)]) == 0
+    with server.connect() as conn:
+        assert store.live_sha(conn) == sha(candidate)
+    assert live_file.read_bytes() == candidate
+    assert '"promoted": true' in report.read_text()

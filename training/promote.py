@@ -10,7 +10,7 @@ from pathlib import Path
 
 import db
 import utils
-from registry import promotion
+from registry import promotion, store
 from training import sources
 from training.checkpoints import atomic_write_text
 from training.config import TrainConfig
@@ -24,11 +24,12 @@ def candidate_path(config: TrainConfig) -> Path:
     return config.checkpoint_dir / f"candidate{config.out.suffix}"
 
 
-def promote(config: TrainConfig, trained: Trained) -> int:
-    """Hand the candidate to `promotion.promote` with the sets to compare it on; the exit
-    code."""
-    data = trained.data
-    held_feedback = next((h for h in data.held_out if h.key == "feedback_held_out"), None)
+def eval_sets(config: TrainConfig, data: sources.Data | None = None) -> dict:
+    """The sets a candidate is compared on, as the app reads each: the held-out feedback
+    (primary; from `data` if it trained on feedback, else read from the database), MNIST's test
+    set and the held-out pen writers (from `data` if given, else loaded as `config` says)."""
+    held_out = {h.key: h for h in data.held_out} if data else {}
+    held_feedback = held_out.get("feedback_held_out")
     if held_feedback is None:  # trained without feedback: its held-out part is still the test
         try:
             conninfo = db.resolve_conninfo(owner=True)
@@ -36,8 +37,8 @@ def promote(config: TrainConfig, trained: Trained) -> int:
         except sources.FeedbackError as exc:
             log.warning("no held-out feedback to compare on: %s", exc)
             held_feedback = sources.feedback_held_out([])
-    held_pen = next((h for h in data.held_out if h.key == "pen_held_out"), None)
-    held_pen = held_pen or sources.pen_held_out(config) or sources.Images.empty()
+    held_pen = held_out.get("pen_held_out") or sources.pen_held_out(config)
+    test = data.test if data else sources.mnist_test(config)
 
     def eval_set(images: sources.Images, primary: bool = False):
         return promotion.EvalSet(
@@ -47,17 +48,38 @@ def promote(config: TrainConfig, trained: Trained) -> int:
             getattr(images, "trajectories", None),
         )
 
-    eval_sets = {
+    return {
         "held-out feedback": eval_set(held_feedback, primary=True),
-        "MNIST test": eval_set(data.test),
-        "held-out pen writers": eval_set(held_pen),
+        "MNIST test": eval_set(test),
+        "held-out pen writers": eval_set(held_pen or sources.Images.empty()),
     }
+
+
+def promote(config: TrainConfig, trained: Trained) -> int:
+    """Hand the candidate to `promotion.promote` with the sets to compare it on; the exit
+    code."""
+    return decide(config, trained.path, trained.info, eval_sets(config, trained.data))
+
+
+def judge(config: TrainConfig, prefix: str) -> int:
+    """A version already registered (`prefix` of its hash), judged against the live one now by
+    the same rule, with the evidence there is now: the held-out feedback as it stands and its
+    answers in shadow, if it ran in shadow (`python versions.py promote PREFIX`); the exit
+    code."""
+    with store.connect(db.resolve_conninfo(owner=True)) as conn:
+        sha = store.resolve(conn, prefix)
+        weights, info = store.weights_of(conn, sha)
+    path = config.checkpoint_dir / f"judged{config.out.suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.write_model_files(weights, info, path)
+    return decide(config, path, info, eval_sets(config))
+
+
+def decide(config: TrainConfig, path: Path, info: dict, sets: dict) -> int:
+    """`promotion.promote` of the candidate at `path` on `sets`: logged, reported (--report),
+    and on promotion its model.json beside --out; the exit code."""
     result = promotion.promote(
-        trained.path,
-        trained.info,
-        eval_sets,
-        conninfo=db.resolve_conninfo(owner=True),
-        out=config.out,
+        path, info, sets, conninfo=db.resolve_conninfo(owner=True), out=config.out
     )
     log.info("promotion:\n%s", result.table)
     if config.report is not None:
@@ -66,10 +88,10 @@ def promote(config: TrainConfig, trained: Trained) -> int:
         log.warning(
             "not promoted: the live model (%s) stays; the candidate is %s",
             str(result.live_sha256)[:12],
-            trained.path,
+            path,
         )
         return promotion.EXIT_REFUSED
-    atomic_write_text(json.dumps(trained.info, indent=2) + "\n", config.out.with_suffix(".json"))
+    atomic_write_text(json.dumps(info, indent=2) + "\n", config.out.with_suffix(".json"))
     log.info("promoted %s: now live, and in %s", str(result.candidate_sha256)[:12], config.out)
     return 0
 
