@@ -475,10 +475,26 @@ def pen_writers_report(
     if getattr(net, "trajectory", None) is None:
         return {"writers": list(writers), **both}
     alone = report(None)
+    with torch.inference_mode():
+        strokes = [int(d) for d in net.trajectory(held_out_trajectories).argmax(1)]
+    pair = [p.digit for p in model_lib.predict_batch(net, images, held_out_trajectories)]
+    image = [p.digit for p in model_lib.predict_batch(net, images, None)]
+    truth = labels.tolist()
+    by_writer = {
+        str(writer): {
+            "digits": len(mine := [i for i, d in enumerate(held_out) if d.writer == writer]),
+            **{
+                name: sum(found[i] != truth[i] for i in mine)
+                for name, found in (("image", image), ("strokes", strokes), ("pair", pair))
+            },
+        }
+        for writer in writers
+    }
     return {
         "writers": list(writers),
         **both,
         "image_alone": {key: alone[key] for key in ("accuracy", "ece", "by_digit")},
+        "errors_by_writer": by_writer,
     }
 
 
@@ -715,6 +731,13 @@ def main() -> None:
         print("  by digit: " + ", ".join(f"{d} {a:.1%}" for d, a in pen["by_digit"].items()))
         confusions = ", ".join(f"{c} x{n}" for c, n in pen["confusions"].items())
         print(f"  worst confusions: {confusions}")
+        if by_writer := pen.get("errors_by_writer"):
+            print("  errors per writer: | writer | digits | image alone | strokes alone | pair |")
+            for writer, row in by_writer.items():
+                print(
+                    f"  | {writer} | {row['digits']} | {row['image']} | {row['strokes']} |"
+                    f" {row['pair']} |"
+                )
         if alone := pen.get("image_alone"):
             print(
                 f"  the image alone (the CNN, strokes unknown): {alone['accuracy']:.2%}, "

@@ -127,6 +127,17 @@ def test_the_app_path_tells_the_shipped_model_from_an_untrained_one(subset, trai
         assert max(found) < 0.5, found
 
 
+def test_the_pen_writers_errors_are_counted_per_writer_for_each_model_and_the_pair():
+    net = model.load_model()
+    pen = evaluate.pen_writers_report(net, str(PEN_SUBSET), [3, 8], seed=1)
+    by_writer = pen["errors_by_writer"]
+    assert list(by_writer) == ["3", "8"] and sum(w["digits"] for w in by_writer.values()) == 80
+    assert sum(w["pair"] for w in by_writer.values()) == round(80 * (1 - pen["accuracy"]))
+    alone = pen["image_alone"]["accuracy"]
+    assert sum(w["image"] for w in by_writer.values()) == round(80 * (1 - alone))
+    assert all(0 <= w["strokes"] <= w["digits"] for w in by_writer.values())
+
+
 def test_simulated_people_answer_then_the_learner_s_attempt_runs_and_the_models_are_compared(
     tmp_path,
 ):
